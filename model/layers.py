@@ -1,0 +1,158 @@
+"""Building blocks: quantization-aware linear layers, RMSNorm, and the two RoPE variants (spec §2.6, §3.2, §5.3).
+
+Parameters are registered under the checkpoint's names (`weight`, `scale`) in the checkpoint's dtypes, so a
+state dict of this model *is* an official checkpoint shard. The fp32 compute copy of a quantized weight is
+derived once, lazily, and never saved.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from dsv4.kernels import quant
+from dsv4.model.config import ModelConfig
+from dsv4.model.numerics import Numerics, matmul, mean_sq
+
+
+class WeightFormat(str, enum.Enum):
+    FP8 = "fp8"    # float8_e4m3fn weight + float8_e8m0fnu scale per 128x128 tile
+    FP4 = "fp4"    # int8 (2 x e2m1, low nibble first) weight + float8_e8m0fnu scale per 1x32
+    BF16 = "bf16"  # stored bf16; the official model uses some of these in fp32 (compressor, router, head)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self is not WeightFormat.BF16
+
+
+class Linear(nn.Module):
+    """y = x W^T, with W stored as in the checkpoint.
+
+    compute: "quantized" linears (FP8/FP4 weights) quantize x per 128 to FP8 in reference mode, as the official
+    `linear()` does before `fp8_gemm`/`fp4_gemm`; "bf16" linears round x and W to bf16 (the official bf16
+    `F.linear`); "fp32" linears upcast both (compressor projections, router, head). Outputs are fp32; the caller
+    rounds to the dtype the reference produces.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, compute: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.compute = compute or ("quantized" if fmt.is_quantized else "bf16")
+        if fmt is WeightFormat.FP8:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
+            self.register_buffer("scale", torch.empty(-(-out_features // 128), -(-in_features // 128),
+                                                      dtype=torch.float8_e8m0fnu))
+        elif fmt is WeightFormat.FP4:
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.int8))
+            self.register_buffer("scale", torch.empty(out_features, in_features // quant.FP4_BLOCK,
+                                                      dtype=torch.float8_e8m0fnu))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16))
+        self._dense: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as fp32 [out, in], dequantized exactly (every scale is a power of two)."""
+        if self._dense is None or self._dense.device != self.weight.device:
+            if self.fmt is WeightFormat.FP8:
+                self._dense = quant.dequantize_weight_fp8(self.weight, self.scale)
+            elif self.fmt is WeightFormat.FP4:
+                self._dense = quant.dequantize_weight_fp4(self.weight, self.scale)
+            else:
+                self._dense = self.weight.float()
+        return self._dense
+
+    def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        if self.compute == "quantized" and numerics.simulate_quant:
+            x = quant.fake_quant_fp8(x.float(), quant.ACT_BLOCK)
+        elif self.compute == "bf16":
+            x = numerics.act(x)
+        return matmul(x, self.dense_weight())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt.value}, compute={self.compute}"
+
+
+class RMSNorm(nn.Module):
+    """y = act(w * x * rsqrt(mean(x^2) + eps)), computed in fp32 with the weight upcast (spec §2.6)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(dim, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        x = x.float()
+        return numerics.act(self.weight.float() * (x * torch.rsqrt(mean_sq(x) + self.eps)))
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unweighted RMS normalisation in fp32 (mHC inputs)."""
+    x = x.float()
+    return x * torch.rsqrt(mean_sq(x) + eps)
+
+
+def head_rms_normalize(q: torch.Tensor, eps: float, numerics: Numerics) -> torch.Tensor:
+    """Per-head q normalisation without weight. The official code does it in bf16 arithmetic, op by op."""
+    if not numerics.simulate_quant:
+        return q * torch.rsqrt(mean_sq(q) + eps)
+    q = q.bfloat16()
+    mean = q.square().float().double().mean(-1, keepdim=True).to(torch.bfloat16)   # bf16 .mean: fp32 accumulate
+    return q * torch.rsqrt(mean + eps)                                               # each op rounds to bf16
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+@lru_cache(maxsize=8)
+def rope_inv_freq(rope_dim: int, base: float, yarn: tuple[float, int, float, float] | None) -> torch.Tensor:
+    """Per-pair angular frequencies θ_i (fp32 [rope_dim/2]); YaRN-blended when `yarn` = (factor, orig_len, β_fast,
+    β_slow) is given. Mirrors the official `precompute_freqs_cis` (no attention/mscale factor)."""
+    # Explicit CPU: modules may be built under a meta-device context, and this result is cached.
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device="cpu") / rope_dim))
+    if yarn is None:
+        return freqs
+    factor, original_len, beta_fast, beta_slow = yarn
+
+    def correction_dim(num_rotations: float) -> float:
+        return rope_dim * math.log(original_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    smooth = 1 - ramp
+    return freqs / factor * (1 - smooth) + freqs * smooth
+
+
+def rope_for_layer(config: ModelConfig, compress_ratio: int) -> torch.Tensor:
+    """Sliding-window-only layers (and MTP) use plain RoPE at rope_theta; compressor layers YaRN at
+    compress_rope_theta, for queries, window keys, compressed keys and the indexer alike."""
+    if compress_ratio == 0 or config.rope_scaling is None:
+        base = config.rope_theta if compress_ratio == 0 else config.compress_rope_theta
+        return rope_inv_freq(config.qk_rope_head_dim, float(base), None)
+    rs = config.rope_scaling
+    return rope_inv_freq(config.qk_rope_head_dim, float(config.compress_rope_theta),
+                         (float(rs.factor), int(rs.original_max_position_embeddings), float(rs.beta_fast),
+                          float(rs.beta_slow)))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
+               ) -> torch.Tensor:
+    """Rotate the last 2*len(inv_freq) dims of x by angle position*θ_i on interleaved pairs (2i, 2i+1).
+
+    x: [T, ..., d]; positions: [T]. fp32 math (cos/sin of the fp32 angle, as the official polar table), result
+    in x's dtype. inverse=True rotates by the conjugate (-angle), used on the attention output.
+    """
+    rope_dim = 2 * inv_freq.shape[0]
+    angle = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]          # [T, r/2] fp32
+    shape = (angle.shape[0],) + (1,) * (x.dim() - 2) + (angle.shape[1],)
+    cos, sin = angle.cos().view(shape), angle.sin().view(shape)
+    if inverse:
+        sin = -sin
+    pairs = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat([x[..., :-rope_dim], rotated.to(x.dtype)], dim=-1)
