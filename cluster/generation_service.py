@@ -1,0 +1,120 @@
+"""What every gRPC servicer on the server shares: building and validating requests, and running them.
+
+The servicers only translate their own protobuf messages to and from the types here, so validation, stop
+strings, abort-on-cancel and engine-error handling behave the same on every API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from dsv4.cluster.engine_client import EngineClient, ModelInfo
+from dsv4.cluster.request import GenerateRequest, InvalidRequest, SamplingParams
+from dsv4.cluster.text_stream import StreamEvent, TextStream
+from dsv4.cluster.tokenizer import ModelTokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS_LIMIT = 1 << 24  # SamplingParams.validate's upper bound
+
+
+class GenerationService:
+    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_info: ModelInfo = engine.model_info()
+        self.start_time = time.time()
+        self._active: set[str] = set()  # ids of requests streaming through this server
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.time() - self.start_time
+
+    def prompt_token_ids(self, text: str | None, token_ids: Sequence[int] | None) -> tuple[int, ...]:
+        """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given."""
+        if text is not None:
+            if not text:
+                raise InvalidRequest("prompt.text", "must not be empty")
+            return tuple(self.tokenizer.encode(text))
+        if token_ids is None:
+            raise InvalidRequest("prompt", "set either text or token ids")
+        return tuple(token_ids)
+
+    def build_request(self, request_id: str, prompt_token_ids: tuple[int, ...], max_tokens: int | None,
+                      **sampling: Any) -> GenerateRequest:
+        """A validated request. `max_tokens=None` fills the rest of the context; `sampling` are SamplingParams
+        fields. Raises InvalidRequest naming the offending field."""
+        if max_tokens is None:
+            max_tokens = min(self.model_info.max_model_len - len(prompt_token_ids), MAX_TOKENS_LIMIT)
+        request = GenerateRequest(request_id or f"dsv4-{uuid.uuid4().hex}", prompt_token_ids,
+                                  SamplingParams(max_tokens=max_tokens, **sampling))
+        request.validate(self.model_info.vocab_size, self.model_info.max_model_len)
+        return request
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+        """Run `request` on the engine: text deltas, then exactly one `TextFinal`.
+
+        Raises InvalidRequest if the engine rejects the request before its first output. If the consumer stops
+        early (the client cancelled, the stream was closed), the engine request is aborted. Use with
+        `contextlib.aclosing` so that happens at once rather than when the generator is collected.
+        """
+        if request.request_id in self._active:
+            raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        self._active.add(request.request_id)
+        text = TextStream(self.tokenizer, request)
+        outputs = self.engine.generate(request)
+        engine_done = False  # the engine finished the request, or we aborted it after a stop string
+        started = False
+        try:
+            async for output in outputs:
+                started = True
+                events = text.on_output(output)
+                if text.stop_matched and not output.finished:
+                    await self._abort_quietly(request.request_id)
+                engine_done = output.finished or text.stop_matched
+                for event in events:
+                    yield event
+                if engine_done:
+                    return
+            final_events = text.on_error("the engine stream ended without a finished output")
+        except InvalidRequest as exc:
+            if not started:  # rejected up front: the servicer answers INVALID_ARGUMENT
+                raise
+            final_events = text.on_error(str(exc))
+        except Exception as exc:  # the engine failed: the client gets an error result, the server keeps going
+            logger.exception("engine failed request %s", request.request_id)
+            final_events = text.on_error(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._active.discard(request.request_id)
+            if not engine_done:
+                await self._abort_quietly(request.request_id)
+            await _close(outputs)
+        for event in final_events:
+            yield event
+
+    async def abort(self, request_ids: Sequence[str]) -> list[str]:
+        """Cancel requests; returns the ids the engine was running. Unknown ids are ignored."""
+        return [request_id for request_id in request_ids if await self.engine.abort(request_id)]
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+        except Exception:  # cleanup after a cancelled or failed stream must not mask the original outcome
+            logger.exception("engine.abort(%s) failed", request_id)
+
+
+async def _close(outputs: AsyncIterator[Any]) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            logger.exception("closing the engine stream failed")

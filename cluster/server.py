@@ -1,0 +1,113 @@
+"""The dsv4 gRPC server: every API on one port, in front of one `EngineClient`.
+
+Hosted services:
+  * `dsv4.v1.Dsv4Engine`          the project's own API (protos/dsv4.proto)
+  * `vllm.grpc.engine.VllmEngine` vLLM's worker API, so the smg gateway can serve OpenAI requests from us
+  * `grpc.health.v1.Health`       SERVING while `engine.is_healthy()`
+  * server reflection             for grpcurl and friends
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc
+
+from dsv4.cluster import grpc_dsv4, grpc_vllm
+from dsv4.cluster.engine_client import EngineClient
+from dsv4.cluster.generation_service import GenerationService
+from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.protos import dsv4_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+HEALTH_WATCH_INTERVAL_S = 1.0
+# Long prompts as packed token ids exceed gRPC's 4 MiB default (a 1M-token prompt is up to 5 MB).
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class EngineHealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 backed by `engine.is_healthy()`, asked afresh on every Check."""
+
+    def __init__(self, engine: EngineClient, services: tuple[str, ...]):
+        self._engine = engine
+        self._services = frozenset(("", *services))  # "" is the whole server
+
+    async def _status(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        try:
+            healthy = await self._engine.is_healthy()
+        except Exception:  # an engine that cannot answer is not serving
+            logger.exception("engine.is_healthy() failed")
+            healthy = False
+        return health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in self._services:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"service: unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=await self._status())
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        if request.service not in self._services:
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:  # ends when the client cancels
+            status = await self._status()
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1",
+                 port: int = 50051) -> grpc.aio.Server:
+    """A server with every service registered and `host:port` bound; `await server.start()` to serve.
+
+    Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on.
+    """
+    service = GenerationService(engine, tokenizer)
+    names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    dsv4_pb2_grpc.add_Dsv4EngineServicer_to_server(grpc_dsv4.Dsv4EngineServicer(service, names), server)
+    vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(grpc_vllm.VllmEngineServicer(service), server)
+    health_pb2_grpc.add_HealthServicer_to_server(EngineHealthServicer(engine, names[:2]), server)
+    reflection.enable_server_reflection(names, server)
+    bound_port = server.add_insecure_port(_address(host, port))
+    logger.info("dsv4 gRPC server bound to %s (%s)", _address(host, bound_port), ", ".join(names))
+    return server
+
+
+async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "0.0.0.0", port: int = 50051,
+                        grace_s: float = 5.0) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation), then stop, giving open streams `grace_s` to finish."""
+    server = build_server(engine, tokenizer, host, port)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals on this platform
+            pass
+    try:
+        await stop.wait()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        await server.stop(grace_s)
