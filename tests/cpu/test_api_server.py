@@ -1,0 +1,85 @@
+"""The server as a whole: grpc.health.v1, reflection, and the blocking client behind `dsv4 generate`."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from api_fakes import (TIMEOUT_S, FakeEngine, ServerThread, api_server, channel, engine_client,  # noqa: F401
+                       tokenizer, tokenizer_dir)
+from dsv4.cluster import client
+from dsv4.protos import dsv4_pb2 as pb
+from dsv4.protos import dsv4_pb2_grpc
+
+SERVICES = ("dsv4.v1.Dsv4Engine", "vllm.grpc.engine.VllmEngine", "grpc.health.v1.Health")
+
+
+def test_health_is_serving(channel) -> None:  # noqa: F811
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", *SERVICES[:2]):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
+@pytest.fixture
+def unhealthy_server(tokenizer) -> Iterator[ServerThread]:  # noqa: F811
+    """STAND-IN ONLY: an engine that reports itself unhealthy."""
+    engine = FakeEngine(tokenizer)
+    engine.healthy = False
+    server = ServerThread(engine, tokenizer).start()
+    yield server
+    server.stop()
+
+
+def test_health_follows_the_engine(unhealthy_server) -> None:
+    with grpc.insecure_channel(unhealthy_server.address) as chan:
+        response = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _reflect(channel: grpc.Channel, request: reflection_pb2.ServerReflectionRequest  # noqa: F811
+             ) -> reflection_pb2.ServerReflectionResponse:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    return next(iter(stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT_S)))
+
+
+def test_reflection_lists_and_describes_every_service(channel) -> None:  # noqa: F811
+    listed = _reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    assert set(SERVICES) <= names and "grpc.reflection.v1alpha.ServerReflection" in names
+    for service in SERVICES:
+        found = _reflect(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=service))
+        assert found.file_descriptor_response.file_descriptor_proto, service
+
+
+def test_stream_generate_yields_the_completion_text(api_server, channel, tokenizer) -> None:  # noqa: F811
+    sampling = dict(temperature=0.0, seed=5, max_tokens=16)
+    pieces = list(client.stream_generate(api_server.address, "Hello there", timeout_s=TIMEOUT_S, **sampling))
+    responses = list(dsv4_pb2_grpc.Dsv4EngineStub(channel).Generate(
+        pb.GenerateRequest(text="Hello there", sampling_params=pb.SamplingParams(**sampling)), timeout=TIMEOUT_S))
+    assert pieces and all(pieces)
+    assert "".join(pieces) == responses[-1].complete.text
+
+
+def test_generate_main_prints_the_stream_and_reports_errors(api_server, capsys) -> None:  # noqa: F811
+    parser = client.add_generate_arguments(argparse.ArgumentParser())
+    out = io.StringIO()
+    args = parser.parse_args(["Hi", "--address", api_server.address, "--max-tokens", "5", "--temperature", "0"])
+    assert client.generate_main(args, out) == 0
+    expected = "".join(client.stream_generate(api_server.address, "Hi", max_tokens=5, temperature=0.0))
+    assert out.getvalue() == expected + "\n"
+    bad = parser.parse_args(["Hi", "--address", api_server.address, "--top-p", "2"])
+    assert client.generate_main(bad, io.StringIO()) == 1
+    assert "INVALID_ARGUMENT: sampling_params.top_p" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""The smg gateway in front of our server: OpenAI chat completions over SSE, served from the VllmEngine API.
+
+smg (pip `smg`, a Rust binary) registers a `grpc://` worker by calling VllmEngine.HealthCheck, GetModelInfo and
+GetServerInfo, loads the tokenizer and chat template from the model info's tokenizer_path (or, when that path does
+not exist on the gateway's host, through GetTokenizer), then renders and tokenizes chats itself and sends token
+ids to VllmEngine.Generate. Details in protos/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api_fakes import (TIMEOUT_S, FakeEngine, api_server, channel, engine_client,  # noqa: F401
+                       free_port, tokenizer, tokenizer_dir, wait_until)
+from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.protos import dsv4_pb2 as pb
+from dsv4.protos import dsv4_pb2_grpc
+
+SMG = shutil.which("smg") or shutil.which("smg", path=str(Path(sys.executable).parent))
+pytestmark = pytest.mark.skipif(SMG is None, reason="the smg gateway is not installed (pip install smg)")
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story."}]
+
+
+class Gateway:
+    def __init__(self, worker_address: str, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log_path = log_path
+        command = [SMG, "launch", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--worker-urls", f"grpc://{worker_address}",
+                   "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                   "--shutdown-grace-period-secs", "1", "--log-level", "warn"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}  # never reach for the hub
+        self._log = open(log_path, "wb")
+        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log_tail(self) -> str:
+        return self._log_path.read_bytes()[-4000:].decode(errors="replace")
+
+    def models(self) -> list[str]:
+        if self._process.poll() is not None:
+            pytest.fail(f"smg exited with {self._process.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=5) as response:
+                return [m["id"] for m in json.load(response)["data"]]
+        except (urllib.error.URLError, ConnectionError):
+            return []
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def served_model(channel) -> str:  # noqa: F811
+    return dsv4_pb2_grpc.Dsv4EngineStub(channel).GetModelInfo(pb.GetModelInfoRequest()).served_model_name
+
+
+@pytest.fixture(scope="module")
+def gateway(api_server, served_model, tmp_path_factory) -> Iterator[Gateway]:  # noqa: F811
+    gateway = Gateway(api_server.address, tmp_path_factory.mktemp("smg") / "smg.log")
+    try:
+        wait_until(lambda: served_model in gateway.models(), "smg to register the worker", timeout_s=60)
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def open_chat(gateway: Gateway, model: str, **body) -> urllib.request.addinfourl:
+    request = urllib.request.Request(
+        f"{gateway.url}/v1/chat/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": model, "messages": MESSAGES, "stream": True, **body}).encode())
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        pytest.fail(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}\n{gateway.log_tail()}")
+
+
+def sse_events(response: urllib.request.addinfourl) -> Iterator[str]:
+    for line in response:
+        line = line.decode().strip()
+        if line.startswith("data:"):
+            yield line[len("data:"):].strip()
+
+
+def engine_completion(channel, tokenizer: ModelTokenizer,  # noqa: F811
+                      params: pb.SamplingParams) -> pb.GenerateComplete:
+    """What the engine produces for MESSAGES rendered and tokenized by our own tokenizer."""
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES))
+    responses = list(dsv4_pb2_grpc.Dsv4EngineStub(channel).Generate(
+        pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt_ids), sampling_params=params), timeout=TIMEOUT_S))
+    return responses[-1].complete
+
+
+def test_streaming_chat_completion_through_smg(gateway, served_model, channel, tokenizer) -> None:  # noqa: F811
+    body = {"max_tokens": 24, "temperature": 0.0, "seed": 11}
+    with open_chat(gateway, served_model, **body) as response:
+        assert response.headers.get_content_type() == "text/event-stream"
+        events = list(sse_events(response))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 3, "expected the role chunk, content chunks and the finish chunk"
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    expected = engine_completion(channel, tokenizer, pb.SamplingParams(max_tokens=24, temperature=0.0, seed=11))
+    assert content == tokenizer.decode(expected.output_ids) == expected.text
+    assert finish == [{pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}[expected.finish_reason]]
+
+
+def test_stop_string_through_smg(gateway, served_model, channel, tokenizer) -> None:  # noqa: F811
+    reference = engine_completion(channel, tokenizer,
+                                  pb.SamplingParams(max_tokens=24, temperature=0.0, seed=3, ignore_eos=True))
+    stop = reference.text[10:12]
+    with open_chat(gateway, served_model, max_tokens=24, temperature=0.0, seed=3, ignore_eos=True,
+                   stop=[stop]) as response:
+        chunks = [json.loads(e) for e in sse_events(response) if e != "[DONE]"]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content == reference.text[:reference.text.index(stop)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_closing_the_http_stream_aborts_the_request(gateway, served_model, channel,  # noqa: F811
+                                                   engine_client) -> None:  # noqa: F811
+    loads = dsv4_pb2_grpc.Dsv4EngineStub(channel).GetLoads
+    aborts_before = len(getattr(engine_client, "abort_calls", ()))
+    with open_chat(gateway, served_model, ignore_eos=True) as response:
+        events = sse_events(response)
+        while not json.loads(next(events))["choices"][0]["delta"].get("content"):
+            pass  # read up to the first content, so the request is running in the engine
+        assert loads(pb.GetLoadsRequest(), timeout=TIMEOUT_S).num_running_requests == 1
+    wait_until(lambda: loads(pb.GetLoadsRequest()).num_running_requests == 0, "smg to abort the request")
+    if isinstance(engine_client, FakeEngine):  # the stand-in would also finish on its own: check it was told
+        assert len(engine_client.abort_calls) > aborts_before, "the engine was never asked to abort"

@@ -1,0 +1,187 @@
+"""`vllm.grpc.engine.VllmEngine` (the smg gateway's worker API) end to end against the `engine_client` engine."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import tokenizers
+from smg_grpc_proto.generated import common_pb2
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc
+
+from api_fakes import (TIMEOUT_S, FakeEngine, ServerThread, api_server, channel, engine_client,  # noqa: F401
+                       tokenizer, tokenizer_dir, wait_until)
+from dsv4.cluster.tokenizer import ModelTokenizer
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> vllm_engine_pb2_grpc.VllmEngineStub:  # noqa: F811
+    return vllm_engine_pb2_grpc.VllmEngineStub(channel)
+
+
+@pytest.fixture(scope="module")
+def model_info(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> vpb.GetModelInfoResponse:
+    return stub.GetModelInfo(vpb.GetModelInfoRequest(), timeout=TIMEOUT_S)
+
+
+def tokenized(tokenizer: ModelTokenizer, text: str = PROMPT) -> vpb.TokenizedInput:  # noqa: F811
+    return vpb.TokenizedInput(original_text=text, input_ids=tokenizer.encode(text))
+
+
+def generate(stub: vllm_engine_pb2_grpc.VllmEngineStub, **request) -> list[vpb.GenerateResponse]:
+    return list(stub.Generate(vpb.GenerateRequest(**request), timeout=TIMEOUT_S))
+
+
+def greedy(max_tokens: int, **more) -> vpb.SamplingParams:
+    return vpb.SamplingParams(temperature=0.0, seed=99, max_tokens=max_tokens, **more)
+
+
+def check_stream(responses: list[vpb.GenerateResponse]) -> vpb.GenerateComplete:
+    """vLLM's streaming semantics: chunks carry new tokens and their count, then exactly one complete."""
+    kinds = [r.WhichOneof("response") for r in responses]
+    assert kinds[-1] == "complete" and kinds.count("complete") == 1, kinds
+    complete = responses[-1].complete
+    chunks = [r.chunk for r in responses[:-1]]
+    assert all(len(c.token_ids) == c.completion_tokens > 0 for c in chunks)
+    if chunks:
+        assert [t for c in chunks for t in c.token_ids] == list(complete.output_ids)
+    assert complete.completion_tokens == len(complete.output_ids)
+    return complete
+
+
+def running_requests(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> int:
+    return stub.GetLoads(vpb.GetLoadsRequest(), timeout=TIMEOUT_S).loads[0].num_running_reqs
+
+
+def test_streaming_generate(stub, tokenizer) -> None:  # noqa: F811
+    responses = generate(stub, request_id="v1", tokenized=tokenized(tokenizer), sampling_params=greedy(10),
+                         stream=True)
+    complete = check_stream(responses)
+    assert len(responses) >= 2
+    assert complete.prompt_tokens == len(tokenizer.encode(PROMPT))
+    assert complete.finish_reason in ("length", "stop")
+    if complete.finish_reason == "length":
+        assert complete.completion_tokens == 10
+
+
+def test_non_streaming_generate_sends_only_complete(stub, tokenizer) -> None:  # noqa: F811
+    streamed = check_stream(generate(stub, request_id="v2", tokenized=tokenized(tokenizer),
+                                     sampling_params=greedy(10), stream=True))
+    responses = generate(stub, request_id="v3", tokenized=tokenized(tokenizer), sampling_params=greedy(10))
+    assert [r.WhichOneof("response") for r in responses] == ["complete"]
+    assert responses[0].complete.output_ids == streamed.output_ids
+
+
+def test_text_input_is_tokenized_by_the_server(stub, tokenizer) -> None:  # noqa: F811
+    by_ids = check_stream(generate(stub, request_id="v4", tokenized=tokenized(tokenizer), sampling_params=greedy(6),
+                                   stream=True))
+    by_text = check_stream(generate(stub, request_id="v5", text=PROMPT, sampling_params=greedy(6), stream=True))
+    assert by_text.output_ids == by_ids.output_ids
+
+
+def test_stop_string_is_matched_by_the_server(stub, tokenizer) -> None:  # noqa: F811
+    reference = check_stream(generate(stub, request_id="v6", tokenized=tokenized(tokenizer),
+                                      sampling_params=greedy(30, ignore_eos=True), stream=True))
+    text = tokenizer.decode(reference.output_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    complete = check_stream(generate(stub, request_id="v7", tokenized=tokenized(tokenizer),
+                                     sampling_params=greedy(30, ignore_eos=True, stop=[stop]), stream=True))
+    assert complete.finish_reason == "stop" and complete.matched_stop_str == stop
+    ids = list(complete.output_ids)
+    assert stop in tokenizer.decode(ids) and stop not in tokenizer.decode(ids[:-1])
+
+
+def test_abort_mid_stream(stub, tokenizer) -> None:  # noqa: F811
+    call = stub.Generate(vpb.GenerateRequest(request_id="v-abort", tokenized=tokenized(tokenizer), stream=True,
+                                             sampling_params=vpb.SamplingParams(ignore_eos=True)), timeout=TIMEOUT_S)
+    assert next(call).WhichOneof("response") == "chunk"
+    assert running_requests(stub) == 1
+    stub.Abort(vpb.AbortRequest(request_ids=["v-abort", "unknown-id"]), timeout=TIMEOUT_S)
+    assert list(call)[-1].complete.finish_reason == "abort"
+    wait_until(lambda: running_requests(stub) == 0, "the aborted request to leave GetLoads")
+
+
+def _bad_requests(tokenizer: ModelTokenizer, vocab: int, context: int) -> list[tuple[str, dict]]:  # noqa: F811
+    ok = {"tokenized": tokenized(tokenizer)}
+    return [
+        ("prompt", {"tokenized": vpb.TokenizedInput()}),
+        ("prompt.text", {"text": ""}),
+        ("prompt.token_ids", {"tokenized": vpb.TokenizedInput(input_ids=[0, vocab + 7])}),
+        ("prompt", {"tokenized": vpb.TokenizedInput(input_ids=[5] * context)}),
+        ("sampling_params.max_tokens", {**ok, "sampling_params": vpb.SamplingParams(max_tokens=0)}),
+        ("sampling_params.max_tokens", {**ok, "sampling_params": vpb.SamplingParams(max_tokens=(1 << 32) - 1)}),
+        ("sampling_params.temperature", {**ok, "sampling_params": vpb.SamplingParams(temperature=500.0)}),
+        ("sampling_params.top_p", {**ok, "sampling_params": vpb.SamplingParams(top_p=1.5)}),
+        ("sampling_params.top_k", {**ok, "sampling_params": vpb.SamplingParams(top_k=vocab + 1)}),
+        ("sampling_params.seed", {**ok, "sampling_params": vpb.SamplingParams(seed=-5)}),
+        ("sampling_params.n", {**ok, "sampling_params": vpb.SamplingParams(n=2)}),
+        ("sampling_params.logprobs", {**ok, "sampling_params": vpb.SamplingParams(logprobs=1)}),
+        ("sampling_params.repetition_penalty", {**ok, "sampling_params": vpb.SamplingParams(repetition_penalty=1.3)}),
+        ("sampling_params.json_schema", {**ok, "sampling_params": vpb.SamplingParams(json_schema="{}")}),
+        ("sampling_params.stop_token_ids", {**ok, "sampling_params": vpb.SamplingParams(stop_token_ids=[vocab])}),
+    ]
+
+
+def test_every_bad_request_is_invalid_argument_naming_the_field(stub, tokenizer, model_info) -> None:  # noqa: F811
+    for field, request in _bad_requests(tokenizer, model_info.vocab_size, model_info.max_context_length):
+        with pytest.raises(grpc.RpcError) as info:
+            generate(stub, request_id="bad", stream=True, **request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, request)
+        assert info.value.details().startswith(field + ":"), (field, info.value.details())
+        check_stream(generate(stub, request_id="good", tokenized=tokenized(tokenizer), sampling_params=greedy(2),
+                              stream=True))
+
+
+def test_health_check_and_info(stub, model_info, tokenizer_dir) -> None:  # noqa: F811
+    assert stub.HealthCheck(vpb.HealthCheckRequest(), timeout=TIMEOUT_S).healthy
+    assert model_info.is_generation and model_info.max_context_length > 1 and model_info.vocab_size > 0
+    assert model_info.tokenizer_path == str(tokenizer_dir) and list(model_info.eos_token_ids)
+    server = stub.GetServerInfo(vpb.GetServerInfoRequest(), timeout=TIMEOUT_S)
+    assert server.active_requests == 0 and server.uptime_seconds >= 0
+    loads = stub.GetLoads(vpb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert loads.dp_rank_count == 1 and 0.0 <= loads.loads[0].token_usage <= 1.0
+
+
+def test_get_tokenizer_streams_a_loadable_bundle(stub, tokenizer) -> None:  # noqa: F811
+    chunks = list(stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=TIMEOUT_S))
+    data = b"".join(c.data for c in chunks)
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+    assert all(not c.sha256 for c in chunks[:-1])
+    with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(bundle.namelist())
+        remote = tokenizers.Tokenizer.from_str(bundle.read("tokenizer.json").decode())
+    assert remote.encode(PROMPT, add_special_tokens=False).ids == tokenizer.encode(PROMPT)[1:]
+
+
+def test_unsupported_rpcs_are_unimplemented(stub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(vpb.EmbedRequest(), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.fixture
+def failing_server(tokenizer) -> Iterator[ServerThread]:  # noqa: F811
+    """STAND-IN ONLY: an engine that raises after 4 tokens of every request."""
+    server = ServerThread(FakeEngine(tokenizer, fail_after_tokens=4), tokenizer).start()
+    yield server
+    server.stop()
+
+
+def test_engine_failure_is_an_internal_status(failing_server, tokenizer) -> None:  # noqa: F811
+    with grpc.insecure_channel(failing_server.address) as chan:
+        failing = vllm_engine_pb2_grpc.VllmEngineStub(chan)
+        with pytest.raises(grpc.RpcError) as info:
+            generate(failing, request_id="f1", tokenized=tokenized(tokenizer), sampling_params=greedy(20), stream=True)
+        assert info.value.code() == grpc.StatusCode.INTERNAL and "fake engine failure" in info.value.details()
+        check_stream(generate(failing, request_id="f2", tokenized=tokenized(tokenizer), sampling_params=greedy(3),
+                              stream=True))
