@@ -18,7 +18,7 @@ from dsv4.model.config import CSA_RATIO, ModelConfig
 from dsv4.model.indexer import Indexer
 from dsv4.model.kv_state import ATTN, CompressorGeometry
 from dsv4.model.layers import Linear, RMSNorm, WeightFormat, apply_rope, head_rms_normalize, rope_for_layer
-from dsv4.model.numerics import Numerics, matmul
+from dsv4.model.numerics import Numerics, exp, matmul
 
 
 def sparse_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor,
@@ -33,7 +33,7 @@ def sparse_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
     scores = matmul(q.reshape(n * h, d), keys).view(n, h, -1) * d ** -0.5
     scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
     peak = scores.amax(dim=-1, keepdim=True)                                     # [n, H, 1]; window has >= 1
-    probs = torch.exp(scores - peak)
+    probs = exp(scores - peak)
     denom = probs.double().sum(dim=-1, keepdim=True) + torch.exp(sink.double()[None, :, None] - peak.double())
     out = torch.matmul(numerics.act(probs).double(), keys.double()) / denom
     return numerics.act(out.float())

@@ -177,7 +177,15 @@ def load_model(path: str | Path, expert_ids: list[int] | None = None, progress: 
     """Build a `Transformer` from `path/config.json` and load its weights (only `expert_ids` of the experts)."""
     from dsv4.model.transformer import Transformer
 
+    if not Path(path).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     config = ModelConfig.from_file(Path(path) / "config.json")
+    if config.num_nextn_predict_layers and not any(to_official_name(n).startswith("mtp.")
+                                                   for n in checkpoint_files(Path(path))):
+        # transformers drops the MTP block when it converts a checkpoint; serve without it.
+        log.warning("%s has no mtp.* tensors: loading without the MTP block", path)
+        config = config.replace(num_nextn_predict_layers=0,
+                                compress_ratios=config.compress_ratios[: config.num_hidden_layers])
     with torch.device("meta"):   # no memory until each tensor arrives from the checkpoint
         model = Transformer(config, expert_ids)
     load_checkpoint(model, path, progress, device)

@@ -16,7 +16,7 @@ from dsv4.model.batch import ForwardBatch
 from dsv4.model.config import ModelConfig
 from dsv4.model.kv_state import CompressorGeometry, CompressorState
 from dsv4.model.layers import Linear, RMSNorm, WeightFormat, apply_rope
-from dsv4.model.numerics import Numerics
+from dsv4.model.numerics import Numerics, softmax
 
 
 def pool_chunk(state: CompressorState, a: torch.Tensor, z: torch.Tensor, start: int, g: CompressorGeometry
@@ -46,7 +46,7 @@ def pool_chunk(state: CompressorState, a: torch.Tensor, z: torch.Tensor, start: 
             state.kv[:m], state.score[:m] = win_a[-1], win_z[-1]
         else:
             slots_a, slots_z = win_a, win_z
-        pooled = (slots_a.double() * torch.softmax(slots_z.double(), dim=1)).sum(dim=1).float()
+        pooled = (slots_a.double() * softmax(slots_z, dim=1).double()).sum(dim=1).float()
     tail = cur_a.shape[0] - num_windows * m
     state.kv[current:current + tail] = cur_a[num_windows * m:]
     state.score[current:current + tail] = cur_z[num_windows * m:]

@@ -16,7 +16,7 @@ from torch import nn
 
 from dsv4.kernels import quant
 from dsv4.model.config import ModelConfig
-from dsv4.model.numerics import Numerics, matmul, mean_sq
+from dsv4.model.numerics import Numerics, cos_sin, matmul, mean_sq, rsqrt
 
 
 class WeightFormat(str, enum.Enum):
@@ -86,22 +86,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
         x = x.float()
-        return numerics.act(self.weight.float() * (x * torch.rsqrt(mean_sq(x) + self.eps)))
+        return numerics.act(self.weight.float() * (x * rsqrt(mean_sq(x) + self.eps)))
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Unweighted RMS normalisation in fp32 (mHC inputs)."""
     x = x.float()
-    return x * torch.rsqrt(mean_sq(x) + eps)
+    return x * rsqrt(mean_sq(x) + eps)
 
 
 def head_rms_normalize(q: torch.Tensor, eps: float, numerics: Numerics) -> torch.Tensor:
     """Per-head q normalisation without weight. The official code does it in bf16 arithmetic, op by op."""
     if not numerics.simulate_quant:
-        return q * torch.rsqrt(mean_sq(q) + eps)
+        return q * rsqrt(mean_sq(q) + eps)
     q = q.bfloat16()
-    mean = q.square().float().double().mean(-1, keepdim=True).to(torch.bfloat16)   # bf16 .mean: fp32 accumulate
-    return q * torch.rsqrt(mean + eps)                                               # each op rounds to bf16
+    mean = q.square().double().mean(-1, keepdim=True).to(torch.bfloat16)          # bf16 .mean: wide accumulation
+    inv = rsqrt((mean.float() + eps).bfloat16().float()).bfloat16()                # bf16 add, then bf16 rsqrt
+    return (q.float() * inv.float()).bfloat16()
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -149,7 +150,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     rope_dim = 2 * inv_freq.shape[0]
     angle = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]          # [T, r/2] fp32
     shape = (angle.shape[0],) + (1,) * (x.dim() - 2) + (angle.shape[1],)
-    cos, sin = angle.cos().view(shape), angle.sin().view(shape)
+    cos, sin = cos_sin(angle)
+    cos, sin = cos.view(shape), sin.view(shape)
     if inverse:
         sin = -sin
     pairs = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.model.layers import rms_normalize
-from dsv4.model.numerics import Numerics, matmul
+from dsv4.model.numerics import Numerics, matmul, sigmoid, softmax
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +40,10 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mixes [T, (2+hc)*hc] -> pre [T, hc], post [T, hc], comb [T, hc, hc] (official `hc_split_sinkhorn`)."""
     hc, eps = p.hc_mult, p.hc_eps
-    pre = torch.sigmoid(mixes[:, :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    pre = sigmoid(mixes[:, :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * sigmoid(mixes[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = (mixes[:, 2 * hc:] * scale[2] + base[2 * hc:]).view(-1, hc, hc)
-    comb = torch.softmax(comb, dim=-1) + eps
+    comb = softmax(comb, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(p.sinkhorn_iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
@@ -69,5 +69,5 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams,
             numerics: Numerics) -> torch.Tensor:
     """Final hc -> 1 collapse before the output norm: sigmoid weights only, no Sinkhorn (spec §2.4)."""
-    pre = torch.sigmoid(_mixes(x, fn, p) * scale + base) + p.hc_eps
+    pre = sigmoid(_mixes(x, fn, p) * scale + base) + p.hc_eps
     return numerics.act(_weighted_streams(pre, x))

@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import Linear, WeightFormat
-from dsv4.model.numerics import Numerics, matmul
+from dsv4.model.numerics import Numerics, matmul, silu, sqrt_softplus
 
 ExpertRunner = Callable[["MoE", torch.Tensor, torch.Tensor, torch.Tensor, Numerics], torch.Tensor]
 
@@ -37,7 +36,7 @@ class Gate(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """sqrt(softplus(W_g x)) with both operands upcast to fp32, [T, E]."""
-        return F.softplus(matmul(x.float(), self.weight)).sqrt()
+        return sqrt_softplus(matmul(x.float(), self.weight))
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> routing weights [T, k] fp32, expert indices [T, k] int64."""
@@ -65,7 +64,7 @@ class Expert(nn.Module):
                 ) -> torch.Tensor:
         gate = numerics.act(self.w1(x, numerics)).float().clamp(max=self.limit)
         up = numerics.act(self.w3(x, numerics)).float().clamp(-self.limit, self.limit)
-        h = F.silu(gate) * up
+        h = silu(gate) * up
         if route_weight is not None:           # the routing weight scales the activation, before w2
             h = route_weight * h
         return numerics.act(self.w2(numerics.act(h), numerics))

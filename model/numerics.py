@@ -6,10 +6,12 @@
 - `exact-fp32`: the same function in fp32 with every quantization simulation off. This is what `transformers`'
   DeepseekV4ForCausalLM computes in fp32 (to ~1e-6), so it is the mode for parity tests.
 
-On the CPU every reduction (matmul, softmax sum, norm mean) accumulates in float64 and rounds to fp32 where the
-reference has an fp32 result. That makes each token's result independent of how tokens are batched (fp32 GEMMs
-on CPU are not: their blocking depends on the batch size), which is what lets the batched engine reproduce
-single-sequence results token for token.
+Every reduction (matmul, softmax sum, norm mean) accumulates in float64, and every transcendental function
+(exp, rsqrt, sigmoid, softplus, silu, cos, sin) is evaluated in float64, rounding to fp32 where the reference has
+an fp32 result. That makes each token's result independent of how tokens are batched: CPU fp32 GEMMs block by
+batch size, and CPU elementwise kernels take vectorized or scalar paths (with different last-ulp results)
+depending on tensor size. Batch invariance is what lets the batched engine reproduce single-sequence results
+token for token.
 """
 
 from __future__ import annotations
@@ -63,3 +65,29 @@ def mean_sq(x: torch.Tensor) -> torch.Tensor:
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """fp32 softmax computed in float64 (the reference computes it in fp32)."""
     return torch.softmax(x.double(), dim=dim).float()
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(x.double()).float()
+
+
+def rsqrt(x: torch.Tensor) -> torch.Tensor:
+    return torch.rsqrt(x.double()).float()
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x.double()).float()
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x.double()).float()
+
+
+def sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(softplus(x)) with torch's softplus (beta 1, threshold 20): the router's score function."""
+    return torch.nn.functional.softplus(x.double()).sqrt().float()
+
+
+def cos_sin(angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = angle.double()
+    return a.cos().float(), a.sin().float()
