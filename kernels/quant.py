@@ -70,7 +70,7 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     index = torch.zeros_like(a, dtype=torch.uint8)
     for i, v in enumerate(E2M1_GRID):
         index = torch.where(a == v, torch.tensor(i, dtype=torch.uint8), index)
-    sign = (torch.signbit(values) & (a != 0)).to(torch.uint8) << 3
+    sign = torch.signbit(values).to(torch.uint8) << 3   # -0 keeps its sign bit (code 8), as PTX cvt does
     return sign | index
 
 

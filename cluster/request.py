@@ -1,0 +1,108 @@
+"""Typed request and output messages shared by the server, the coordinator and the scheduler.
+
+A request travels in full once (server -> coordinator); after that only `RequestOutput` deltas come back.
+Everything a user can get wrong is checked in `SamplingParams.validate` / `GenerateRequest.validate`, which raise
+`InvalidRequest` naming the field; the server maps that to gRPC INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class InvalidRequest(ValueError):
+    """A request a client can fix. `field` names the offending request field (e.g. `sampling_params.top_p`)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"      # an EOS / stop token id, or a stop string matched by the server
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    ABORT = "abort"    # cancelled by the client (Abort RPC or stream closed)
+    ERROR = "error"    # the engine failed this request; `RequestOutput.error` says why
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each next token. temperature 0 means greedy; top_k 0 and top_p 1 mean "no cut-off"."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None            # same seed + same prompt + same params => same tokens
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()         # stop strings: matched on detokenized text by the server
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    MAX_TEMPERATURE = 100.0
+
+    def validate(self, vocab_size: int) -> None:
+        if not 1 <= self.max_tokens <= 1 << 24:
+            raise InvalidRequest("sampling_params.max_tokens", f"must be in [1, 16777216], got {self.max_tokens}")
+        if not (0.0 <= self.temperature <= self.MAX_TEMPERATURE):  # also rejects NaN
+            raise InvalidRequest("sampling_params.temperature",
+                                 f"must be in [0, {self.MAX_TEMPERATURE}], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequest("sampling_params.top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k <= vocab_size:
+            raise InvalidRequest("sampling_params.top_k", f"must be in [0, {vocab_size}], got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 1 << 63:
+            raise InvalidRequest("sampling_params.seed", f"must be in [0, 2^63), got {self.seed}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest("sampling_params.min_tokens",
+                                 f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        for token_id in self.stop_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequest("sampling_params.stop_token_ids",
+                                     f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+        for text in self.stop:
+            if not text:
+                raise InvalidRequest("sampling_params.stop", "stop strings must not be empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def validate(self, vocab_size: int, max_model_len: int) -> None:
+        if not self.request_id:
+            raise InvalidRequest("request_id", "must not be empty")
+        if not self.prompt_token_ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        for token_id in self.prompt_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequest("prompt.token_ids",
+                                     f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+        if len(self.prompt_token_ids) >= max_model_len:
+            raise InvalidRequest("prompt", f"{len(self.prompt_token_ids)} tokens do not fit the context of "
+                                           f"{max_model_len} tokens (one position must remain to generate)")
+        self.sampling.validate(vocab_size)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """One delta of a request's stream: tokens sampled since the last delta, and the end if it ended."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_output_tokens: int                 # cumulative, including new_token_ids
+    finish_reason: FinishReason | None = None
+    matched_stop_token_id: int | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
