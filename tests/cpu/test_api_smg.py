@@ -48,14 +48,22 @@ class Gateway:
     def log_tail(self) -> str:
         return self._log_path.read_bytes()[-4000:].decode(errors="replace")
 
-    def models(self) -> list[str]:
+    def _get(self, path: str) -> dict:
         if self._process.poll() is not None:
             pytest.fail(f"smg exited with {self._process.returncode}:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=5) as response:
-                return [m["id"] for m in json.load(response)["data"]]
-        except (urllib.error.URLError, ConnectionError):
-            return []
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:  # 503 while not ready
+            return json.load(exc)
+        except (urllib.error.URLError, ConnectionError, ValueError):
+            return {}
+
+    def serves(self, model: str) -> bool:
+        # /readiness turns "ready" once a worker is healthy *and* its tokenizer is registered; /v1/models
+        # lists the model earlier, when requests would still get 503 tokenizer_not_ready.
+        models = [m["id"] for m in self._get("/v1/models").get("data", [])]
+        return model in models and self._get("/readiness").get("status") == "ready"
 
     def stop(self) -> None:
         self._process.terminate()
@@ -76,7 +84,7 @@ def served_model(channel) -> str:  # noqa: F811
 def gateway(api_server, served_model, tmp_path_factory) -> Iterator[Gateway]:  # noqa: F811
     gateway = Gateway(api_server.address, tmp_path_factory.mktemp("smg") / "smg.log")
     try:
-        wait_until(lambda: served_model in gateway.models(), "smg to register the worker", timeout_s=60)
+        wait_until(lambda: gateway.serves(served_model), "smg to register the worker", timeout_s=60)
         yield gateway
     finally:
         gateway.stop()
