@@ -7,8 +7,8 @@ ids / EOS / ignore_eos / the context length / abort, and reports loads. Every AP
 must hold for any correct engine (compare the stream with what the server reports, never with the fake's
 arithmetic). Tests that need the fake's extra knobs (scripted tokens, failures) build their own and say so.
 
-The test modules import the fixtures from here (`from api_fakes import ...`) rather than from a conftest.py, so
-the API tests stay out of the shared `tests/cpu/conftest.py`.
+The test modules import the fixtures from here (`from api_fakes import ...`), so the API tests need no changes to
+the conftest files the whole suite shares.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -154,14 +155,13 @@ class FakeEngine:
         return True
 
     async def loads(self) -> LoadReport:
+        total_blocks = 1024
         workers = []
         for rank in range(self._num_workers):
-            mine = [s for s in self._running.values() if s.rank == rank]
-            tokens = sum(len(s.request.prompt_token_ids) + len(s.output_ids) for s in mine)
-            total_blocks = 1024
-            workers.append(WorkerLoad(rank, len(mine), tokens,
-                                      total_blocks - sum(math.ceil((len(s.request.prompt_token_ids) + len(
-                                          s.output_ids)) / BLOCK_SIZE) for s in mine), total_blocks,
+            contexts = [len(s.request.prompt_token_ids) + len(s.output_ids)
+                        for s in self._running.values() if s.rank == rank]
+            used_blocks = sum(math.ceil(n / BLOCK_SIZE) for n in contexts)
+            workers.append(WorkerLoad(rank, len(contexts), sum(contexts), total_blocks - used_blocks, total_blocks,
                                       tuple(range(rank, NUM_EXPERTS, self._num_workers))))
         return LoadReport(0, len(self._running), tuple(workers), tuple(self._expert_token_counts))
 
@@ -184,43 +184,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class EventLoopThread:
+    """An asyncio event loop running on a daemon thread, for driving async code from blocking tests."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dsv4-api-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.submit(coro).result(TIMEOUT_S)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(TIMEOUT_S)
+
+
 class ServerThread:
-    """`build_server` on its own event loop in a daemon thread, so tests can use plain blocking gRPC clients."""
+    """`build_server` on its own event loop, so tests can use plain blocking gRPC clients."""
 
     def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer):
         self._engine, self._tokenizer = engine, tokenizer
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="dsv4-api-server", daemon=True)
+        self._loop: EventLoopThread | None = None
         self._server: grpc.aio.Server | None = None
         self.address = ""
 
-    def run(self, coro_fn: Callable[[], object]) -> object:
-        """Run a coroutine on the server's loop (e.g. to touch the engine) and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(TIMEOUT_S)
-
     def start(self) -> ServerThread:
-        self._thread.start()
         port = free_port()
 
         async def start() -> None:
             self._server = build_server(self._engine, self._tokenizer, "127.0.0.1", port)
             await self._server.start()
 
-        self.run(start)
+        self._loop = EventLoopThread()
+        self._loop.run(start())
         self.address = f"127.0.0.1:{port}"
         return self
 
     def stop(self) -> None:
-        async def stop() -> None:
-            if self._server is not None:
-                await self._server.stop(grace=None)
-
-        try:
-            self.run(stop)
-        except concurrent.futures.TimeoutError:
-            pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(TIMEOUT_S)
+        if self._loop is None:
+            return
+        if self._server is not None:
+            try:
+                self._loop.run(self._server.stop(grace=None))
+            except concurrent.futures.TimeoutError:
+                pass
+        self._loop.stop()
 
 
 def make_tokenizer_dir(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import io
 from collections.abc import Iterator
 
@@ -11,9 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from api_fakes import (TIMEOUT_S, FakeEngine, ServerThread, api_server, channel, engine_client,  # noqa: F401
-                       tokenizer, tokenizer_dir)
+from api_fakes import (TIMEOUT_S, EventLoopThread, FakeEngine, ServerThread, api_server, channel,  # noqa: F401
+                       engine_client, free_port, tokenizer, tokenizer_dir)
 from dsv4.cluster import client
+from dsv4.cluster.server import serve_forever
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
 
@@ -83,3 +85,19 @@ def test_generate_main_prints_the_stream_and_reports_errors(api_server, capsys) 
     bad = parser.parse_args(["Hi", "--address", api_server.address, "--top-p", "2"])
     assert client.generate_main(bad, io.StringIO()) == 1
     assert "INVALID_ARGUMENT: sampling_params.top_p" in capsys.readouterr().err
+
+
+def test_serve_forever_serves_until_cancelled(engine_client, tokenizer) -> None:  # noqa: F811
+    port, loop = free_port(), EventLoopThread()
+    serving = loop.submit(serve_forever(engine_client, tokenizer, "127.0.0.1", port, grace_s=0.1))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+            grpc.channel_ready_future(chan).result(TIMEOUT_S)
+            health = health_pb2_grpc.HealthStub(chan)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        serving.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            serving.result(TIMEOUT_S)
+    finally:
+        loop.stop()
