@@ -11,32 +11,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import quant
+from dsv4.kernels import cache_ops, quant
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import CSA_RATIO, ModelConfig
 from dsv4.model.indexer import Indexer
-from dsv4.model.kv_state import ATTN, CompressorGeometry
+from dsv4.model.kv_cache import ATTN, CompressorGeometry
 from dsv4.model.layers import Linear, RMSNorm, WeightFormat, apply_rope, head_rms_normalize, rope_for_layer
-from dsv4.model.numerics import Numerics, exp, matmul
+from dsv4.model.numerics import Numerics
 
 
-def sparse_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor,
-                     numerics: Numerics) -> torch.Tensor:
-    """Attention with a per-head sink over a shared K = V set (the official `sparse_attn` kernel's function).
-
-    q [n, H, d], keys [K, d], allowed [n, K] bool -> o [n, H, d] (activation dtype). Scores fp32 with scale
-    d^-0.5; probabilities rounded to the activation dtype before P·V (the kernel's bf16 P); the sink adds
-    exp(sink - max) to the denominator only.
-    """
-    n, h, d = q.shape
-    scores = matmul(q.reshape(n * h, d), keys).view(n, h, -1) * d ** -0.5
-    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-    peak = scores.amax(dim=-1, keepdim=True)                                     # [n, H, 1]; window has >= 1
-    probs = exp(scores - peak)
-    denom = probs.double().sum(dim=-1, keepdim=True) + torch.exp(sink.double()[None, :, None] - peak.double())
-    out = torch.matmul(numerics.act(probs).double(), keys.double()) / denom
-    return numerics.act(out.float())
+def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Every compressed entry each token may see (entry w is visible to t iff w*m + m - 1 <= t): [T, E], -1 pad."""
+    visible = (positions + 1) // ratio
+    width = max(int(visible.max()), 1)
+    entries = torch.arange(width, device=positions.device)[None, :].expand(positions.shape[0], -1)
+    return torch.where(entries < visible[:, None], entries, -1)
 
 
 class Attention(nn.Module):
@@ -44,7 +34,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.head_dim, self.rope_dim = config.num_attention_heads, config.head_dim, config.qk_rope_head_dim
-        self.window, self.eps = config.sliding_window, config.rms_norm_eps
+        self.eps = config.rms_norm_eps
         self.n_groups, self.o_lora_rank = config.o_groups, config.o_lora_rank
         self.ratio = config.compress_ratio(layer_id)
         fp8 = WeightFormat.FP8 if config.weights_quantized else WeightFormat.BF16
@@ -66,43 +56,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x [T, D] (attn_norm output) -> [T, D]."""
         num, pos = batch.numerics, batch.positions
+        store = batch.storage.layer(self.layer_id)
         qr = self.q_norm(num.act(self.wq_a(x, num)), num)                                  # [T, q_lora]
         q = num.act(self.wq_b(qr, num)).view(-1, self.n_heads, self.head_dim)
         q = apply_rope(head_rms_normalize(q, self.eps, num), pos, self.rope_inv_freq)
         kv = apply_rope(self.kv_norm(num.act(self.wkv(x, num)), num), pos, self.rope_inv_freq)  # [T, d]
-        if num.simulate_quant:
+        if num.simulate_quant:   # the window entries as their FP8 storage will give them back
             kv = quant.fake_quant_kv(kv, self.rope_dim)
-        selected = self.indexer(x, qr, batch) if self.indexer is not None else None
+        chosen = self.indexer(x, qr, batch) if self.indexer is not None else None
         if self.compressor is not None:
             self.compressor(x, batch)
-        o = torch.empty_like(q)
-        for i, (chunk, rows) in enumerate(batch.spans()):
-            keys, allowed = self._keys_of(chunk.cache.layer(self.layer_id), chunk.start, kv[rows], pos[rows],
-                                          None if selected is None else selected[i])
-            o[rows] = sparse_attention(q[rows], keys, allowed, self.attn_sink, num)
-            chunk.cache.layer(self.layer_id).write_window(chunk.start, kv[rows])
+        keys, valid = cache_ops.window_gather(store.window, store.window_codec, kv, batch.layout)
+        if self.ratio:
+            entries = chosen if chosen is not None else visible_entries(pos, self.ratio)
+            main = store.compressors[ATTN]
+            extra, extra_valid = cache_ops.gather_entries(main.pool, main.codec, batch.layout, entries, self.ratio)
+            keys, valid = torch.cat([keys, extra.to(keys.dtype)], dim=1), torch.cat([valid, extra_valid], dim=1)
+        o = cache_ops.sparse_attention(q, keys, valid, self.attn_sink, num.act_dtype)
+        cache_ops.window_append(store.window, store.window_codec, kv, batch.layout)
         o = apply_rope(o, pos, self.rope_inv_freq, inverse=True)
         return self._project_out(o, num)
-
-    def _keys_of(self, cache, start: int, kv: torch.Tensor, positions: torch.Tensor,
-                 selected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk's key set: its window (cached entries before `start`, then the chunk's own) and compressed
-        entries, with the mask of which each query may attend to."""
-        previous = cache.window(start)
-        keys = torch.cat([previous.to(kv.dtype), kv])
-        key_pos = torch.arange(start - previous.shape[0], start + kv.shape[0], device=kv.device)
-        allowed = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
-        if not self.ratio:
-            return keys, allowed
-        num_entries = (start + kv.shape[0]) // self.ratio
-        entries = cache.entries(ATTN, num_entries).to(kv.dtype)
-        if selected is None:    # HCA: every visible entry
-            picked = torch.arange(num_entries, device=kv.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
-        else:                   # CSA: the indexer's choice (-1 = nothing)
-            picked = torch.zeros(kv.shape[0], num_entries + 1, dtype=torch.bool, device=kv.device)
-            picked.scatter_(1, torch.where(selected < 0, num_entries, selected), True)
-            picked = picked[:, :num_entries]
-        return torch.cat([keys, entries]), torch.cat([allowed, picked], dim=1)
 
     def _project_out(self, o: torch.Tensor, num: Numerics) -> torch.Tensor:
         """Grouped output projection: group g's heads (H/g * d wide) through rows g*r..(g+1)*r of wo_a, then wo_b."""

@@ -1,65 +1,83 @@
-"""One forward call's worth of tokens: chunks of one or more sequences, flattened, with their caches.
+"""One forward call's worth of tokens: chunks of one or more sequences, flattened, with where their cache lives.
 
 A chunk is a run of consecutive positions of one sequence (a prefill chunk of any length, or one decode token).
-Projections and MoE run on the flat [T, ...] batch; attention loops over the chunks, each reading and writing its
-own sequence's cache. A sequence appears at most once per batch.
+Projections and MoE run on the flat [T, ...] batch; the cache ops use the `BatchLayout` to find each token's
+window slot and blocks. A sequence appears at most once per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dsv4.model.kv_state import SequenceCache
+from dsv4.kernels.cache_ops import BatchLayout
+from dsv4.model.kv_cache import KVStorage
 from dsv4.model.numerics import Numerics
 
 
 @dataclass(frozen=True, slots=True)
-class SequenceChunk:
-    cache: SequenceCache
-    start: int    # absolute position of the chunk's first token
-    length: int
+class Chunk:
+    """Tokens of one sequence at positions start .., held in window/state slot `slot` and the listed blocks."""
+
+    slot: int
+    block_table: Sequence[int]
+    start: int
+    token_ids: Sequence[int] | torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardBatch:
     token_ids: torch.Tensor    # [T] int64, chunks concatenated in order
-    positions: torch.Tensor    # [T] int64
-    chunks: tuple[SequenceChunk, ...]
+    layout: BatchLayout
+    storage: KVStorage
     numerics: Numerics
 
     @classmethod
-    def build(cls, chunks: Sequence[tuple[SequenceCache, int, Sequence[int] | torch.Tensor]], numerics: Numerics,
-              device: torch.device | str = "cpu") -> ForwardBatch:
-        """chunks: (cache, start position, token ids) per sequence."""
-        ids, positions, out = [], [], []
-        for cache, start, tokens in chunks:
-            tokens = torch.as_tensor(tokens, dtype=torch.int64)
-            if tokens.dim() != 1 or tokens.numel() == 0:
-                raise ValueError(f"a chunk needs a non-empty 1-D list of token ids, got shape {tuple(tokens.shape)}")
-            if start < 0:
-                raise ValueError(f"chunk start position must be >= 0, got {start}")
+    def build(cls, storage: KVStorage, chunks: Sequence[Chunk], numerics: Numerics) -> ForwardBatch:
+        device = storage.layers[0].window.device
+        if not chunks:
+            raise ValueError("a forward batch needs at least one chunk")
+        ids, positions, token_seq, spans = [], [], [], []
+        max_blocks = max(len(c.block_table) for c in chunks) or 1
+        table = torch.full((len(chunks), max_blocks), -1, dtype=torch.int64)
+        row = 0
+        for s, chunk in enumerate(chunks):
+            tokens = torch.as_tensor(chunk.token_ids, dtype=torch.int64).flatten()
+            n = tokens.numel()
+            if n == 0 or chunk.start < 0:
+                raise ValueError(f"chunk {s}: needs >= 1 token and start >= 0 (got {n} tokens, start {chunk.start})")
+            if not 0 <= chunk.slot < storage.num_slots:
+                raise ValueError(f"chunk {s}: slot {chunk.slot} outside [0, {storage.num_slots})")
+            if len(chunk.block_table) < storage.blocks_for(chunk.start + n):
+                raise ValueError(f"chunk {s}: {len(chunk.block_table)} blocks cannot hold positions up to "
+                                 f"{chunk.start + n} (block_size {storage.block_size})")
             ids.append(tokens)
-            positions.append(torch.arange(start, start + tokens.numel()))
-            out.append(SequenceChunk(cache, start, tokens.numel()))
-        if len({id(c.cache) for c in out}) != len(out):
-            raise ValueError("a sequence may appear only once per forward batch")
-        return cls(torch.cat(ids).to(device), torch.cat(positions).to(device), tuple(out), numerics)
+            positions.append(torch.arange(chunk.start, chunk.start + n))
+            token_seq.append(torch.full((n,), s, dtype=torch.int64))
+            table[s, :len(chunk.block_table)] = torch.as_tensor(list(chunk.block_table), dtype=torch.int64)
+            spans.append((chunk.slot, chunk.start, n, row))
+            row += n
+        if len({c.slot for c in chunks}) != len(chunks):
+            raise ValueError("a sequence (slot) may appear only once per forward batch")
+        layout = BatchLayout(
+            positions=torch.cat(positions).to(device), token_seq=torch.cat(token_seq).to(device),
+            seq_slot=torch.tensor([s[0] for s in spans], device=device),
+            seq_start=torch.tensor([s[1] for s in spans], device=device),
+            seq_len=torch.tensor([s[2] for s in spans], device=device),
+            seq_first_row=torch.tensor([s[3] for s in spans], device=device),
+            block_table=table.to(device), block_size=storage.block_size, spans=tuple(spans))
+        return cls(torch.cat(ids).to(device), layout, storage, numerics)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.layout.positions
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
-    def spans(self) -> Iterator[tuple[SequenceChunk, slice]]:
-        """Each chunk with its rows in the flat batch."""
-        offset = 0
-        for chunk in self.chunks:
-            yield chunk, slice(offset, offset + chunk.length)
-            offset += chunk.length
-
     def last_rows(self) -> torch.Tensor:
         """Row index of each chunk's last token (where next-token logits are read)."""
-        ends = torch.tensor([c.length for c in self.chunks]).cumsum(0) - 1
-        return ends.to(self.token_ids.device)
+        return self.layout.seq_first_row + self.layout.seq_len - 1

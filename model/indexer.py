@@ -1,7 +1,7 @@
 """The lightning indexer of CSA layers: picks the top-k compressed entries for each query (spec §4).
 
 I(t, s) = sum_h w_h(t) * ReLU(q_h(t) . K_s) over visible entries s < floor((t+1)/4). In reference mode q and K
-are Hadamard-rotated and MXFP4-simulated, and the score is computed on bf16 tensors as the official code does.
+are Hadamard-rotated and MXFP4-quantized, and the score is computed on bf16 tensors as the official code does.
 Selection: the top min(index_topk, #visible); ties go to the lower entry index (the project's fixed rule; the
 official GPU top-k leaves tie order to the implementation).
 """
@@ -11,28 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import quant
+from dsv4.kernels import cache_ops, quant
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
-from dsv4.model.config import ModelConfig
-from dsv4.model.kv_state import INDEX, CompressorGeometry
+from dsv4.model.config import CSA_RATIO, ModelConfig
+from dsv4.model.kv_cache import INDEX, CompressorGeometry
 from dsv4.model.layers import Linear, WeightFormat, apply_rope
-from dsv4.model.numerics import Numerics, matmul
-
-
-def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, numerics: Numerics) -> torch.Tensor:
-    """q [n, H, d], weights [n, H], keys [E, d] -> scores [n, E] fp32 (bf16-valued in reference mode)."""
-    n, h, d = q.shape
-    dots = numerics.act(matmul(q.reshape(n * h, d), keys).view(n, h, -1))        # einsum output: bf16
-    weighted = numerics.act(torch.relu(dots).float() * weights.float().unsqueeze(-1))
-    return numerics.act(weighted.double().sum(dim=1).float()).float()
-
-
-def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k visible entries per row; ties -> lower index; fewer than k visible -> pad with -1. [n, k] int64."""
-    masked = scores.masked_fill(~visible, float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.where(visible.gather(1, order), order, -1)
 
 
 class Indexer(nn.Module):
@@ -43,11 +27,12 @@ class Indexer(nn.Module):
         fmt = WeightFormat.FP8 if config.weights_quantized else WeightFormat.BF16
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, fmt)
         self.weights_proj = Linear(config.hidden_size, self.n_heads, WeightFormat.BF16)
-        self.compressor = Compressor(config, layer_id, CompressorGeometry(4, self.head_dim), INDEX, rope_inv_freq)
+        self.compressor = Compressor(config, layer_id, CompressorGeometry(CSA_RATIO, self.head_dim), INDEX,
+                                     rope_inv_freq)
         self.register_buffer("rope_inv_freq", rope_inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, batch: ForwardBatch) -> list[torch.Tensor]:
-        """x [T, D] attention input, qr [T, q_lora] q-LoRA activation -> per chunk, selected entries [n, k]."""
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x [T, D] attention input, qr [T, q_lora] q-LoRA activation -> chosen entries [T, index_topk], -1 pad."""
         num = batch.numerics
         q = num.act(self.wq_b(qr, num)).view(-1, self.n_heads, self.head_dim)
         q = apply_rope(q, batch.positions, self.rope_inv_freq)
@@ -56,11 +41,6 @@ class Indexer(nn.Module):
         self.compressor(x, batch)
         scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
         weights = num.act(num.act(self.weights_proj(x, num)).float() * scale)
-        selected = []
-        for chunk, rows in batch.spans():
-            num_entries = (chunk.start + chunk.length) // 4
-            keys = chunk.cache.layer(self.layer_id).entries(INDEX, num_entries)
-            scores = index_scores(q[rows], weights[rows], keys, num)
-            visible = torch.arange(num_entries)[None, :] < ((batch.positions[rows] + 1) // 4)[:, None]
-            selected.append(select_topk(scores, visible, min(self.topk, num_entries)))
-        return selected
+        store = batch.storage.layer(self.layer_id).compressors[INDEX]
+        return cache_ops.indexer_topk(q, weights, store.pool, store.codec, batch.layout, CSA_RATIO, self.topk,
+                                      num.act_dtype)

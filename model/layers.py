@@ -16,7 +16,8 @@ from torch import nn
 
 from dsv4.kernels import quant
 from dsv4.model.config import ModelConfig
-from dsv4.model.numerics import Numerics, cos_sin, matmul, mean_sq, rsqrt
+from dsv4.kernels.ref_math import apply_rope, matmul, rms_norm, rsqrt
+from dsv4.model.numerics import Numerics
 
 
 class WeightFormat(str, enum.Enum):
@@ -85,20 +86,13 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim, dtype=torch.bfloat16))
 
     def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
-        x = x.float()
-        return numerics.act(self.weight.float() * (x * rsqrt(mean_sq(x) + self.eps)))
-
-
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Unweighted RMS normalisation in fp32 (mHC inputs)."""
-    x = x.float()
-    return x * rsqrt(mean_sq(x) + eps)
+        return numerics.act(rms_norm(x, self.weight, self.eps))
 
 
 def head_rms_normalize(q: torch.Tensor, eps: float, numerics: Numerics) -> torch.Tensor:
     """Per-head q normalisation without weight. The official code does it in bf16 arithmetic, op by op."""
     if not numerics.simulate_quant:
-        return q * rsqrt(mean_sq(q) + eps)
+        return rms_norm(q, None, eps)
     q = q.bfloat16()
     mean = q.square().double().mean(-1, keepdim=True).to(torch.bfloat16)          # bf16 .mean: wide accumulation
     inv = rsqrt((mean.float() + eps).bfloat16().float()).bfloat16()                # bf16 add, then bf16 rsqrt
@@ -140,21 +134,5 @@ def rope_for_layer(config: ModelConfig, compress_ratio: int) -> torch.Tensor:
                           float(rs.beta_slow)))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
-               ) -> torch.Tensor:
-    """Rotate the last 2*len(inv_freq) dims of x by angle position*θ_i on interleaved pairs (2i, 2i+1).
-
-    x: [T, ..., d]; positions: [T]. fp32 math (cos/sin of the fp32 angle, as the official polar table), result
-    in x's dtype. inverse=True rotates by the conjugate (-angle), used on the attention output.
-    """
-    rope_dim = 2 * inv_freq.shape[0]
-    angle = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]          # [T, r/2] fp32
-    shape = (angle.shape[0],) + (1,) * (x.dim() - 2) + (angle.shape[1],)
-    cos, sin = cos_sin(angle)
-    cos, sin = cos.view(shape), sin.view(shape)
-    if inverse:
-        sin = -sin
-    pairs = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    return torch.cat([x[..., :-rope_dim], rotated.to(x.dtype)], dim=-1)
+__all__ = ["Linear", "RMSNorm", "WeightFormat", "apply_rope", "head_rms_normalize", "rope_for_layer",
+           "rope_inv_freq"]

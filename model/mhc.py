@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.model.layers import rms_normalize
-from dsv4.model.numerics import Numerics, matmul, sigmoid, softmax
+from dsv4.kernels.ref_math import matmul, rms_norm, sigmoid, softmax
+from dsv4.model.numerics import Numerics
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class HcParams:
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, p: HcParams) -> torch.Tensor:
     """x [T, hc, D] -> fn · rmsnorm(concat streams), fp32 [T, rows(fn)]."""
-    return matmul(rms_normalize(x.flatten(1), p.norm_eps), fn)
+    return matmul(rms_norm(x.flatten(1), None, p.norm_eps), fn)
 
 
 def _weighted_streams(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from dsv4.model.block import Block, MTPBlock, _hc_buffers, hc_params
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import RMSNorm
 from dsv4.model.mhc import hc_head
-from dsv4.model.numerics import Numerics, matmul
+from dsv4.kernels.ref_math import matmul
+from dsv4.model.numerics import Numerics
 
 
 @dataclass(frozen=True, slots=True)

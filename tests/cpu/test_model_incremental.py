@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 
-from dsv4.model.batch import ForwardBatch
-from dsv4.model.generate import forward_logits
-from dsv4.model.kv_state import ATTN, DenseSequenceCache
+from dsv4.model.generate import StaticCaches, forward_logits
+from dsv4.model.kv_cache import ATTN
 from dsv4.model.numerics import Numerics
 
 REFERENCE, EXACT = Numerics.parse("reference"), Numerics.parse("exact-fp32")
@@ -61,16 +60,15 @@ def test_sequence_state_lives_only_in_the_cache(tiny_model, sequence):
     assert torch.equal(forward_logits(tiny_model, sequence[:2], REFERENCE), alone)
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
-    fresh = DenseSequenceCache(tiny_model.config, 64, torch.bfloat16).layer(1).compressor_state(ATTN)
-    assert torch.all(fresh.kv == 0) and torch.all(fresh.score == float("-inf"))
+    fresh = StaticCaches(tiny_model, REFERENCE, 64).storage.layer(1).compressors[ATTN]
+    assert torch.all(fresh.state_kv == 0) and torch.all(fresh.state_score == float("-inf"))
 
 
 def test_batched_sequences_equal_each_alone(tiny_model, sequence, full_logits):
     """Two sequences in one forward call do not see each other."""
     other = torch.flip(sequence[:100], dims=[0])
-    c1 = DenseSequenceCache(tiny_model.config, 300, torch.bfloat16)
-    c2 = DenseSequenceCache(tiny_model.config, 300, torch.bfloat16)
-    batch = ForwardBatch.build([(c1, 0, sequence[:60]), (c2, 0, other)], REFERENCE)
+    caches = StaticCaches(tiny_model, REFERENCE, 300, num_seqs=2)
+    batch = caches.batch([caches.chunk(0, 0, sequence[:60]), caches.chunk(1, 0, other)])
     rows = torch.arange(160)
     logits = tiny_model(batch, logits_rows=rows).logits
     assert torch.equal(logits[:60], full_logits[REFERENCE][:60])

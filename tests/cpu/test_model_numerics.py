@@ -2,9 +2,8 @@
 
 import torch
 
-from dsv4.model.batch import ForwardBatch
-from dsv4.model.generate import forward_logits
-from dsv4.model.kv_state import DenseSequenceCache
+from dsv4.kernels import quant
+from dsv4.model.generate import StaticCaches, forward_logits
 from dsv4.model.numerics import Numerics
 
 REFERENCE, EXACT = Numerics.parse("reference"), Numerics.parse("exact-fp32")
@@ -28,26 +27,28 @@ def test_reference_mode_stays_near_exact_fp32(tiny_model):
     assert (ref.argmax(-1) == exact.argmax(-1)).float().mean() > 0.75
 
 
-def test_reference_activations_are_bf16_and_kv_is_fp8_valued(tiny_model):
-    """Window entries in reference mode are exactly FP8 e4m3 x power-of-two on the 64-dim blocks."""
-    cache = DenseSequenceCache(tiny_model.config, 64, REFERENCE.act_dtype)
-    tiny_model(ForwardBatch.build([(cache, 0, list(range(3, 23)))], REFERENCE))
-    entries = cache.layer(0).window(20)
-    assert entries.dtype == torch.bfloat16 and entries.shape == (20, 128)
-    from dsv4.kernels import quant
-    nope = entries[:, :64].float()
+def test_reference_kv_is_stored_as_fp8_entries(tiny_model):
+    """Window entries in reference mode are the production bytes: e4m3 nope dims, bf16 rope dims, UE8M0 scales."""
+    caches = StaticCaches(tiny_model, REFERENCE, 64)
+    tiny_model(caches.batch([caches.chunk(0, 0, list(range(3, 23)))]))
+    layer = caches.storage.layer(0)
+    stored = layer.window[0, :20]
+    assert stored.dtype == torch.uint8 and stored.shape == (20, 200)     # 64 + 128 + 1 scale, padded to 8
+    values = layer.window_codec.decode(stored)
+    assert values.dtype == torch.bfloat16
+    nope = values[:, :64].float()
     assert torch.equal(quant.fake_quant_fp8(nope, 64), nope)
+    assert torch.all(stored[20:] == 0) and torch.all(stored[:, 193:] == 0)   # unwritten slots, padding
 
 
 def mtp_logits(model, ids, numerics, chunks):
     """Main model then the MTP block over the same positions, fed in the given chunk sizes."""
-    n = ids.numel() - 1
-    main_cache = DenseSequenceCache(model.config, n + 1, numerics.act_dtype)
-    mtp_cache = DenseSequenceCache(model.config, n + 1, numerics.act_dtype)
+    main_cache = StaticCaches(model, numerics, ids.numel())
+    mtp_cache = StaticCaches(model, numerics, ids.numel())
     out, start = [], 0
     for size in chunks:
-        main = model(ForwardBatch.build([(main_cache, start, ids[start:start + size])], numerics))
-        nxt = ForwardBatch.build([(mtp_cache, start, ids[start + 1:start + size + 1])], numerics)
+        main = model(main_cache.batch([main_cache.chunk(0, start, ids[start:start + size])]))
+        nxt = mtp_cache.batch([mtp_cache.chunk(0, start, ids[start + 1:start + size + 1])])
         out.append(model.forward_mtp(main.streams, nxt, logits_rows=torch.arange(size)).logits)
         start += size
     return torch.cat(out)

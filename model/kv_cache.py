@@ -1,0 +1,176 @@
+"""What the attention layers keep between steps, and where (spec §6): the storage schema of the KV cache.
+
+Per sequence *slot* (one per running sequence), for every layer: a ring of the last `sliding_window` raw KV
+entries, and for each compressor its fp32 pooling state. Per *block* (`block_size` consecutive positions of one
+sequence, the same block id in every layer), for every CSA/HCA layer: the compressed entries of those positions
+(block_size / ratio of them) and, for CSA, as many indexer keys. Entries are stored in the numerics mode's
+format: production bytes (584-byte FP8 entries, 68-byte MXFP4 keys) for `reference`, fp32 for `exact-fp32`.
+
+The shapes are defined once here; `dsv4.cache` sizes pools from them and hands out slots and blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.kernels.kv_format import EntryCodec, Fp32Codec, IndexFp4Codec, MainFp8Codec, entry_bytes
+from dsv4.model.config import CSA_RATIO, ModelConfig
+from dsv4.model.numerics import Numerics
+
+ATTN, INDEX = "attn", "index"   # compressor names: main KV compressor, CSA indexer-key compressor
+DEFAULT_BLOCK_SIZE = 256        # positions per block: a multiple of every compression ratio (vLLM uses 256 too)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressorGeometry:
+    """Shape of one compressor. CSA (ratio 4) pools 8 slots from two overlapping series (width 2*head_dim)."""
+
+    ratio: int
+    head_dim: int
+
+    @property
+    def coff(self) -> int:
+        return 2 if self.ratio == CSA_RATIO else 1
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """[slots, width]: CSA keeps the previous window (slots 0..m-1) and the current one (m..2m-1)."""
+        return self.coff * self.ratio, self.coff * self.head_dim
+
+
+def compressors_of_layer(config: ModelConfig, layer_id: int) -> dict[str, CompressorGeometry]:
+    ratio = config.compress_ratio(layer_id)
+    if ratio == 0:
+        return {}
+    geometry = {ATTN: CompressorGeometry(ratio, config.head_dim)}
+    if ratio == CSA_RATIO:
+        geometry[INDEX] = CompressorGeometry(ratio, config.index_head_dim)
+    return geometry
+
+
+def codec_for(config: ModelConfig, numerics: Numerics, name: str) -> EntryCodec:
+    """Entry format of window/main entries (name ATTN) or indexer keys (INDEX) in a numerics mode."""
+    if not numerics.simulate_quant:
+        return Fp32Codec(config.head_dim if name == ATTN else config.index_head_dim)
+    if name == ATTN:
+        return MainFp8Codec(config.nope_head_dim, config.qk_rope_head_dim)
+    return IndexFp4Codec(config.index_head_dim)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorShape:
+    per: str                  # "slot" or "block": what the leading dimension counts
+    shape: tuple[int, ...]    # without the leading dimension
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty(0, dtype=self.dtype).element_size()
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def layer_tensors(config: ModelConfig, numerics: Numerics, layer_id: int, block_size: int
+                  ) -> dict[str, TensorShape]:
+    """Every cache tensor of one layer, keyed "window", "pool.<name>", "state_kv.<name>", "state_score.<name>"."""
+    window_codec = codec_for(config, numerics, ATTN)
+    out = {"window": TensorShape("slot", (config.sliding_window, window_codec.width), window_codec.storage_dtype)}
+    for name, g in compressors_of_layer(config, layer_id).items():
+        codec = codec_for(config, numerics, name)
+        out[f"pool.{name}"] = TensorShape("block", (block_size // g.ratio, codec.width), codec.storage_dtype)
+        out[f"state_kv.{name}"] = TensorShape("slot", g.state_shape, torch.float32)
+        out[f"state_score.{name}"] = TensorShape("slot", g.state_shape, torch.float32)
+    return out
+
+
+def check_block_size(config: ModelConfig, block_size: int) -> None:
+    ratios = {r for r in config.compress_ratios if r}
+    if block_size <= 0 or any(block_size % r for r in ratios):
+        raise ValueError(f"block_size {block_size} must be a positive multiple of every compression ratio "
+                         f"{sorted(ratios)}")
+
+
+def bytes_per_block(config: ModelConfig, numerics: Numerics, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Bytes one block (block_size positions of context) takes across all layers."""
+    return sum(t.nbytes for l in range(config.num_layers_with_mtp)
+               for t in layer_tensors(config, numerics, l, block_size).values() if t.per == "block")
+
+
+def bytes_per_slot(config: ModelConfig, numerics: Numerics, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Fixed bytes per running sequence: window rings and compressor states of all layers."""
+    return sum(t.nbytes for l in range(config.num_layers_with_mtp)
+               for t in layer_tensors(config, numerics, l, block_size).values() if t.per == "slot")
+
+
+@dataclass
+class CompressorStorage:
+    geometry: CompressorGeometry
+    codec: EntryCodec
+    pool: torch.Tensor          # [num_blocks, block_size // ratio, width]
+    state_kv: torch.Tensor      # [num_slots, slots, width] fp32
+    state_score: torch.Tensor
+
+
+@dataclass
+class LayerStorage:
+    window: torch.Tensor        # [num_slots, sliding_window, width]
+    window_codec: EntryCodec
+    compressors: dict[str, CompressorStorage]
+
+
+class KVStorage:
+    """The cache tensors of every layer for `num_slots` sequences and `num_blocks` blocks, on one device."""
+
+    def __init__(self, config: ModelConfig, numerics: Numerics, num_slots: int, num_blocks: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE, device: torch.device | str = "cpu"):
+        check_block_size(config, block_size)
+        self.config, self.numerics, self.block_size = config, numerics, block_size
+        self.num_slots, self.num_blocks = num_slots, num_blocks
+        self.layers: list[LayerStorage] = []
+        for layer_id in range(config.num_layers_with_mtp):
+            shapes = layer_tensors(config, numerics, layer_id, block_size)
+
+            def alloc(key: str) -> torch.Tensor:
+                t = shapes[key]
+                return torch.zeros((num_slots if t.per == "slot" else num_blocks, *t.shape), dtype=t.dtype,
+                                   device=device)
+
+            compressors = {name: CompressorStorage(g, codec_for(config, numerics, name), alloc(f"pool.{name}"),
+                                                   alloc(f"state_kv.{name}"), alloc(f"state_score.{name}"))
+                           for name, g in compressors_of_layer(config, layer_id).items()}
+            self.layers.append(LayerStorage(alloc("window"), codec_for(config, numerics, ATTN), compressors))
+        for slot in range(num_slots):
+            self.reset_slot(slot)
+
+    def layer(self, layer_id: int) -> LayerStorage:
+        return self.layers[layer_id]
+
+    def reset_slot(self, slot: int) -> None:
+        """A new sequence in this slot starts from an empty window and fresh compressor state: no previous window
+        (score -inf = weight 0), so nothing of the slot's last sequence can leak into it."""
+        for layer in self.layers:
+            layer.window[slot].zero_()
+            for c in layer.compressors.values():
+                c.state_kv[slot].zero_()
+                c.state_score[slot].fill_(float("-inf"))
+
+    def blocks_for(self, num_positions: int) -> int:
+        """Blocks a sequence needs to hold the entries of positions 0 .. num_positions-1."""
+        return -(-num_positions // self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            total += layer.window.numel() * layer.window.element_size()
+            for c in layer.compressors.values():
+                total += sum(t.numel() * t.element_size() for t in (c.pool, c.state_kv, c.state_score))
+        return total
+
+
+__all__ = ["ATTN", "INDEX", "DEFAULT_BLOCK_SIZE", "CompressorGeometry", "KVStorage", "LayerStorage",
+           "CompressorStorage", "bytes_per_block", "bytes_per_slot", "codec_for", "compressors_of_layer",
+           "layer_tensors", "entry_bytes", "check_block_size"]
