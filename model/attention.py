@@ -33,7 +33,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.head_dim, self.rope_dim = config.num_attention_heads, config.head_dim, config.qk_rope_head_dim
+        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.rope_dim = config.qk_rope_head_dim
         self.eps = config.rms_norm_eps
         self.n_groups, self.o_lora_rank = config.o_groups, config.o_lora_rank
         self.ratio = config.compress_ratio(layer_id)

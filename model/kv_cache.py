@@ -95,14 +95,14 @@ def check_block_size(config: ModelConfig, block_size: int) -> None:
 
 def bytes_per_block(config: ModelConfig, numerics: Numerics, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Bytes one block (block_size positions of context) takes across all layers."""
-    return sum(t.nbytes for l in range(config.num_layers_with_mtp)
-               for t in layer_tensors(config, numerics, l, block_size).values() if t.per == "block")
+    return sum(t.nbytes for layer in range(config.num_layers_with_mtp)
+               for t in layer_tensors(config, numerics, layer, block_size).values() if t.per == "block")
 
 
 def bytes_per_slot(config: ModelConfig, numerics: Numerics, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Fixed bytes per running sequence: window rings and compressor states of all layers."""
-    return sum(t.nbytes for l in range(config.num_layers_with_mtp)
-               for t in layer_tensors(config, numerics, l, block_size).values() if t.per == "slot")
+    return sum(t.nbytes for layer in range(config.num_layers_with_mtp)
+               for t in layer_tensors(config, numerics, layer, block_size).values() if t.per == "slot")
 
 
 @dataclass
@@ -131,17 +131,13 @@ class KVStorage:
         self.num_slots, self.num_blocks = num_slots, num_blocks
         self.layers: list[LayerStorage] = []
         for layer_id in range(config.num_layers_with_mtp):
-            shapes = layer_tensors(config, numerics, layer_id, block_size)
-
-            def alloc(key: str) -> torch.Tensor:
-                t = shapes[key]
-                return torch.zeros((num_slots if t.per == "slot" else num_blocks, *t.shape), dtype=t.dtype,
-                                   device=device)
-
-            compressors = {name: CompressorStorage(g, codec_for(config, numerics, name), alloc(f"pool.{name}"),
-                                                   alloc(f"state_kv.{name}"), alloc(f"state_score.{name}"))
+            t = {key: torch.zeros((num_slots if s.per == "slot" else num_blocks, *s.shape), dtype=s.dtype,
+                                  device=device)
+                 for key, s in layer_tensors(config, numerics, layer_id, block_size).items()}
+            compressors = {name: CompressorStorage(g, codec_for(config, numerics, name), t[f"pool.{name}"],
+                                                   t[f"state_kv.{name}"], t[f"state_score.{name}"])
                            for name, g in compressors_of_layer(config, layer_id).items()}
-            self.layers.append(LayerStorage(alloc("window"), codec_for(config, numerics, ATTN), compressors))
+            self.layers.append(LayerStorage(t["window"], codec_for(config, numerics, ATTN), compressors))
         for slot in range(num_slots):
             self.reset_slot(slot)
 

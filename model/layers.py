@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dsv4.kernels import quant
-from dsv4.model.config import ModelConfig
 from dsv4.kernels.ref_math import apply_rope, matmul, rms_norm, rsqrt
+from dsv4.model.config import ModelConfig
 from dsv4.model.numerics import Numerics
 
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dsv4.kernels.ref_math import matmul, silu, sqrt_softplus
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import Linear, WeightFormat
-from dsv4.kernels.ref_math import matmul, silu, sqrt_softplus
 from dsv4.model.numerics import Numerics
 
 ExpertRunner = Callable[["MoE", torch.Tensor, torch.Tensor, torch.Tensor, Numerics], torch.Tensor]

@@ -72,11 +72,11 @@ def synthetic_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, tor
         if spec.dtype == torch.float8_e4m3fn:
             width = spec.shape[1]
             yield from zip((name, name[:-len("weight")] + "scale"),
-                           quant.quantize_weight_fp8(_normal(tuple(spec.shape), 1 / math.sqrt(width), g)))
+                           quant.quantize_weight_fp8(_normal(tuple(spec.shape), 1 / math.sqrt(width), g)), strict=True)
         elif spec.dtype == torch.int8:    # FP4 packed: logical width is twice the stored one
             width = 2 * spec.shape[1]
             w = _normal((spec.shape[0], width), 1 / math.sqrt(width), g)
-            yield from zip((name, name[:-len("weight")] + "scale"), quant.quantize_weight_fp4(w))
+            yield from zip((name, name[:-len("weight")] + "scale"), quant.quantize_weight_fp4(w), strict=True)
         else:
             yield name, _random_value(name, spec, config, g).to(spec.dtype)
 

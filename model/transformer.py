@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsv4.kernels.ref_math import matmul
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.block import Block, MTPBlock, _hc_buffers, hc_params
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import RMSNorm
 from dsv4.model.mhc import hc_head
-from dsv4.kernels.ref_math import matmul
 from dsv4.model.numerics import Numerics
 
 

@@ -13,9 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from api_fakes import (  # noqa: F401
+    TIMEOUT_S,
+    FakeEngine,
+    ServerThread,
+    api_server,
+    channel,
+    engine_client,
+    tokenizer,
+    tokenizer_dir,
+    wait_until,
+)
 
-from api_fakes import (TIMEOUT_S, FakeEngine, ServerThread, api_server, channel, engine_client,  # noqa: F401
-                       tokenizer, tokenizer_dir, wait_until)
 from dsv4.cluster.tokenizer import REPLACEMENT_CHAR, ModelTokenizer
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc

@@ -9,11 +9,21 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from api_fakes import (  # noqa: F401
+    TIMEOUT_S,
+    EventLoopThread,
+    FakeEngine,
+    ServerThread,
+    api_server,
+    channel,
+    engine_client,
+    free_port,
+    tokenizer,
+    tokenizer_dir,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from api_fakes import (TIMEOUT_S, EventLoopThread, FakeEngine, ServerThread, api_server, channel,  # noqa: F401
-                       engine_client, free_port, tokenizer, tokenizer_dir)
 from dsv4.cluster import client
 from dsv4.cluster.server import serve_forever
 from dsv4.protos import dsv4_pb2 as pb

@@ -19,9 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from api_fakes import (  # noqa: F401
+    TIMEOUT_S,
+    FakeEngine,
+    api_server,
+    channel,
+    engine_client,
+    free_port,
+    tokenizer,
+    tokenizer_dir,
+    wait_until,
+)
 
-from api_fakes import (TIMEOUT_S, FakeEngine, api_server, channel, engine_client,  # noqa: F401
-                       free_port, tokenizer, tokenizer_dir, wait_until)
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc

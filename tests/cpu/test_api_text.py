@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
-
 from api_fakes import make_tokenizer_dir
+
 from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams
 from dsv4.cluster.text_stream import StopStringMatcher, TextDelta, TextFinal, TextStream
 from dsv4.cluster.tokenizer import REPLACEMENT_CHAR, ModelTokenizer

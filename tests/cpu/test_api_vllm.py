@@ -10,12 +10,20 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import tokenizers
-from smg_grpc_proto.generated import common_pb2
+from api_fakes import (  # noqa: F401
+    TIMEOUT_S,
+    FakeEngine,
+    ServerThread,
+    api_server,
+    channel,
+    engine_client,
+    tokenizer,
+    tokenizer_dir,
+    wait_until,
+)
+from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
-from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
-from api_fakes import (TIMEOUT_S, FakeEngine, ServerThread, api_server, channel, engine_client,  # noqa: F401
-                       tokenizer, tokenizer_dir, wait_until)
 from dsv4.cluster.tokenizer import ModelTokenizer
 
 PROMPT = "Once upon a time"

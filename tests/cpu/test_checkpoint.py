@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv4.model.checkpoint import INDEX_FILE, CheckpointError, load_model
