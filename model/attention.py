@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import cache_ops, quant
+from dsv4.kernels import ops, quant
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import CSA_RATIO, ModelConfig
@@ -67,14 +67,14 @@ class Attention(nn.Module):
         chosen = self.indexer(x, qr, batch) if self.indexer is not None else None
         if self.compressor is not None:
             self.compressor(x, batch)
-        keys, valid = cache_ops.window_gather(store.window, store.window_codec, kv, batch.layout)
+        keys, valid = ops.window_gather(store.window, store.window_codec, kv, batch.layout)
         if self.ratio:
             entries = chosen if chosen is not None else visible_entries(pos, self.ratio)
             main = store.compressors[ATTN]
-            extra, extra_valid = cache_ops.gather_entries(main.pool, main.codec, batch.layout, entries, self.ratio)
+            extra, extra_valid = ops.gather_entries(main.pool, main.codec, batch.layout, entries, self.ratio)
             keys, valid = torch.cat([keys, extra.to(keys.dtype)], dim=1), torch.cat([valid, extra_valid], dim=1)
-        o = cache_ops.sparse_attention(q, keys, valid, self.attn_sink, num.act_dtype)
-        cache_ops.window_append(store.window, store.window_codec, kv, batch.layout)
+        o = ops.sparse_attention(q, keys, valid, self.attn_sink, num.act_dtype)
+        ops.window_append(store.window, store.window_codec, kv, batch.layout)
         o = apply_rope(o, pos, self.rope_inv_freq, inverse=True)
         return self._project_out(o, num)
 

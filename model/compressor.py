@@ -3,7 +3,7 @@
 HCA (ratio 128): entry w = sum over tokens s of window w of softmax_s(z_s) * a_s, per channel.
 CSA (ratio 4, overlapping): entry w pools 8 slots, the A-halves of window w-1 and the B-halves of window w.
 New entries are bf16-rounded, RMS-normed, RoPE'd at position w*ratio and stored quantized: FP8 on the non-rope
-dims for the main compressor, Hadamard + MXFP4 for the indexer's (`dsv4.kernels.cache_ops.compress_flush`).
+dims for the main compressor, Hadamard + MXFP4 for the indexer's (`dsv4.kernels.ops.compress_flush`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import cache_ops
+from dsv4.kernels import ops
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.config import ModelConfig
 from dsv4.model.kv_cache import INDEX, CompressorGeometry
@@ -42,6 +42,6 @@ class Compressor(nn.Module):
         # Indexer keys are Hadamard-rotated before MXFP4 quantization; without quantization the rotation of q
         # and k cancels in q.k, so exact-fp32 skips it.
         rotate = self.name == INDEX and num.simulate_quant
-        cache_ops.compress_flush(a, z, store.state_kv, store.state_score, batch.layout, self.geometry.ratio,
+        ops.compress_flush(a, z, store.state_kv, store.state_score, batch.layout, self.geometry.ratio,
                                  self.norm.weight, self.norm.eps, self.rope_inv_freq, rotate, store.pool,
                                  store.codec, num.act_dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import cache_ops, quant
+from dsv4.kernels import ops, quant
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import CSA_RATIO, ModelConfig
@@ -42,5 +42,5 @@ class Indexer(nn.Module):
         scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
         weights = num.act(num.act(self.weights_proj(x, num)).float() * scale)
         store = batch.storage.layer(self.layer_id).compressors[INDEX]
-        return cache_ops.indexer_topk(q, weights, store.pool, store.codec, batch.layout, CSA_RATIO, self.topk,
+        return ops.indexer_topk(q, weights, store.pool, store.codec, batch.layout, CSA_RATIO, self.topk,
                                       num.act_dtype)

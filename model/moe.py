@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsv4.kernels.ref_math import matmul, silu, sqrt_softplus
+from dsv4.kernels import ops
+from dsv4.kernels.ref_math import silu
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import Linear, WeightFormat
 from dsv4.model.numerics import Numerics
@@ -35,20 +36,11 @@ class Gate(nn.Module):
         else:
             self.register_buffer("bias", torch.empty(config.n_routed_experts, dtype=torch.float32))
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """sqrt(softplus(W_g x)) with both operands upcast to fp32, [T, E]."""
-        return sqrt_softplus(matmul(x.float(), self.weight))
-
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> routing weights [T, k] fp32, expert indices [T, k] int64."""
-        scores = self.scores(x)
+        """-> routing weights [T, k] fp32, expert indices [T, k] int64 (both operands of the gate in fp32)."""
         if self.is_hash:
-            indices = self.tid2eid[token_ids]
-        else:   # stable sort: among equal biased scores the lower expert id wins
-            indices = torch.sort(scores + self.bias, dim=-1, descending=True, stable=True).indices[:, :self.topk]
-        weights = scores.gather(1, indices)
-        weights = (weights.double() / weights.double().sum(dim=-1, keepdim=True)).float() * self.route_scale
-        return weights, indices
+            return ops.hash_route(x.float(), self.weight, self.tid2eid, token_ids, self.route_scale)
+        return ops.dense_route(x.float(), self.weight, self.bias, self.topk, self.route_scale)
 
 
 class Expert(nn.Module):
