@@ -1,17 +1,102 @@
 """The `dsv4` command. This module is the composition root: each subcommand imports what it wires together
 inside its handler, so the rest of `dsv4.cluster` (coordinator, scheduler, server) never imports model code,
-and `dsv4 generate` starts without loading torch."""
+and `dsv4 generate` starts without loading torch.
+
+    dsv4 serve                      a local Ray cluster, the tiny default model, gRPC on :50051
+    dsv4 generate "PROMPT"          stream a completion from a running server
+    dsv4 checkpoint --preset tiny --out DIR
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+
+from dsv4.cluster.config import DEFAULT_PORT, SchedulerConfig, ServeConfig
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
     from dsv4.model.cli import run_checkpoint
 
     return run_checkpoint(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dsv4.cluster.client import generate_main
+
+    return generate_main(args)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """Resolve defaults that need the machine: the model (tiny default, written on first run) and devices."""
+    from dsv4.workers.launch import ensure_default_model
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    workers = args.workers
+    if workers is None:
+        import torch
+
+        workers = torch.cuda.device_count() if device == "cuda" else 2
+    model_dir = args.model or str(ensure_default_model())
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_prefill_chunk=args.max_prefill_chunk)
+    return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=args.numerics, device=device,
+                       host=args.host, port=args.port, served_model_name=args.served_model_name or "",
+                       kv_cache_bytes=int(args.kv_cache_gib * 2**30), max_model_len=args.max_model_len,
+                       scheduler=scheduler, seed=args.seed)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dsv4.cluster.engine_ray import RayEngineClient
+    from dsv4.cluster.server import serve_forever
+    from dsv4.cluster.tokenizer import ModelTokenizer
+    from dsv4.workers.launch import start_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = serve_config(args)
+    print(f"dsv4: starting {config.num_workers} {config.device} workers for {config.model_dir}", file=sys.stderr,
+          flush=True)
+    engine = start_engine(config)
+    tokenizer = ModelTokenizer.from_dir(config.model_dir)
+    print(f"dsv4: serving {engine.info.served_model_name} on {config.host}:{config.port} "
+          f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
+    asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    defaults = SchedulerConfig()
+    p = sub.add_parser("serve", help="start the service (gRPC) on a local or existing Ray cluster")
+    p.add_argument("--model", help="checkpoint directory (default: a tiny synthetic model, created on first run)")
+    p.add_argument("--workers", type=int, help="worker actors (default: one per GPU, or 2 on CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--numerics", choices=("reference", "exact-fp32"), default="reference")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
+    p.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per worker in GiB (default 0.25)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                   help="running sequences per worker")
+    p.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                   help="tokens per worker per step")
+    p.add_argument("--max-prefill-chunk", type=int, default=defaults.max_prefill_chunk,
+                   help="prompt tokens of one request per step")
+    p.add_argument("--seed", type=int, default=0, help="base seed for requests that bring none")
+    p.set_defaults(handler=_serve)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from dsv4.cluster.client import add_generate_arguments
+
+    add_generate_arguments(sub.add_parser("generate", help="stream a completion from a running server"))
+    sub.choices["generate"].set_defaults(handler=_generate)
 
 
 def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
@@ -28,18 +113,19 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference service")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
     _add_checkpoint(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:   # user-fixable: config, checkpoint, arguments
+    except (ValueError, FileNotFoundError, RuntimeError) as e:   # user-fixable: config, checkpoint, resources
         print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

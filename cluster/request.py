@@ -16,7 +16,10 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        self.field, self.message = field_name, message
+
+    def __reduce__(self):   # crosses process boundaries (Ray) with both arguments
+        return InvalidRequest, (self.field, self.message)
 
 
 class FinishReason(str, enum.Enum):

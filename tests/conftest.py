@@ -31,3 +31,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     return load_model(tiny_checkpoint, progress=None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the session. Logical CPUs beyond the machine's let several small engines coexist."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def start_test_engine(checkpoint, **overrides):
+    from dsv4.cluster.config import SchedulerConfig, ServeConfig
+    from dsv4.workers.launch import start_engine
+
+    settings = dict(num_workers=2, device="cpu", max_model_len=512, kv_cache_bytes=64 << 20,
+                    scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_prefill_chunk=128))
+    config = ServeConfig(model_dir=str(checkpoint), **{**settings, **overrides})
+    return start_engine(config)
+
+
+@pytest.fixture(scope="session")
+def ray_service(ray_cluster, tiny_checkpoint):
+    """THE engine of the service and API tests: 2 CPU worker actors holding half of the experts each (expert
+    parallel over gloo), the coordinator actor, on the tiny checkpoint."""
+    return start_test_engine(tiny_checkpoint)

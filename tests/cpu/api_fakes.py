@@ -1,11 +1,12 @@
 """Test harness for the gRPC API: a STAND-IN engine, a real server on a background thread, and fixtures.
 
-`FakeEngine` is NOT the dsv4 engine. It is a small deterministic `EngineClient` that exists only until the Ray
-coordinator does: it produces arbitrary but reproducible tokens, honours max_tokens / min_tokens / stop token
-ids / EOS / ignore_eos / the context length / abort, and reports loads. Every API test gets its engine from the
-`engine_client` fixture below, which is the single place to switch to the real engine; assertions in the tests
-must hold for any correct engine (compare the stream with what the server reports, never with the fake's
-arithmetic). Tests that need the fake's extra knobs (scripted tokens, failures) build their own and say so.
+Every API test gets its engine from the `engine_client` fixture below: the real dsv4 engine (a local Ray
+cluster, the coordinator and two CPU workers on the tiny synthetic checkpoint). Assertions hold for any correct
+engine (they compare the stream with what the server reports).
+
+`FakeEngine` is NOT the dsv4 engine: a small deterministic `EngineClient` used only by the few tests that need
+fault injection the real engine cannot be asked for (scripted multi-byte tokens, an engine that fails mid-stream,
+an unhealthy engine); those tests build their own and say so.
 
 The test modules import the fixtures from here (`from api_fakes import ...`), so the API tests need no changes to
 the conftest files the whole suite shares.
@@ -169,6 +170,35 @@ class FakeEngine:
         return self.healthy
 
 
+class RecordingEngine:
+    """Passes everything to a real engine and keeps each request's prompt and outputs, so a test can compare a
+    gateway's text with what the engine produced for the exact prompt the gateway rendered. Observes only."""
+
+    def __init__(self, engine: EngineClient):
+        self._engine = engine
+        self.prompts: dict[str, tuple[int, ...]] = {}
+        self.outputs: dict[str, list[int]] = {}
+
+    def model_info(self) -> ModelInfo:
+        return self._engine.model_info()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        self.prompts[request.request_id] = request.prompt_token_ids
+        self.outputs[request.request_id] = []
+        async for output in self._engine.generate(request):
+            self.outputs[request.request_id].extend(output.new_token_ids)
+            yield output
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._engine.abort(request_id)
+
+    async def loads(self) -> LoadReport:
+        return await self._engine.loads()
+
+    async def is_healthy(self) -> bool:
+        return await self._engine.is_healthy()
+
+
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
     """Poll `predicate` until true; fail (not hang) after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -241,8 +271,9 @@ def make_tokenizer_dir(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tokenizer_dir(tmp_path_factory.mktemp("model"))
+def tokenizer_dir(tiny_checkpoint: Path) -> Path:
+    """The served model's directory (its tokenizer files come with the checkpoint)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +282,11 @@ def tokenizer(tokenizer_dir: Path) -> ModelTokenizer:
 
 
 @pytest.fixture(scope="module")
-def engine_client(tokenizer: ModelTokenizer) -> Iterator[EngineClient]:
-    """THE engine for API tests. Today the stand-in FakeEngine; switch to the Ray coordinator here."""
-    yield FakeEngine(tokenizer, step_delay_s=0.005)
+def engine_client(ray_service) -> Iterator[EngineClient]:
+    """THE engine for API tests: the real one (Ray coordinator + 2 CPU workers, see tests/conftest.py)."""
+    from dsv4.cluster.engine_ray import RayEngineClient
+
+    yield RayEngineClient(ray_service.coordinator, ray_service.info)
 
 
 @pytest.fixture(scope="module")

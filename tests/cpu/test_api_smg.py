@@ -18,12 +18,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from api_fakes import (  # noqa: F401
     TIMEOUT_S,
-    FakeEngine,
-    api_server,
-    channel,
+    RecordingEngine,
+    ServerThread,
     engine_client,
     free_port,
     tokenizer,
@@ -31,7 +31,6 @@ from api_fakes import (  # noqa: F401
     wait_until,
 )
 
-from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
 
@@ -85,6 +84,25 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
+def recorder(engine_client) -> RecordingEngine:  # noqa: F811
+    return RecordingEngine(engine_client)
+
+
+@pytest.fixture(scope="module")
+def api_server(recorder, tokenizer) -> Iterator[ServerThread]:  # noqa: F811
+    server = ServerThread(recorder, tokenizer).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(api_server) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(api_server.address) as channel:
+        grpc.channel_ready_future(channel).result(TIMEOUT_S)
+        yield channel
+
+
+@pytest.fixture(scope="module")
 def served_model(channel) -> str:  # noqa: F811
     return dsv4_pb2_grpc.Dsv4EngineStub(channel).GetModelInfo(pb.GetModelInfoRequest()).served_model_name
 
@@ -116,18 +134,22 @@ def sse_events(response: urllib.request.addinfourl) -> Iterator[str]:
             yield line[len("data:"):].strip()
 
 
-def engine_completion(channel, tokenizer: ModelTokenizer,  # noqa: F811
-                      params: pb.SamplingParams) -> pb.GenerateComplete:
-    """What the engine produces for MESSAGES rendered and tokenized by our own tokenizer."""
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES))
+def last_request(recorder: RecordingEngine) -> tuple[tuple[int, ...], list[int]]:
+    """The prompt (as smg rendered and tokenized it) and output ids of the newest request the engine saw."""
+    request_id = list(recorder.prompts)[-1]
+    return recorder.prompts[request_id], recorder.outputs[request_id]
+
+
+def engine_greedy(channel, prompt_ids, **params) -> pb.GenerateComplete:  # noqa: F811
+    """A fresh run of the same prompt ids straight through our own API."""
     responses = list(dsv4_pb2_grpc.Dsv4EngineStub(channel).Generate(
-        pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt_ids), sampling_params=params), timeout=TIMEOUT_S))
+        pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt_ids), sampling_params=pb.SamplingParams(**params)),
+        timeout=TIMEOUT_S))
     return responses[-1].complete
 
 
-def test_streaming_chat_completion_through_smg(gateway, served_model, channel, tokenizer) -> None:  # noqa: F811
-    body = {"max_tokens": 24, "temperature": 0.0, "seed": 11}
-    with open_chat(gateway, served_model, **body) as response:
+def test_streaming_chat_completion_through_smg(gateway, served_model, channel, tokenizer, recorder) -> None:  # noqa: F811
+    with open_chat(gateway, served_model, max_tokens=24, temperature=0.0, seed=11, ignore_eos=True) as response:
         assert response.headers.get_content_type() == "text/event-stream"
         events = list(sse_events(response))
     assert events[-1] == "[DONE]"
@@ -135,32 +157,32 @@ def test_streaming_chat_completion_through_smg(gateway, served_model, channel, t
     assert len(chunks) >= 3, "expected the role chunk, content chunks and the finish chunk"
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    expected = engine_completion(channel, tokenizer, pb.SamplingParams(max_tokens=24, temperature=0.0, seed=11))
-    assert content == tokenizer.decode(expected.output_ids) == expected.text
-    assert finish == [{pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}[expected.finish_reason]]
+    prompt_ids, output_ids = last_request(recorder)
+    assert len(output_ids) == 24 and finish == ["length"]
+    assert content == tokenizer.decode(output_ids)                  # the gateway streamed the engine's tokens
+    again = engine_greedy(channel, prompt_ids, max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert list(again.output_ids) == output_ids                     # and greedy decoding is reproducible
 
 
-def test_stop_string_through_smg(gateway, served_model, channel, tokenizer) -> None:  # noqa: F811
-    reference = engine_completion(channel, tokenizer,
-                                  pb.SamplingParams(max_tokens=24, temperature=0.0, seed=3, ignore_eos=True))
-    stop = reference.text[10:12]
+def test_stop_string_through_smg(gateway, served_model, channel, tokenizer, recorder) -> None:  # noqa: F811
+    with open_chat(gateway, served_model, max_tokens=24, temperature=0.0, seed=3, ignore_eos=True) as response:
+        list(sse_events(response))
+    prompt_ids, output_ids = last_request(recorder)
+    full = tokenizer.decode(output_ids)
+    stop = full[10:12]
     with open_chat(gateway, served_model, max_tokens=24, temperature=0.0, seed=3, ignore_eos=True,
                    stop=[stop]) as response:
         chunks = [json.loads(e) for e in sse_events(response) if e != "[DONE]"]
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert content == reference.text[:reference.text.index(stop)]
+    assert content == full[:full.index(stop)]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_closing_the_http_stream_aborts_the_request(gateway, served_model, channel,  # noqa: F811
-                                                   engine_client) -> None:  # noqa: F811
+def test_closing_the_http_stream_aborts_the_request(gateway, served_model, channel) -> None:  # noqa: F811
     loads = dsv4_pb2_grpc.Dsv4EngineStub(channel).GetLoads
-    aborts_before = len(getattr(engine_client, "abort_calls", ()))
     with open_chat(gateway, served_model, ignore_eos=True) as response:
         events = sse_events(response)
         while not json.loads(next(events))["choices"][0]["delta"].get("content"):
             pass  # read up to the first content, so the request is running in the engine
         assert loads(pb.GetLoadsRequest(), timeout=TIMEOUT_S).num_running_requests == 1
     wait_until(lambda: loads(pb.GetLoadsRequest()).num_running_requests == 0, "smg to abort the request")
-    if isinstance(engine_client, FakeEngine):  # the stand-in would also finish on its own: check it was told
-        assert len(engine_client.abort_calls) > aborts_before, "the engine was never asked to abort"

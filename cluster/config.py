@@ -1,0 +1,49 @@
+"""Serving configuration: one typed, validated root for the coordinator, the workers and the server."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32                 # running sequences per worker (its cache slots)
+    max_num_batched_tokens: int = 512      # tokens per worker per step (prefill chunks + decode tokens)
+    max_prefill_chunk: int = 256           # tokens of one prompt per step (chunked prefill)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"scheduler.{f.name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    model_dir: str
+    num_workers: int = 2
+    numerics: str = "reference"
+    device: str = "cpu"                    # "cpu" or "cuda" (one GPU per worker)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    served_model_name: str = ""            # default: the model directory's name
+    kv_cache_bytes: int = 256 << 20        # per worker, for the paged KV blocks and the slots
+    block_size: int = 256                  # positions per KV block
+    max_model_len: int = 0                 # 0: the model's max_position_embeddings
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    seed: int = 0                          # base of the per-request sampling seeds when a request has none
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.numerics not in ("reference", "exact-fp32"):
+            raise ValueError(f"numerics must be 'reference' or 'exact-fp32', got {self.numerics!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.kv_cache_bytes <= 0 or self.block_size <= 0 or self.max_model_len < 0:
+            raise ValueError("kv_cache_bytes and block_size must be positive, max_model_len >= 0")

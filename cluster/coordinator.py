@@ -1,0 +1,142 @@
+"""The coordinator: a Ray actor (CPU) that owns the request queue, the scheduler, the per-worker block
+accounting, the expert placement and the load statistics, and drives the workers step by step.
+
+It carries metadata only: plans out, sampled token ids back. The step loop keeps up to two steps in flight —
+while workers execute step N, step N+1 is planned and queued behind it — so scheduling overlaps execution.
+Streams go back to the server through a Ray streaming generator per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+
+from dsv4.cache.manager import KVCacheManager
+from dsv4.cluster.config import ServeConfig
+from dsv4.cluster.engine_client import LoadReport, ModelInfo, WorkerLoad
+from dsv4.cluster.messages import WorkerInfo, WorkerResult
+from dsv4.cluster.placement import ExpertPlacement, HashAffinity
+from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput
+from dsv4.cluster.scheduler import Scheduler, StepPlans
+
+log = logging.getLogger(__name__)
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class Coordinator:
+    def __init__(self, config: ServeConfig, workers: list, infos: list[WorkerInfo], model_info: ModelInfo,
+                 placement: ExpertPlacement, num_hash_layers: int):
+        self.config, self.workers, self.infos, self.info = config, workers, infos, model_info
+        self.placement = placement
+        managers = [KVCacheManager(i.num_slots, i.num_blocks, i.block_size) for i in infos]
+        affinity = HashAffinity.from_checkpoint(config.model_dir, num_hash_layers, placement)
+        self.scheduler = Scheduler(config.scheduler, managers, model_info.max_model_len, model_info.eos_token_ids,
+                                   affinity)
+        self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self.expert_token_counts = [0] * len(placement.owner)
+        self.steps_done = 0
+        self.step_seconds = collections.deque(maxlen=100)
+        self._seeds = random.Random(config.seed)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._failure: str | None = None
+
+    # ------------------------------------------------------------------------------------------ API
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    async def is_healthy(self) -> bool:
+        return self._failure is None
+
+    async def generate(self, request: GenerateRequest):
+        """Stream `RequestOutput` deltas until one has a finish reason (a Ray streaming generator)."""
+        request.validate(self.info.vocab_size, self.info.max_model_len)
+        if self._failure is not None:
+            raise RuntimeError(f"engine failed: {self._failure}")
+        seed = request.sampling.seed if request.sampling.seed is not None else self._seeds.getrandbits(63)
+        self.scheduler.add(request, seed)
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.streams[request.request_id] = queue
+        self._ensure_loop()
+        self._wake.set()
+        try:
+            while True:
+                output = await queue.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            self.streams.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> bool:
+        output = self.scheduler.abort(request_id)
+        if output is None:
+            return False
+        self._deliver(output)
+        return True
+
+    async def loads(self) -> LoadReport:
+        workers = []
+        for rank, manager in enumerate(self.scheduler.managers):
+            running = self.scheduler.running_on(rank)
+            workers.append(WorkerLoad(rank, len(running), sum(s.num_computed for s in running),
+                                      manager.num_free_blocks, manager.num_total_blocks,
+                                      self.infos[rank].local_expert_ids))
+        mean_step = sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else 0.0
+        return LoadReport(self.scheduler.num_waiting, sum(w.num_running_requests for w in workers), tuple(workers),
+                          tuple(self.expert_token_counts), {"steps": float(self.steps_done),
+                                                            "mean_step_seconds": mean_step})
+
+    # ------------------------------------------------------------------------------------------ step loop
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        in_flight: collections.deque[tuple[StepPlans, list, float]] = collections.deque()
+        try:
+            while True:
+                plans = self.scheduler.schedule() if len(in_flight) < MAX_STEPS_IN_FLIGHT else None
+                for output in self.scheduler.take_finished_outputs():
+                    self._deliver(output)
+                if plans is not None:
+                    futures = [w.execute.remote(p) for w, p in zip(self.workers, plans.plans, strict=True)]
+                    in_flight.append((plans, futures, time.perf_counter()))
+                    if len(in_flight) < MAX_STEPS_IN_FLIGHT:
+                        continue                      # plan the next step while this one runs
+                if in_flight:
+                    done, futures, started = in_flight.popleft()
+                    self._process(done, await asyncio.gather(*futures), time.perf_counter() - started)
+                elif not self.scheduler.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                else:
+                    await asyncio.sleep(0.001)        # requests wait for blocks held by finishing ones
+        except Exception as e:                        # a worker died or a step failed: fail every stream loudly
+            log.exception("step loop failed")
+            self._failure = f"{type(e).__name__}: {e}"
+            for request_id in list(self.scheduler.requests):
+                output = self.scheduler.abort(request_id)
+                if output is not None:
+                    self._deliver(RequestOutput(output.request_id, (), output.num_prompt_tokens,
+                                                output.num_output_tokens, FinishReason.ERROR, error=self._failure))
+
+    def _process(self, plans: StepPlans, results: list[WorkerResult], seconds: float) -> None:
+        for result in results:
+            for request_id, token in result.sampled:
+                output = self.scheduler.on_token(request_id, token)
+                if output is not None:
+                    self._deliver(output)
+            for e, n in enumerate(result.expert_counts):
+                self.expert_token_counts[e] += n
+        self.scheduler.step_returned(plans.request_ids)
+        self.steps_done += 1
+        self.step_seconds.append(seconds)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        queue = self.streams.get(output.request_id)
+        if queue is not None:
+            queue.put_nowait(output)

@@ -1,0 +1,64 @@
+"""Messages between the coordinator and the workers. A request travels to its worker in full once
+(`NewRequest`); every later step carries only deltas: how many tokens to run, new block ids, finished ids.
+Workers answer with the tokens they sampled and their routing counts. No tensors: activations move between
+workers over torch.distributed, never through Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsv4.cluster.request import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker reports after loading: its cache geometry, for the coordinator's block accounting."""
+
+    rank: int
+    num_slots: int
+    num_blocks: int
+    block_size: int
+    bytes_per_token: float
+    device: str
+    local_expert_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    request_id: str
+    token_ids: tuple[int, ...]      # the prompt, plus outputs already streamed if resumed after preemption
+    num_prior_outputs: int          # outputs already in token_ids (sampling continues at that index)
+    sampling: SamplingParams
+    seed: int                       # sampling seed (the request's, or one the coordinator chose)
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """Run the request's next `num_tokens` tokens (prompt tokens, or 1 = its last sampled token)."""
+
+    request_id: str
+    num_tokens: int
+    new_block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    step_id: int
+    new_requests: tuple[NewRequest, ...]
+    chunks: tuple[ScheduledChunk, ...]
+    finished_ids: tuple[str, ...]   # drop these requests' state (done, aborted or preempted)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResult:
+    step_id: int
+    rank: int
+    sampled: tuple[tuple[str, int], ...]     # (request id, token) for chunks that reached their last token
+    expert_counts: tuple[int, ...]           # (token, expert) pairs routed by this worker's tokens, per expert
+    num_tokens: int
+    seconds: float

@@ -1,0 +1,260 @@
+"""Continuous batching over N workers: admission, chunked prefill, decode, preemption, stop conditions.
+
+Each step, every worker gets a plan: its running decodes first (one token each), then prefill chunks in arrival
+order within the token budget. A new request goes to the worker with the most headroom (free blocks, then
+fewest running), with the hash-routed experts of its prompt as the tie-breaker, and stays there for life (its KV
+lives there). Blocks for the positions a step writes are reserved before the step; when a worker runs out, its
+newest running request is preempted (its blocks freed, its tokens so far re-prefilled later) and nothing
+crashes.
+
+The coordinator keeps up to two steps in flight, so the scheduler plans a step before it knows the tokens the
+previous one sampled: it counts tokens "scheduled" (will exist once in-flight steps return) apart from tokens
+"known" (returned). A request that stops on a token it did not know about yet wastes one extra token, which is
+dropped; its blocks are freed only when later steps can no longer touch them (the next plan runs after every
+in-flight step on the same worker).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dsv4.cache.manager import KVCacheManager
+from dsv4.cluster.config import SchedulerConfig
+from dsv4.cluster.messages import NewRequest, ScheduledChunk, WorkerPlan
+from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # queued (new, or preempted and drained)
+    RUNNING = "running"        # has a slot and blocks on `worker`
+    PREEMPTED = "preempted"    # blocks freed, waiting for its in-flight steps to return before it requeues
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestState:
+    request: GenerateRequest
+    seed: int
+    arrival: int
+    status: Status = Status.WAITING
+    worker: int | None = None
+    output_ids: list[int] = field(default_factory=list)     # tokens returned by workers (and streamed)
+    num_scheduled_outputs: int = 0    # outputs that will exist once every in-flight step has returned
+    num_computed: int = 0             # tokens of (prompt + outputs) scheduled to run, in-flight ones included
+    base_len: int = 0                 # tokens sent in this admission's NewRequest (prompt + earlier outputs)
+    inflight: int = 0                 # in-flight steps that include this request
+    finish_reason: FinishReason | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def scheduled_len(self) -> int:
+        """Tokens that exist on the worker once in-flight steps return."""
+        return self.prompt_len + self.num_scheduled_outputs
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlans:
+    step_id: int
+    plans: tuple[WorkerPlan, ...]
+    request_ids: tuple[str, ...]      # requests that run in this step
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, managers: list[KVCacheManager], max_model_len: int,
+                 eos_token_ids: tuple[int, ...], affinity: Callable[[tuple[int, ...]], list[float]] | None = None):
+        self.config, self.managers = config, managers
+        self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
+        self.affinity = affinity
+        self.requests: dict[str, RequestState] = {}
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count()
+        self._pending_drops: list[list[str]] = [[] for _ in managers]
+        self._finished_outputs: list[RequestOutput] = []   # requests ended while planning (context full)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add(self, request: GenerateRequest, seed: int) -> None:
+        if request.request_id in self.requests:
+            raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        # A prompt must fit one worker's cache; outputs beyond what fits end with "length" when it is full.
+        capacity = max(m.num_total_blocks for m in self.managers) * self.managers[0].block_size
+        if len(request.prompt_token_ids) >= capacity:
+            raise InvalidRequest("prompt", f"{len(request.prompt_token_ids)} tokens do not fit the KV cache of any "
+                                           f"worker ({capacity} positions)")
+        self.requests[request.request_id] = RequestState(request, seed, next(self._arrivals))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel: blocks freed at once. The final output, or None if unknown or already finished."""
+        state = self.requests.get(request_id)
+        if state is None or state.status is Status.FINISHED:
+            return None
+        return self._finish(state, FinishReason.ABORT)
+
+    def on_token(self, request_id: str, token: int) -> RequestOutput | None:
+        """A sampled token came back from a worker: record it, decide whether the request is done."""
+        state = self.requests.get(request_id)
+        if state is None or state.status is Status.FINISHED:
+            return None                                   # a token sampled after the request ended
+        state.output_ids.append(token)
+        params, n = state.request.sampling, len(state.output_ids)
+        reason, matched = None, None
+        if n >= params.min_tokens and (token in params.stop_token_ids or
+                                       (not params.ignore_eos and token in self.eos_token_ids)):
+            reason, matched = FinishReason.STOP, token
+        elif n >= params.max_tokens or state.prompt_len + n >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(state, reason, token, matched)
+        return self._output(state, (token,))
+
+    def take_finished_outputs(self) -> list[RequestOutput]:
+        """Final outputs of requests the scheduler itself ended while planning (their context filled up)."""
+        out, self._finished_outputs = self._finished_outputs, []
+        return out
+
+    def step_returned(self, request_ids: tuple[str, ...]) -> None:
+        """A step's results have been processed: requests it ran have one fewer step in flight."""
+        for rid in request_ids:
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            state.inflight -= 1
+            if state.status is Status.PREEMPTED and state.inflight == 0:
+                state.status = Status.WAITING
+            if state.status is Status.FINISHED and state.inflight == 0:
+                del self.requests[rid]
+
+    # ------------------------------------------------------------------------------------------ planning
+    def schedule(self) -> StepPlans | None:
+        """Plans for every worker for one step, or None if no worker has tokens to run."""
+        chunks: list[list[ScheduledChunk]] = [[] for _ in self.managers]
+        new: list[list[NewRequest]] = [[] for _ in self.managers]
+        budget = [self.config.max_num_batched_tokens] * len(self.managers)
+        ran: list[str] = []
+        for state in self._running_in_order():            # decodes and unfinished prefills of running requests
+            self._schedule_running(state, chunks, budget, ran)
+        for state in self._waiting_in_order():
+            if not self._admit(state, budget):
+                break                                       # FIFO: later arrivals wait behind the first
+            new[state.worker].append(NewRequest(state.request_id, self._resume_tokens(state),
+                                                len(state.output_ids), state.request.sampling, state.seed,
+                                                self.managers[state.worker].get(state.request_id).slot))
+            self._schedule_running(state, chunks, budget, ran)
+        if not ran:
+            return None
+        plans = tuple(WorkerPlan(0, tuple(new[w]), tuple(chunks[w]), tuple(self._pending_drops[w]))
+                      for w in range(len(self.managers)))
+        step_id = next(self._step_ids)
+        plans = tuple(WorkerPlan(step_id, p.new_requests, p.chunks, p.finished_ids) for p in plans)
+        self._pending_drops = [[] for _ in self.managers]
+        return StepPlans(step_id, plans, tuple(ran))
+
+    def _schedule_running(self, state: RequestState, chunks, budget, ran) -> None:
+        if state.status is not Status.RUNNING:       # preempted earlier in this same planning pass
+            return
+        w = state.worker
+        remaining = state.scheduled_len - state.num_computed
+        if remaining <= 0 or budget[w] <= 0:
+            return
+        is_decode = remaining == 1 and state.num_computed >= state.prompt_len
+        if is_decode and not self._may_sample(state):
+            return
+        n = min(remaining, budget[w], self.config.max_prefill_chunk)
+        manager = self.managers[w]
+        before = len(manager.get(state.request_id).blocks)
+        while not manager.reserve(state.request_id, state.num_computed + n):
+            victim = self._victim(w, not_in=set(ran) | {state.request_id})
+            if victim is None:
+                if self._running_count(w) == 1:             # alone and still out of blocks: the context is full
+                    self._finished_outputs.append(self._finish(state, FinishReason.LENGTH))
+                return                                      # else wait for a request to finish
+            self._preempt(victim)
+        new_blocks = tuple(manager.get(state.request_id).blocks[before:])
+        reaches_end = state.num_computed + n == state.scheduled_len
+        chunks[w].append(ScheduledChunk(state.request_id, n, new_blocks))
+        budget[w] -= n
+        state.num_computed += n
+        state.num_scheduled_outputs += 1 if reaches_end else 0
+        state.inflight += 1
+        ran.append(state.request_id)
+
+    def _may_sample(self, state: RequestState) -> bool:
+        """Whether one more output token is allowed (max_tokens, context length)."""
+        return (state.num_scheduled_outputs < state.request.sampling.max_tokens
+                and state.scheduled_len < self.max_model_len)
+
+    def _admit(self, state: RequestState, budget: list[int]) -> bool:
+        first_chunk = min(len(self._resume_tokens(state)), self.config.max_prefill_chunk)
+        candidates = [w for w, m in enumerate(self.managers)
+                      if budget[w] > 0 and m.slots.num_free > 0
+                      and m.num_free_blocks >= m.blocks_needed(first_chunk) + self._running_count(w)]
+        if not candidates:
+            return False
+        affinity = self.affinity(state.request.prompt_token_ids) if self.affinity else [0.0] * len(self.managers)
+        w = max(candidates, key=lambda w: (self.managers[w].num_free_blocks, -self._running_count(w), affinity[w], -w))
+        self.managers[w].admit(state.request_id, 0)
+        state.status, state.worker = Status.RUNNING, w
+        state.base_len = len(self._resume_tokens(state))
+        state.num_computed = 0
+        state.num_scheduled_outputs = len(state.output_ids)
+        return True
+
+    def _resume_tokens(self, state: RequestState) -> tuple[int, ...]:
+        return state.request.prompt_token_ids + tuple(state.output_ids)
+
+    def _preempt(self, state: RequestState) -> None:
+        self._release(state)
+        state.status = Status.PREEMPTED if state.inflight else Status.WAITING
+
+    def _victim(self, worker: int, not_in: set[str]) -> RequestState | None:
+        """The newest running request of the worker that is not already part of this step."""
+        running = [s for s in self._running_in_order() if s.worker == worker and s.request_id not in not_in]
+        return running[-1] if running else None
+
+    def _finish(self, state: RequestState, reason: FinishReason, token: int | None = None,
+                matched: int | None = None) -> RequestOutput:
+        if state.status is Status.RUNNING:
+            self._release(state)
+        state.status, state.finish_reason = Status.FINISHED, reason
+        if state.inflight == 0:
+            del self.requests[state.request_id]
+        new = (token,) if token is not None else ()
+        return self._output(state, new, reason, matched)
+
+    def _release(self, state: RequestState) -> None:
+        self.managers[state.worker].release(state.request_id)
+        self._pending_drops[state.worker].append(state.request_id)
+        state.worker = None
+
+    def _output(self, state: RequestState, new: tuple[int, ...], reason: FinishReason | None = None,
+                matched: int | None = None) -> RequestOutput:
+        return RequestOutput(state.request_id, new, state.prompt_len, len(state.output_ids), reason, matched)
+
+    # ------------------------------------------------------------------------------------------ views
+    def _running_in_order(self) -> list[RequestState]:
+        return sorted((s for s in self.requests.values() if s.status is Status.RUNNING), key=lambda s: s.arrival)
+
+    def _waiting_in_order(self) -> list[RequestState]:
+        return sorted((s for s in self.requests.values() if s.status is Status.WAITING), key=lambda s: s.arrival)
+
+    def _running_count(self, worker: int) -> int:
+        return sum(1 for s in self.requests.values() if s.status is Status.RUNNING and s.worker == worker)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for s in self.requests.values() if s.status in (Status.WAITING, Status.PREEMPTED))
+
+    def running_on(self, worker: int) -> list[RequestState]:
+        return [s for s in self.requests.values() if s.status is Status.RUNNING and s.worker == worker]
+
+    def has_work(self) -> bool:
+        return any(s.status is not Status.FINISHED for s in self.requests.values())

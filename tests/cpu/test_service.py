@@ -1,0 +1,138 @@
+"""The service end to end on a real local Ray cluster and a real gRPC server: two CPU worker actors with
+expert parallelism (gloo all-to-all), the coordinator's continuous batching, streaming, abort and preemption,
+all checked against the single-process model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import pytest
+import torch
+from api_fakes import TIMEOUT_S, ServerThread, wait_until
+
+from dsv4.cache.spec import plan_cache
+from dsv4.cluster.config import SchedulerConfig
+from dsv4.cluster.engine_ray import RayEngineClient
+from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.model.generate import greedy_generate
+from dsv4.model.numerics import Numerics
+from dsv4.protos import dsv4_pb2 as pb
+from dsv4.protos import dsv4_pb2_grpc
+
+REFERENCE = Numerics.parse("reference")
+
+
+def serve(engine, checkpoint):
+    return ServerThread(RayEngineClient(engine.coordinator, engine.info), ModelTokenizer.from_dir(checkpoint)).start()
+
+
+@pytest.fixture(scope="module")
+def stub(ray_service, tiny_checkpoint):
+    server = serve(ray_service, tiny_checkpoint)
+    with grpc.insecure_channel(server.address) as channel:
+        yield dsv4_pb2_grpc.Dsv4EngineStub(channel)
+    server.stop()
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 300, (n,), generator=g).tolist()
+    return [torch.randint(2, 1024, (length,), generator=g).tolist() for length in lengths]
+
+
+def generate_ids(stub, prompt, max_tokens, **params) -> tuple[list[int], pb.GenerateComplete]:
+    params = {"temperature": 0.0, "ignore_eos": True, **params}
+    responses = list(stub.Generate(pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt),
+                                                      sampling_params=pb.SamplingParams(max_tokens=max_tokens,
+                                                                                        **params)),
+                                   timeout=TIMEOUT_S * 4))
+    streamed = [t for r in responses[:-1] for t in r.chunk.token_ids]
+    complete = responses[-1].complete
+    assert streamed == list(complete.output_ids), (complete, responses[-3:])
+    return streamed, complete
+
+
+def test_expert_parallel_greedy_equals_the_single_process_model(stub, tiny_model, ray_service):
+    assert ray_service.info.num_workers == 2
+    for prompt in prompts(3, seed=1):
+        got, complete = generate_ids(stub, prompt, 12)
+        assert complete.finish_reason == pb.FINISH_REASON_LENGTH
+        assert got == greedy_generate(tiny_model, prompt, 12, REFERENCE)
+
+
+def test_sixteen_concurrent_streams_match_the_model(stub, tiny_model):
+    cases = [(p, 4 + i % 13) for i, p in enumerate(prompts(16, seed=2))]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda c: generate_ids(stub, c[0], c[1])[0], cases))
+    for (prompt, n), got in zip(cases, results, strict=True):
+        assert got == greedy_generate(tiny_model, prompt, n, REFERENCE)
+    loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert all(w.num_running_requests == 0 and w.free_blocks == w.total_blocks for w in loads.workers)
+    pairs = sum(loads.expert_token_counts)        # every token routes num_experts_per_tok experts per MoE layer
+    assert pairs > 0 and pairs % (4 * 6) == 0
+
+
+def test_seeded_sampling_is_reproducible_under_any_batching(stub):
+    prompt = prompts(1, seed=3)[0]
+    params = dict(temperature=0.9, top_p=0.9, top_k=50, seed=77)
+    alone, _ = generate_ids(stub, prompt, 10, **params)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:     # now next to other requests
+        crowd = [pool.submit(generate_ids, stub, p, 8) for p in prompts(3, seed=4)]
+        again = pool.submit(generate_ids, stub, prompt, 10, **params).result()[0]
+        [f.result() for f in crowd]
+    assert again == alone
+    other, _ = generate_ids(stub, prompt, 10, **{**params, "seed": 78})
+    assert other != alone
+
+
+def test_abort_frees_the_blocks_at_once(stub):
+    call = stub.Generate(pb.GenerateRequest(request_id="long-one", tokenized=pb.TokenIds(token_ids=prompts(1)[0]),
+                                            sampling_params=pb.SamplingParams(ignore_eos=True, max_tokens=200)),
+                         timeout=TIMEOUT_S * 4)
+    assert next(call).WhichOneof("response") == "chunk"
+    loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert sum(w.total_blocks - w.free_blocks for w in loads.workers) > 0
+    assert stub.Abort(pb.AbortRequest(request_ids=["long-one"]), timeout=TIMEOUT_S).aborted_ids == ["long-one"]
+    assert list(call)[-1].complete.finish_reason == pb.FINISH_REASON_ABORT
+    loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert all(w.free_blocks == w.total_blocks and w.num_running_requests == 0 for w in loads.workers)
+
+
+@pytest.fixture(scope="module")
+def cramped_stub(ray_cluster, tiny_checkpoint, tiny_model):
+    """A second engine whose workers hold 3 blocks (768 positions) and 4 sequences each: running requests
+    outgrow the cache and must be preempted and resumed."""
+    from conftest import start_test_engine
+
+    plan = plan_cache(tiny_model.config, REFERENCE, 1 << 30, 4)
+    budget = 4 * plan.bytes_per_slot + 3 * plan.bytes_per_block
+    engine = start_test_engine(tiny_checkpoint, kv_cache_bytes=budget, max_model_len=2048,
+                               scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256,
+                                                         max_prefill_chunk=128))
+    server = serve(engine, tiny_checkpoint)
+    with grpc.insecure_channel(server.address) as channel:
+        yield dsv4_pb2_grpc.Dsv4EngineStub(channel)
+    server.stop()
+
+
+def test_preempted_requests_resume_and_match_the_model(cramped_stub, tiny_model):
+    loads = cramped_stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert [w.total_blocks for w in loads.workers] == [3, 3]
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.randint(2, 1024, (200 + 40 * i,), generator=g).tolist(), 90) for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda c: generate_ids(cramped_stub, c[0], c[1]), cases))
+    for (prompt, n), (got, complete) in zip(cases, results, strict=True):
+        assert complete.finish_reason == pb.FINISH_REASON_LENGTH
+        assert got == greedy_generate(tiny_model, prompt, n, REFERENCE)
+    wait_until(lambda: all(w.free_blocks == 3 for w in
+                           cramped_stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S).workers),
+               "every block to come back")
+
+
+def test_a_prompt_larger_than_any_cache_is_rejected_by_name(cramped_stub):
+    with pytest.raises(grpc.RpcError) as err:
+        generate_ids(cramped_stub, [5] * 800, 4)     # fits the context (2048) but no worker's 768 positions
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+    assert generate_ids(cramped_stub, [5] * 10, 2)[1].finish_reason == pb.FINISH_REASON_LENGTH   # still serving

@@ -1,0 +1,98 @@
+"""Start the engine on Ray: one worker actor per GPU (or CPU process) in a placement group, their process group
+from a rank map (rank 0 picks a free port, no hard-coded ports), then the coordinator actor.
+
+Used by `dsv4 serve` (and so by `ray job submit ... -- dsv4 serve`): with RAY_ADDRESS set it joins that cluster,
+otherwise it starts a local one in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dsv4.cluster.config import ServeConfig
+from dsv4.cluster.coordinator import Coordinator
+from dsv4.cluster.engine_client import ModelInfo
+from dsv4.cluster.placement import ExpertPlacement
+from dsv4.model.config import ModelConfig, preset
+from dsv4.workers.worker import Worker
+
+PLACEMENT_TIMEOUT_S = 600
+
+
+def default_model_dir() -> Path:
+    """Where `dsv4 serve` keeps the tiny default model ($DSV4_HOME, default ~/.cache/dsv4)."""
+    home = Path(os.environ.get("DSV4_HOME", Path.home() / ".cache" / "dsv4"))
+    return home / "models" / "tiny-seed0"
+
+
+def ensure_default_model() -> Path:
+    """The tiny DeepSeek-V4 model in the real checkpoint format, written on first use."""
+    from dsv4.model.synthetic import write_checkpoint
+
+    path = default_model_dir()
+    if not (path / "model.safetensors.index.json").exists():
+        print(f"creating the default tiny DeepSeek-V4 checkpoint in {path}", file=sys.stderr, flush=True)
+        tmp = path.with_name(path.name + ".partial")
+        write_checkpoint(preset("tiny"), tmp, seed=0)
+        tmp.replace(path)
+    return path
+
+
+def model_info(config: ServeConfig, model: ModelConfig) -> ModelInfo:
+    max_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    return ModelInfo(model_path=config.model_dir,
+                     served_model_name=config.served_model_name or Path(config.model_dir).name,
+                     vocab_size=model.vocab_size, max_model_len=max_len, bos_token_id=model.bos_token_id,
+                     eos_token_ids=(model.eos_token_id,), num_workers=config.num_workers, numerics=config.numerics,
+                     num_hidden_layers=model.num_hidden_layers, num_routed_experts=model.n_routed_experts,
+                     num_experts_per_tok=model.num_experts_per_tok, hidden_size=model.hidden_size)
+
+
+def init_ray(config: ServeConfig) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers + 1), include_dashboard=False,
+                 logging_level="WARNING")
+
+
+@dataclass
+class Engine:
+    coordinator: ray.actor.ActorHandle
+    workers: list[ray.actor.ActorHandle]
+    info: ModelInfo
+
+
+def start_engine(config: ServeConfig) -> Engine:
+    """Workers loaded and wired, coordinator running. Raises with a clear message if resources are missing."""
+    model = ModelConfig.from_file(Path(config.model_dir) / "config.json")
+    init_ray(config)
+    placement = ExpertPlacement.contiguous(model.n_routed_experts, config.num_workers)
+    bundle = {"CPU": 1, "GPU": 1} if config.device == "cuda" else {"CPU": 1}
+    group = placement_group([bundle] * config.num_workers, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        raise RuntimeError(f"the Ray cluster cannot place {config.num_workers} workers with {bundle} each "
+                           f"(available: {ray.available_resources()})")
+    actor = ray.remote(Worker)
+    workers = [actor.options(num_cpus=1, num_gpus=1 if config.device == "cuda" else 0,
+                             scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank),
+                             name=None).remote(rank, config.num_workers, config, placement.owner)
+               for rank in range(config.num_workers)]
+    host, port = ray.get(workers[0].rendezvous_address.remote())
+    ray.get([w.init_distributed.remote(host, port) for w in workers])
+    infos = ray.get([w.load.remote() for w in workers])
+    info = model_info(config, model)
+    coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=10_000).remote(
+        config, workers, infos, info, placement, model.num_hash_layers)
+    ray.get(coordinator.is_healthy.remote())
+    return Engine(coordinator, workers, info)

@@ -1,0 +1,118 @@
+"""The worker: one per GPU (or one CPU process), run as a Ray actor by `dsv4.workers.launch`.
+
+It owns its device, the attention weights, its shard of the routed experts and the KV pools of the sequences the
+coordinator placed on it. Each step it applies the coordinator's plan (new requests in full, then deltas),
+runs one engine step (or, with no tokens, an idle pass that still joins every MoE all-to-all), samples the
+requests whose chunk reached their last token, and returns the sampled token ids.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from dsv4.cache.pools import allocate_pools
+from dsv4.cache.spec import plan_cache
+from dsv4.cluster.config import ServeConfig
+from dsv4.cluster.messages import WorkerInfo, WorkerPlan, WorkerResult
+from dsv4.cluster.request import SamplingParams
+from dsv4.model.checkpoint import load_model
+from dsv4.model.numerics import Numerics
+from dsv4.workers.expert_parallel import ExpertParallel, LocalExperts
+from dsv4.workers.model_runner import ModelRunner, SequenceStep
+from dsv4.workers.sampler import SampleSpec, sample_row
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    slot: int
+    sampling: SamplingParams
+    seed: int
+    num_outputs: int
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, rank: int, world_size: int, config: ServeConfig, expert_owner: tuple[int, ...]):
+        self.rank, self.world_size, self.config, self.owner = rank, world_size, config, expert_owner
+        self.numerics = Numerics.parse(config.numerics)
+        if config.device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world_size, 1)))
+        self.device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
+        self.sequences: dict[str, _Sequence] = {}
+
+    # ------------------------------------------------------------------------------------------ setup
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port, for rank 0 to host the process group's store."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def init_distributed(self, host: str, port: int) -> None:
+        if self.world_size == 1:
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+
+    def load(self) -> WorkerInfo:
+        local = tuple(e for e, r in enumerate(self.owner) if r == self.rank)
+        self.model = load_model(self.config.model_dir, expert_ids=list(local), device=self.device,
+                                progress=lambda m: print(f"[worker {self.rank}] {m}", flush=True))
+        plan = plan_cache(self.model.config, self.numerics, self.config.kv_cache_bytes,
+                          self.config.scheduler.max_num_seqs, self.config.block_size)
+        storage = allocate_pools(self.model.config, self.numerics, plan, self.device)
+        self.runner = ModelRunner(self.model, storage, self.numerics)
+        self.experts = (ExpertParallel(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
+                        else LocalExperts(self.model))
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return WorkerInfo(self.rank, plan.num_slots, plan.num_blocks, plan.block_size, plan.bytes_per_token, name,
+                          local)
+
+    def ping(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------ steps
+    def execute(self, plan: WorkerPlan) -> WorkerResult:
+        start = time.perf_counter()
+        for request_id in plan.finished_ids:
+            self.sequences.pop(request_id, None)
+        for new in plan.new_requests:
+            self.sequences[new.request_id] = _Sequence(list(new.token_ids), new.slot, new.sampling, new.seed,
+                                                       new.num_prior_outputs)
+        steps = []
+        for chunk in plan.chunks:
+            seq = self.sequences[chunk.request_id]
+            seq.blocks.extend(chunk.new_block_ids)
+            end = seq.num_computed + chunk.num_tokens
+            if end > len(seq.tokens):
+                raise AssertionError(f"request {chunk.request_id}: asked to run up to token {end}, "
+                                     f"have {len(seq.tokens)}")
+            steps.append(SequenceStep(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
+        sampled = []
+        if steps:
+            logits = self.runner.step(steps)
+            for chunk, row in zip(plan.chunks, logits, strict=True):
+                seq = self.sequences[chunk.request_id]
+                seq.num_computed += chunk.num_tokens
+                if seq.num_computed == len(seq.tokens):
+                    token = sample_row(row.float().cpu(), SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
+                    seq.tokens.append(token)
+                    seq.num_outputs += 1
+                    sampled.append((chunk.request_id, token))
+        else:   # no tokens here: still serve the other workers' pairs in every MoE layer
+            with torch.inference_mode():
+                self.experts.idle_pass(self.numerics)
+        return WorkerResult(plan.step_id, self.rank, tuple(sampled), self.experts.take_counts(), plan.num_tokens,
+                            time.perf_counter() - start)
