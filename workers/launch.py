@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from dsv4.cluster.config import ServeConfig
 from dsv4.cluster.coordinator import Coordinator
@@ -85,14 +85,16 @@ def start_engine(config: ServeConfig) -> Engine:
                            f"(available: {ray.available_resources()})")
     actor = ray.remote(Worker)
     workers = [actor.options(num_cpus=1, num_gpus=1 if config.device == "cuda" else 0,
-                             scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank),
-                             name=None).remote(rank, config.num_workers, config, placement.owner)
+                             scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank)
+                             ).remote(rank, config.num_workers, config, placement.owner)
                for rank in range(config.num_workers)]
     host, port = ray.get(workers[0].rendezvous_address.remote())
     ray.get([w.init_distributed.remote(host, port) for w in workers])
     infos = ray.get([w.load.remote() for w in workers])
     info = model_info(config, model)
-    coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=10_000).remote(
+    # The coordinator lives beside the driver (the gRPC server): on KubeRay that is the head pod, without a GPU.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=10_000, scheduling_strategy=here).remote(
         config, workers, infos, info, placement, model.num_hash_layers)
     ray.get(coordinator.is_healthy.remote())
     return Engine(coordinator, workers, info)

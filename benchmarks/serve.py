@@ -1,0 +1,143 @@
+"""End to end: `dsv4 serve` on a synthetic checkpoint, checked and timed through the gRPC API.
+
+1. Correctness: greedy completions streamed from the service (N workers, expert-parallel all-to-all) equal the
+   single-process model's greedy decode, token for token.
+2. Timing: tokens/s at concurrency 1 and 16 (prompt + output tokens), time to first token, time per output token.
+
+    python benchmarks/serve.py --preset small --device cuda --workers 2 --out results/
+Writes serve-<device>-<date>.json / .md and the server log into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from dsv4.model.checkpoint import load_model
+from dsv4.model.config import preset
+from dsv4.model.generate import greedy_generate
+from dsv4.model.numerics import Numerics
+from dsv4.model.synthetic import write_checkpoint
+from dsv4.protos import dsv4_pb2 as pb
+from dsv4.protos import dsv4_pb2_grpc
+
+
+def start_server(args, model_dir: Path, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "dsv4.cluster.cli", "serve", "--model", str(model_dir), "--workers",
+               str(args.workers), "--device", args.device, "--port", str(args.port), "--host", "127.0.0.1",
+               "--kv-cache-gib", str(args.kv_cache_gib), "--max-num-seqs", "32", "--numerics", args.numerics]
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if "dsv4: serving" in log_path.read_text():
+            return process
+        if process.poll() is not None:
+            raise RuntimeError(f"dsv4 serve exited:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"dsv4 serve did not come up:\n{log_path.read_text()[-4000:]}")
+
+
+def stream(stub, prompt: list[int], max_tokens: int, **params) -> dict:
+    """One request: its output ids, time to first token and total time."""
+    request = pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt), sampling_params=pb.SamplingParams(
+        max_tokens=max_tokens, ignore_eos=True, **params))
+    start, first, ids = time.perf_counter(), None, []
+    for response in stub.Generate(request, timeout=3600):
+        if response.WhichOneof("response") == "chunk":
+            first = first or time.perf_counter()
+            ids += list(response.chunk.token_ids)
+        elif response.WhichOneof("response") == "error":
+            raise RuntimeError(response.error.message)
+    end = time.perf_counter()
+    return {"ids": ids, "ttft": (first or end) - start, "total": end - start}
+
+
+def timing(stub, prompts: list[list[int]], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        runs = list(pool.map(lambda p: stream(stub, p, max_tokens, temperature=0.0), prompts))
+    wall = time.perf_counter() - start
+    outputs = sum(len(r["ids"]) for r in runs)
+    tpot = [(r["total"] - r["ttft"]) / max(len(r["ids"]) - 1, 1) for r in runs]
+    return {"concurrency": len(prompts), "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": outputs,
+            "wall_s": round(wall, 3), "output_tokens_per_s": round(outputs / wall, 2),
+            "total_tokens_per_s": round((outputs + sum(len(p) for p in prompts)) / wall, 2),
+            "mean_ttft_s": round(sum(r["ttft"] for r in runs) / len(runs), 4),
+            "mean_tpot_ms": round(1000 * sum(tpot) / len(tpot), 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--numerics", default="reference")
+    parser.add_argument("--port", type=int, default=50551)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--startup-timeout", type=float, default=900)
+    parser.add_argument("--commit", default=os.environ.get("DSV4_COMMIT", "unknown"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsv4-bench-{args.preset}"
+    if not (model_dir / "config.json").exists():
+        write_checkpoint(preset(args.preset), model_dir, seed=0)
+    server = start_server(args, model_dir, args.out / "serve.log")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{args.port}") as channel:
+            stub = dsv4_pb2_grpc.Dsv4EngineStub(channel)
+            vocab = preset(args.preset).vocab_size
+            g = torch.Generator().manual_seed(0)
+            checks = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (5, 64, 129, 300)]
+            served = [stream(stub, p, 32, temperature=0.0)["ids"] for p in checks]
+            device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+            single = load_model(model_dir, device=device, progress=None)
+            numerics = Numerics.parse(args.numerics)
+            expected = [greedy_generate(single, p, 32, numerics) for p in checks]
+            equal = [a == b for a, b in zip(served, expected, strict=True)]
+            del single
+            prompts16 = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(16)]
+            runs = [timing(stub, prompts16[:1], args.max_tokens), timing(stub, prompts16, args.max_tokens)]
+            loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=30)
+    finally:
+        server.terminate()
+        server.wait(60)
+    date = datetime.date.today().isoformat()
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    result = {"date": date, "commit": args.commit, "device": name, "num_gpus": torch.cuda.device_count(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "preset": args.preset,
+              "workers": args.workers, "numerics": args.numerics, "greedy_equal_single_process": equal,
+              "greedy_outputs": served, "timing": runs,
+              "expert_token_counts_sum": sum(loads.expert_token_counts)}
+    stem = f"serve-{args.device}-{args.preset}-{date}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = "\n".join(f"| {r['concurrency']} | {r['prompt_tokens']} | {r['output_tokens']} | {r['wall_s']} | "
+                     f"{r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['mean_ttft_s']} | "
+                     f"{r['mean_tpot_ms']} |" for r in runs)
+    (args.out / f"{stem}.md").write_text(
+        f"# dsv4 serve, {args.preset} preset, {args.workers} {args.device} workers\n\n"
+        f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, commit {args.commit}, {date}, "
+        f"{args.numerics} numerics.\n\nGreedy outputs streamed from the service equal the single-process "
+        f"model's: {equal}.\n\n| concurrency | prompt tokens | output tokens | wall s | output tok/s | "
+        f"total tok/s | mean TTFT s | mean TPOT ms |\n|---|---|---|---|---|---|---|---|\n{rows}\n")
+    print((args.out / f"{stem}.md").read_text())
+    return 0 if all(equal) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
