@@ -67,9 +67,8 @@ def e4m3_values(codes: torch.Tensor) -> torch.Tensor:
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     """e2m1-representable fp32 values -> 4-bit codes (uint8, 0..15): sign << 3 | grid index."""
     a = values.abs()
-    index = torch.zeros_like(a, dtype=torch.uint8)
-    for i, v in enumerate(E2M1_GRID):
-        index = torch.where(a == v, torch.tensor(i, dtype=torch.uint8), index)
+    grid = torch.tensor(E2M1_GRID, dtype=a.dtype, device=a.device)
+    index = (a.unsqueeze(-1) == grid).to(torch.uint8).argmax(dim=-1).to(torch.uint8)
     sign = torch.signbit(values).to(torch.uint8) << 3   # -0 keeps its sign bit (code 8), as PTX cvt does
     return sign | index
 
