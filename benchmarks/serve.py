@@ -123,7 +123,7 @@ def main() -> int:
               "torch": torch.__version__, "cuda": torch.version.cuda, "preset": args.preset,
               "workers": args.workers, "numerics": args.numerics, "greedy_equal_single_process": equal,
               "greedy_outputs": served, "timing": runs,
-              "expert_token_counts_sum": sum(loads.expert_token_counts)}
+              "expert_token_counts_sum": sum(loads.expert_token_counts), "engine_gauges": dict(loads.extra)}
     stem = f"serve-{args.device}-{args.preset}-{date}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {r['concurrency']} | {r['prompt_tokens']} | {r['output_tokens']} | {r['wall_s']} | "
@@ -134,7 +134,8 @@ def main() -> int:
         f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, commit {args.commit}, {date}, "
         f"{args.numerics} numerics.\n\nGreedy outputs streamed from the service equal the single-process "
         f"model's: {equal}.\n\n| concurrency | prompt tokens | output tokens | wall s | output tok/s | "
-        f"total tok/s | mean TTFT s | mean TPOT ms |\n|---|---|---|---|---|---|---|---|\n{rows}\n")
+        f"total tok/s | mean TTFT s | mean TPOT ms |\n|---|---|---|---|---|---|---|---|\n{rows}\n\n"
+        f"Engine gauges (last 100 steps): {dict(loads.extra)}\n")
     print((args.out / f"{stem}.md").read_text())
     return 0 if all(equal) else 1
 

@@ -38,7 +38,11 @@ class Coordinator:
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self.expert_token_counts = [0] * len(placement.owner)
         self.steps_done = 0
-        self.step_seconds = collections.deque(maxlen=100)
+        # With two steps in flight, steps complete every max(worker time, Ray round trip + planning): the interval
+        # between completions against the slowest worker's own time shows what the orchestration costs.
+        self.step_intervals = collections.deque(maxlen=100)
+        self.worker_seconds = collections.deque(maxlen=100)
+        self._last_completion: float | None = None
         self._seeds = random.Random(config.seed)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -85,10 +89,13 @@ class Coordinator:
             workers.append(WorkerLoad(rank, len(running), sum(s.num_computed for s in running),
                                       manager.num_free_blocks, manager.num_total_blocks,
                                       self.infos[rank].local_expert_ids))
-        mean_step = sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else 0.0
+        def mean(values) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        extra = {"steps": float(self.steps_done), "mean_step_interval_seconds": mean(self.step_intervals),
+                 "mean_worker_seconds": mean(self.worker_seconds)}
         return LoadReport(self.scheduler.num_waiting, sum(w.num_running_requests for w in workers), tuple(workers),
-                          tuple(self.expert_token_counts), {"steps": float(self.steps_done),
-                                                            "mean_step_seconds": mean_step})
+                          tuple(self.expert_token_counts), extra)
 
     # ------------------------------------------------------------------------------------------ step loop
     def _ensure_loop(self) -> None:
@@ -96,7 +103,7 @@ class Coordinator:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        in_flight: collections.deque[tuple[StepPlans, list, float]] = collections.deque()
+        in_flight: collections.deque[tuple[StepPlans, list]] = collections.deque()
         try:
             while True:
                 plans = self.scheduler.schedule() if len(in_flight) < MAX_STEPS_IN_FLIGHT else None
@@ -104,12 +111,12 @@ class Coordinator:
                     self._deliver(output)
                 if plans is not None:
                     futures = [w.execute.remote(p) for w, p in zip(self.workers, plans.plans, strict=True)]
-                    in_flight.append((plans, futures, time.perf_counter()))
+                    in_flight.append((plans, futures))
                     if len(in_flight) < MAX_STEPS_IN_FLIGHT:
                         continue                      # plan the next step while this one runs
                 if in_flight:
-                    done, futures, started = in_flight.popleft()
-                    self._process(done, await asyncio.gather(*futures), time.perf_counter() - started)
+                    done, futures = in_flight.popleft()
+                    self._process(done, await asyncio.gather(*futures))
                 elif not self.scheduler.has_work():
                     self._wake.clear()
                     await self._wake.wait()
@@ -124,7 +131,7 @@ class Coordinator:
                     self._deliver(RequestOutput(output.request_id, (), output.num_prompt_tokens,
                                                 output.num_output_tokens, FinishReason.ERROR, error=self._failure))
 
-    def _process(self, plans: StepPlans, results: list[WorkerResult], seconds: float) -> None:
+    def _process(self, plans: StepPlans, results: list[WorkerResult]) -> None:
         for result in results:
             for request_id, token in result.sampled:
                 output = self.scheduler.on_token(request_id, token)
@@ -134,7 +141,11 @@ class Coordinator:
                 self.expert_token_counts[e] += n
         self.scheduler.step_returned(plans.request_ids)
         self.steps_done += 1
-        self.step_seconds.append(seconds)
+        now = time.perf_counter()
+        if self._last_completion is not None and now - self._last_completion < 1.0:   # skip idle gaps
+            self.step_intervals.append(now - self._last_completion)
+        self._last_completion = now
+        self.worker_seconds.append(max(r.seconds for r in results))
 
     def _deliver(self, output: RequestOutput) -> None:
         queue = self.streams.get(output.request_id)
