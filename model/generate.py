@@ -19,11 +19,11 @@ class StaticCaches:
     run of blocks. (The serving engine hands slots and blocks out dynamically instead: `dsv4.cache`.)"""
 
     def __init__(self, model: Transformer, numerics: Numerics, max_len: int, num_seqs: int = 1,
-                 block_size: int = DEFAULT_BLOCK_SIZE, device: torch.device | str = "cpu"):
+                 block_size: int = DEFAULT_BLOCK_SIZE):
         self.numerics = numerics
         self.blocks_per_seq = -(-max_len // block_size)
         self.storage = KVStorage(model.config, numerics, num_seqs, num_seqs * self.blocks_per_seq, block_size,
-                                 device)
+                                 model.embed.weight.device)
 
     def chunk(self, seq: int, start: int, token_ids: Sequence[int] | torch.Tensor) -> Chunk:
         first = seq * self.blocks_per_seq
@@ -37,7 +37,7 @@ def forward_logits(model: Transformer, token_ids: Sequence[int] | torch.Tensor, 
                    chunk_sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Logits [T, vocab] for every position of one sequence, fed as one prefill or as the given chunks."""
     ids = torch.as_tensor(token_ids, dtype=torch.int64)
-    caches = StaticCaches(model, numerics, ids.numel())
+    caches = StaticCaches(model, numerics, ids.numel() + 1)
     sizes = list(chunk_sizes) if chunk_sizes else [ids.numel()]
     if sum(sizes) != ids.numel():
         raise ValueError(f"chunk sizes {sizes} do not add up to {ids.numel()} tokens")
