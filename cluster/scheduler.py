@@ -44,7 +44,6 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)     # tokens returned by workers (and streamed)
     num_scheduled_outputs: int = 0    # outputs that will exist once every in-flight step has returned
     num_computed: int = 0             # tokens of (prompt + outputs) scheduled to run, in-flight ones included
-    base_len: int = 0                 # tokens sent in this admission's NewRequest (prompt + earlier outputs)
     inflight: int = 0                 # in-flight steps that include this request
     finish_reason: FinishReason | None = None
 
@@ -151,10 +150,9 @@ class Scheduler:
             self._schedule_running(state, chunks, budget, ran)
         if not ran:
             return None
-        plans = tuple(WorkerPlan(0, tuple(new[w]), tuple(chunks[w]), tuple(self._pending_drops[w]))
-                      for w in range(len(self.managers)))
         step_id = next(self._step_ids)
-        plans = tuple(WorkerPlan(step_id, p.new_requests, p.chunks, p.finished_ids) for p in plans)
+        plans = tuple(WorkerPlan(step_id, tuple(new[w]), tuple(chunks[w]), tuple(self._pending_drops[w]))
+                      for w in range(len(self.managers)))
         self._pending_drops = [[] for _ in self.managers]
         return StepPlans(step_id, plans, tuple(ran))
 
@@ -203,7 +201,6 @@ class Scheduler:
         w = max(candidates, key=lambda w: (self.managers[w].num_free_blocks, -self._running_count(w), affinity[w], -w))
         self.managers[w].admit(state.request_id, 0)
         state.status, state.worker = Status.RUNNING, w
-        state.base_len = len(self._resume_tokens(state))
         state.num_computed = 0
         state.num_scheduled_outputs = len(state.output_ids)
         return True
