@@ -1,0 +1,422 @@
+// Compressor flush (spec §3.4-3.5; reference: kernels/cache_ops.py pool_chunk + finish_entries + compress_flush).
+//
+//   compress_flush_kernel<M, OVERLAP, INDEX>
+//     one thread-block cluster per work item, one CTA per 64-channel slab of the entry (cluster = d / 64 CTAs).
+//     A work item is (sequence, i): item 0 pools the sequence's windows 0 and 1 (the only ones that can read the
+//     compressor state) and then advances the state; item i >= 1 pools window i + 1 from this step's rows only.
+//     Per window: gated softmax pooling over the slots (CSA: A-halves of window w-1 + B-halves of window w; HCA:
+//     the window's 128 slots), bf16 round, RMSNorm (sum of squares reduced across the cluster through DSMEM),
+//     RoPE at position w * ratio, then either the FP8 main entry (584 B) or, for the indexer, Hadamard (all d
+//     channels exchanged through DSMEM) + MXFP4 key (68 B), stored into the paged pool.
+//
+// Races avoided: only item 0 of a sequence reads or writes that sequence's state, and each CTA touches only its
+// own slab's columns (channel c of the pooled entry reads columns c and d + c of the state), so the state update
+// needs no grid-wide ordering: a __syncthreads after the CTA's own reads suffices.
+//
+// Numerics (why fp64): the reference computes softmax and the weighted sum in float64 and rounds to fp32, then
+// bf16. fp32 math here would move the pooled fp32 value by an ulp in ~1e-3 of channels, which flips a stored FP8
+// byte once per few thousand entries. In fp64 the only differences left are the last bits of exp/sum order,
+// which survive the fp32 and bf16 roundings with probability ~1e-12 per value. RMSNorm: sum of squares of bf16
+// values in fp64 (exact), mean rounded to fp32, + eps in fp32, 1/sqrt in fp64 rounded to fp32, then the two fp32
+// multiplies of the reference in their order. RoPE: fp32 angle, cos/sin in fp64 rounded to fp32, then fp32
+// x*cos - y*sin with separate roundings (no FMA). Hadamard: exact fp64 sums, times the fp64 n^-0.5, to fp32, to bf16.
+//
+// Mask rule: an entry whose block is missing (-1, out of range, or past the block table) is not stored.
+#include <cooperative_groups.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace cg = cooperative_groups;
+
+namespace dsv4 {
+
+constexpr int kSlab = 64;         // channels per CTA; also the FP8 block
+constexpr int kGroups = 4;        // slot groups per channel
+constexpr int kFlushThreads = kSlab * kGroups;
+constexpr int kMaxSlabs = 8;      // d <= 512 (portable cluster size)
+
+struct FlushParams {
+  const float* a;            // [T, coff*d]
+  const float* z;            // [T, coff*d], ape included
+  float* state_kv;           // [num_slots, coff*m, coff*d]
+  float* state_score;
+  const int64_t* seq_slot;
+  const int64_t* seq_start;
+  const int64_t* seq_len;
+  const int64_t* seq_first_row;
+  const int64_t* block_table;  // [S, max_blocks]
+  const void* norm_weight;     // [d] bf16 or fp32
+  const float* inv_freq;       // [rope / 2]
+  uint8_t* pool;               // [num_blocks, entries_per_block, width]
+  int num_seqs, num_slots, max_blocks, num_blocks, entries_per_block, width;
+  int d, nope, rope;
+  bool weight_bf16;
+  float eps;
+  float inv_fp8_max, fp8_floor, inv_fp4_max, fp4_floor;
+  double hadamard_scale;
+};
+
+struct Item {
+  int seq, index;   // index < 0: no work
+};
+
+template <int M>
+__device__ __forceinline__ int items_of(const FlushParams& p, int s) {
+  const int64_t held = p.seq_start[s] % M;
+  const int64_t nw = (held + p.seq_len[s]) / M;
+  return nw > 2 ? static_cast<int>(nw - 1) : 1;
+}
+
+// Which (sequence, item) this cluster owns: an in-CTA exclusive scan of the per-sequence item counts.
+template <int M>
+__device__ Item find_item(const FlushParams& p, int item) {
+  using Scan = cub::BlockScan<int, kFlushThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ Item found;
+  if (threadIdx.x == 0) found = Item{-1, -1};
+  __syncthreads();
+  int running = 0;
+  for (int base = 0; base < p.num_seqs; base += kFlushThreads) {
+    const int s = base + threadIdx.x;
+    const int count = s < p.num_seqs ? items_of<M>(p, s) : 0;
+    int prefix, total;
+    Scan(scan_tmp).ExclusiveSum(count, prefix, total);
+    prefix += running;
+    if (s < p.num_seqs && item >= prefix && item < prefix + count) found = Item{s, item - prefix};
+    running += total;
+    __syncthreads();
+  }
+  return found;
+}
+
+// Row r of the sequence's "current" series: the state's current slots first (held of them), then this step's rows.
+struct RowSource {
+  const float* state_kv;     // this slot's state
+  const float* state_score;
+  int64_t first_row;
+  int held, state_row0;      // state row of current-series row 0 (m for CSA, 0 for HCA)
+  int row_width;             // coff * d
+};
+
+__device__ __forceinline__ void load_row_value(const FlushParams& p, const RowSource& rs, int r, int col,
+                                               float& kv, float& score) {
+  if (r < rs.held) {
+    const int64_t off = static_cast<int64_t>(rs.state_row0 + r) * rs.row_width + col;
+    kv = rs.state_kv[off];
+    score = rs.state_score[off];
+  } else {
+    const int64_t off = (rs.first_row + r - rs.held) * rs.row_width + col;
+    kv = p.a[off];
+    score = p.z[off];
+  }
+}
+
+template <int M, bool OVERLAP, bool INDEX>
+__device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, int64_t window_abs, int j, int slab,
+                            cg::cluster_group& cluster) {
+  constexpr int kSlots = OVERLAP ? 2 * M : M;
+  constexpr int kPerGroup = kSlots / kGroups;
+  __shared__ float red_max[kGroups][kSlab];
+  __shared__ double red_sum[kGroups][kSlab];
+  __shared__ double red_acc[kGroups][kSlab];
+  __shared__ float red_amax[2];
+  __shared__ double norm_part[2];
+  __shared__ double cluster_sq;             // this CTA's sum of squares, read by the cluster
+  __shared__ float slab_vals[kSlab];        // this CTA's roped bf16 values, read by the cluster (indexer)
+  __shared__ float full_vals[kMaxSlabs * kSlab];
+  const int ch = threadIdx.x % kSlab, grp = threadIdx.x / kSlab;
+  const int c = slab * kSlab + ch;
+  const int d = p.d;
+
+  // ---- gated pooling: slot q of this group is q * kGroups + grp
+  float zs[kPerGroup], as[kPerGroup];
+#pragma unroll
+  for (int q = 0; q < kPerGroup; ++q) {
+    const int slot = q * kGroups + grp;
+    if (OVERLAP && slot < M) {   // A-half of window j-1 (the state's previous window for j == 0)
+      if (j == 0) {
+        const int64_t off = static_cast<int64_t>(slot) * rs.row_width + c;
+        as[q] = rs.state_kv[off];
+        zs[q] = rs.state_score[off];
+      } else {
+        load_row_value(p, rs, (j - 1) * M + slot, c, as[q], zs[q]);
+      }
+    } else {                     // B-half (CSA) or the whole row (HCA) of window j
+      const int i = OVERLAP ? slot - M : slot;
+      load_row_value(p, rs, j * M + i, OVERLAP ? d + c : c, as[q], zs[q]);
+    }
+  }
+  float mx = -INFINITY;
+#pragma unroll
+  for (int q = 0; q < kPerGroup; ++q) mx = fmaxf(mx, zs[q]);
+  red_max[grp][ch] = mx;
+  __syncthreads();
+  mx = fmaxf(fmaxf(red_max[0][ch], red_max[1][ch]), fmaxf(red_max[2][ch], red_max[3][ch]));
+  const double mxd = static_cast<double>(mx);
+  double e[kPerGroup];
+  double sum = 0.0;
+#pragma unroll
+  for (int q = 0; q < kPerGroup; ++q) {
+    e[q] = exp(static_cast<double>(zs[q]) - mxd);
+    sum += e[q];
+  }
+  red_sum[grp][ch] = sum;
+  __syncthreads();
+  const double total = ((red_sum[0][ch] + red_sum[1][ch]) + red_sum[2][ch]) + red_sum[3][ch];
+  double acc = 0.0;
+#pragma unroll
+  for (int q = 0; q < kPerGroup; ++q) {
+    const float prob = static_cast<float>(e[q] / total);   // torch softmax in fp64, then .float()
+    acc = fma(static_cast<double>(as[q]), static_cast<double>(prob), acc);   // exact product, fp64 sum
+  }
+  red_acc[grp][ch] = acc;
+  __syncthreads();
+
+  // ---- finish: bf16 round, RMSNorm across the cluster, RoPE; group 0 (warps 0 and 1) holds the slab
+  float x = 0.0f;
+  if (grp == 0) {
+    const float pooled = static_cast<float>(((red_acc[0][ch] + red_acc[1][ch]) + red_acc[2][ch]) + red_acc[3][ch]);
+    x = bf16_round(pooled);
+    const double sq = warp_sum(static_cast<double>(x) * static_cast<double>(x));
+    if (ch % kWarp == 0) norm_part[ch / kWarp] = sq;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) cluster_sq = norm_part[0] + norm_part[1];
+  cluster.sync();
+  if (grp == 0) {
+    double total_sq = 0.0;
+    for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) total_sq += *cluster.map_shared_rank(&cluster_sq, r);
+    const float mean = static_cast<float>(total_sq / static_cast<double>(d));
+    const float rinv = static_cast<float>(1.0 / sqrt(static_cast<double>(__fadd_rn(mean, p.eps))));
+    const float wgt = p.weight_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.norm_weight)[c])
+                                    : reinterpret_cast<const float*>(p.norm_weight)[c];
+    x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rinv)));
+    if (c >= p.nope) {   // RoPE on interleaved pairs; the partner channel is the neighbouring lane
+      const int i = (c - p.nope) / 2;
+      const float angle = __fmul_rn(static_cast<float>(window_abs * M), p.inv_freq[i]);
+      const float cs = static_cast<float>(cos(static_cast<double>(angle)));
+      const float sn = static_cast<float>(sin(static_cast<double>(angle)));
+      const float other = __shfl_xor_sync(0xffffffffu, x, 1);
+      const float ev = (c % 2 == 0) ? x : other, od = (c % 2 == 0) ? other : x;
+      x = (c % 2 == 0) ? bf16_round(__fsub_rn(__fmul_rn(ev, cs), __fmul_rn(od, sn)))
+                       : bf16_round(__fadd_rn(__fmul_rn(ev, sn), __fmul_rn(od, cs)));
+    }   // (c >= nope) is uniform per CTA: nope is a multiple of the 64-channel slab
+  }
+
+  // ---- store
+  const int64_t logical = window_abs / p.entries_per_block;
+  const int64_t block = logical < p.max_blocks ? p.block_table[static_cast<int64_t>(seq) * p.max_blocks + logical] : -1;
+  const bool store = block >= 0 && block < p.num_blocks;
+  uint8_t* entry = store ? p.pool + (block * p.entries_per_block + window_abs % p.entries_per_block) * p.width : nullptr;
+
+  if constexpr (!INDEX) {
+    if (c < p.nope) {   // whole slab is one FP8 block (nope % 64 == 0)
+      if (grp == 0) {
+        const float wmax = warp_max(fabsf(x));
+        if (ch % kWarp == 0) red_amax[ch / kWarp] = wmax;
+      }
+      __syncthreads();
+      if (grp == 0) {
+        const uint32_t code = ue8m0_code(fmaxf(red_amax[0], red_amax[1]), p.fp8_floor, p.inv_fp8_max);
+        if (store) {
+          entry[c] = e4m3_encode(x, ue8m0_value(code));
+          if (ch == 0) entry[p.nope + 2 * p.rope + slab] = static_cast<uint8_t>(code);
+        }
+      }
+    } else if (grp == 0 && store) {
+      *reinterpret_cast<uint16_t*>(entry + p.nope + 2 * (c - p.nope)) = bf16_bits(x);
+      const int pad0 = p.nope + 2 * p.rope + p.nope / kSlab;
+      if (c == d - 1)
+        for (int b = pad0; b < p.width; ++b) entry[b] = 0;
+    }
+    cluster.sync();   // the next window / exit must not overwrite cluster_sq while a peer reads it
+  } else {
+    // Hadamard needs every channel: exchange the roped bf16 values through DSMEM.
+    if (grp == 0) slab_vals[ch] = x;
+    cluster.sync();
+    for (int i = threadIdx.x; i < d; i += kFlushThreads)
+      full_vals[i] = *cluster.map_shared_rank(&slab_vals[i % kSlab], i / kSlab);
+    __syncthreads();
+    // y_c = sum_j (-1)^popcount(c & j) x_j, exact in fp64; group g sums a quarter of j.
+    double h = 0.0;
+    const int quarter = d / kGroups;
+    for (int jj = grp * quarter; jj < (grp + 1) * quarter; ++jj) {
+      const double v = static_cast<double>(full_vals[jj]);
+      h += (__popc(c & jj) & 1) ? -v : v;
+    }
+    red_acc[grp][ch] = h;
+    __syncthreads();
+    if (grp == 0) {
+      const double hs = ((red_acc[0][ch] + red_acc[1][ch]) + red_acc[2][ch]) + red_acc[3][ch];
+      const float y = bf16_round(static_cast<float>(hs * p.hadamard_scale));
+      // MXFP4: one 32-block per warp (channels 0..31, 32..63 of the slab)
+      const uint32_t code = ue8m0_code(warp_max(fabsf(y)), p.fp4_floor, p.inv_fp4_max);
+      const uint32_t nib = e2m1_encode(y, ue8m0_value(code));
+      const uint32_t hi = __shfl_down_sync(0xffffffffu, nib, 1);
+      if (store) {
+        if (c % 2 == 0) entry[c / 2] = static_cast<uint8_t>(nib | (hi << 4));
+        if (ch % kWarp == 0) entry[d / 2 + c / 32] = static_cast<uint8_t>(code);
+      }
+    }
+    cluster.sync();   // peers may still be reading slab_vals / cluster_sq
+  }
+  __syncthreads();
+}
+
+// Advance the state (item 0 only), this CTA's columns: CSA keeps the last complete window in rows 0..m-1,
+// the current (incomplete) window's rows in m..; HCA only the current rows.
+template <int M, bool OVERLAP>
+__device__ void update_state(const FlushParams& p, const RowSource& rs, float* skv, float* ssc, int n, int slab) {
+  const int held = rs.held, nw = (held + n) / M, tail = held + n - nw * M;
+  constexpr int kHalves = OVERLAP ? 2 : 1;
+  const int cols = kSlab * kHalves;
+  if (OVERLAP && nw >= 1) {
+    for (int i = threadIdx.x; i < M * cols; i += kFlushThreads) {
+      const int r = i / cols, cc = i % cols;
+      const int col = (cc / kSlab) * p.d + slab * kSlab + cc % kSlab;
+      float kv, sc;
+      load_row_value(p, rs, (nw - 1) * M + r, col, kv, sc);
+      const int64_t off = static_cast<int64_t>(r) * rs.row_width + col;
+      skv[off] = kv;
+      ssc[off] = sc;
+    }
+    __syncthreads();   // rows m.. are read above when nw == 1 and rewritten below
+  }
+  const int lo = nw == 0 ? held : 0;
+  for (int i = threadIdx.x; i < (tail - lo) * cols; i += kFlushThreads) {
+    const int r = lo + i / cols, cc = i % cols;
+    const int col = (cc / kSlab) * p.d + slab * kSlab + cc % kSlab;
+    const int64_t src = (rs.first_row + nw * M + r - held) * rs.row_width + col;
+    const int64_t off = static_cast<int64_t>(rs.state_row0 + r) * rs.row_width + col;
+    skv[off] = p.a[src];
+    ssc[off] = p.z[src];
+  }
+}
+
+template <int M, bool OVERLAP, bool INDEX>
+__global__ void __launch_bounds__(kFlushThreads) compress_flush_kernel(const FlushParams p) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int slab = static_cast<int>(cluster.block_rank());
+  const int item_id = blockIdx.x / static_cast<int>(cluster.num_blocks());
+  const Item it = find_item<M>(p, item_id);
+  if (it.seq < 0) return;   // the whole cluster agrees: same item id
+  const int s = it.seq;
+  const int64_t start = p.seq_start[s];
+  const int n = static_cast<int>(p.seq_len[s]);
+  const int64_t slot = p.seq_slot[s];
+  if (slot < 0 || slot >= p.num_slots) return;   // mask rule: no state, nothing stored
+  constexpr int kCoff = OVERLAP ? 2 : 1;
+  const int row_width = kCoff * p.d;
+  float* skv = p.state_kv + slot * static_cast<int64_t>(kCoff * M) * row_width;
+  float* ssc = p.state_score + slot * static_cast<int64_t>(kCoff * M) * row_width;
+  const int held = static_cast<int>(start % M);
+  const RowSource rs{skv, ssc, p.seq_first_row[s], held, OVERLAP ? M : 0, row_width};
+  const int nw = (held + n) / M;
+  const int64_t first_window = (start - held) / M;
+  if (it.index == 0) {
+    for (int j = 0; j < 2 && j < nw; ++j)
+      pool_window<M, OVERLAP, INDEX>(p, rs, s, first_window + j, j, slab, cluster);
+    __syncthreads();   // every read of this CTA's state columns is done
+    update_state<M, OVERLAP>(p, rs, skv, ssc, n, slab);
+  } else {
+    const int j = it.index + 1;
+    pool_window<M, OVERLAP, INDEX>(p, rs, s, first_window + j, j, slab, cluster);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- host
+void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_kv, at::Tensor& state_score,
+                    const at::Tensor& seq_slot, const at::Tensor& seq_start, const at::Tensor& seq_len,
+                    const at::Tensor& seq_first_row, const at::Tensor& block_table, int64_t block_size,
+                    int64_t ratio, const at::Tensor& norm_weight, double eps, const at::Tensor& inv_freq,
+                    at::Tensor& pool, int64_t nope, int64_t rope, bool index_key, double inv_fp8_max,
+                    double fp8_floor, double inv_fp4_max, double fp4_floor, double hadamard_scale) {
+  for (const at::Tensor* t : TensorList{&a, &z, &state_kv, &state_score, &seq_slot, &seq_start, &seq_len, &seq_first_row, &block_table,
+                  &norm_weight, &inv_freq, &pool})
+    check_cuda(*t, "compress_flush tensor");
+  for (const at::Tensor* t : TensorList{&a, &z, &state_kv, &state_score, &inv_freq}) check_dtype(*t, at::kFloat, "a/z/state/inv_freq");
+  for (const at::Tensor* t : TensorList{&seq_slot, &seq_start, &seq_len, &seq_first_row, &block_table})
+    check_dtype(*t, at::kLong, "layout tensor");
+  check_dtype(pool, at::kByte, "pool");
+  TORCH_CHECK(norm_weight.scalar_type() == at::kBFloat16 || norm_weight.scalar_type() == at::kFloat,
+              "norm_weight: bf16 or fp32");
+  const int64_t d = norm_weight.numel();
+  const bool overlap = ratio == 4;
+  TORCH_CHECK(ratio == 4 || ratio == 128, "compress_flush kernel supports ratios 4 (CSA) and 128 (HCA), got ", ratio);
+  TORCH_CHECK(d % kSlab == 0 && d / kSlab <= kMaxSlabs, "head_dim must be a multiple of 64 up to 512, got ", d);
+  const int64_t coff = overlap ? 2 : 1;
+  TORCH_CHECK(a.dim() == 2 && a.size(1) == coff * d && z.sizes() == a.sizes(), "a, z must be [T, ", coff * d, "]");
+  TORCH_CHECK(state_kv.dim() == 3 && state_kv.size(1) == coff * ratio && state_kv.size(2) == coff * d &&
+                  state_score.sizes() == state_kv.sizes(),
+              "states must be [slots, ", coff * ratio, ", ", coff * d, "]");
+  TORCH_CHECK(pool.dim() == 3 && block_size % ratio == 0 && pool.size(1) == block_size / ratio, "pool geometry");
+  if (index_key) {
+    TORCH_CHECK(overlap, "indexer keys come from the CSA compressor");
+    TORCH_CHECK((d & (d - 1)) == 0 && pool.size(2) == d / 2 + d / 32, "indexer pool width must be d/2 + d/32");
+  } else {
+    TORCH_CHECK(nope + rope == d && nope % kSlab == 0 && rope % kSlab == 0, "nope/rope must be multiples of 64");
+    TORCH_CHECK(pool.size(2) == ((nope + 2 * rope + nope / 64) + 7) / 8 * 8, "main pool width mismatch");
+  }
+  TORCH_CHECK(inv_freq.numel() * 2 == rope, "inv_freq must have rope/2 entries");
+  const int64_t num_tokens = a.size(0), num_seqs = seq_slot.numel();
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == num_seqs, "block_table must be [S, max_blocks]");
+  if (num_tokens == 0 || num_seqs == 0) return;
+  // Work items: sum over sequences of max(windows - 1, 1) <= S + (T - S) / ratio (each chunk has >= 1 token).
+  const int64_t max_items = num_seqs + std::max<int64_t>(num_tokens - num_seqs, 0) / ratio + 1;
+  const int slabs = static_cast<int>(d / kSlab);
+
+  FlushParams p{};
+  p.a = a.data_ptr<float>();
+  p.z = z.data_ptr<float>();
+  p.state_kv = state_kv.data_ptr<float>();
+  p.state_score = state_score.data_ptr<float>();
+  p.seq_slot = seq_slot.data_ptr<int64_t>();
+  p.seq_start = seq_start.data_ptr<int64_t>();
+  p.seq_len = seq_len.data_ptr<int64_t>();
+  p.seq_first_row = seq_first_row.data_ptr<int64_t>();
+  p.block_table = block_table.data_ptr<int64_t>();
+  p.norm_weight = norm_weight.data_ptr();
+  p.inv_freq = inv_freq.data_ptr<float>();
+  p.pool = pool.data_ptr<uint8_t>();
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_slots = static_cast<int>(state_kv.size(0));
+  p.max_blocks = static_cast<int>(block_table.size(1));
+  p.num_blocks = static_cast<int>(pool.size(0));
+  p.entries_per_block = static_cast<int>(pool.size(1));
+  p.width = static_cast<int>(pool.size(2));
+  p.d = static_cast<int>(d);
+  p.nope = index_key ? static_cast<int>(d - rope) : static_cast<int>(nope);
+  p.rope = static_cast<int>(rope);
+  p.weight_bf16 = norm_weight.scalar_type() == at::kBFloat16;
+  p.eps = static_cast<float>(eps);
+  p.inv_fp8_max = static_cast<float>(inv_fp8_max);
+  p.fp8_floor = static_cast<float>(fp8_floor);
+  p.inv_fp4_max = static_cast<float>(inv_fp4_max);
+  p.fp4_floor = static_cast<float>(fp4_floor);
+  p.hadamard_scale = hadamard_scale;
+
+  const c10::cuda::CUDAGuard guard(a.device());
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(max_items * slabs));
+  config.blockDim = dim3(kFlushThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = current_stream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(slabs);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  cudaError_t err;
+  if (!overlap) err = cudaLaunchKernelEx(&config, compress_flush_kernel<128, false, false>, p);
+  else if (index_key) err = cudaLaunchKernelEx(&config, compress_flush_kernel<4, true, true>, p);
+  else err = cudaLaunchKernelEx(&config, compress_flush_kernel<4, true, false>, p);
+  C10_CUDA_CHECK(err);
+  DSV4_LAUNCH_CHECK();
+}
+
+}  // namespace dsv4

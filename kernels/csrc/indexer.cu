@@ -1,0 +1,540 @@
+// Lightning indexer over paged MXFP4 keys: score, then top-k (spec §4; reference: kernels/cache_ops.py
+// indexer_topk, index_scores, select_topk).
+//
+//   indexer_score_mxfp4_kernel<NT>  grid (key chunk, token). Scores I(t, s) = sum_h w_h ReLU(q_h . k_s) for the
+//                                   token's visible keys, written as 16-bit order-preserving keys of the bf16 score.
+//   indexer_select_kernel           one CTA per token: radix select over the 16-bit keys (8 + 8 bits), ties to the
+//                                   lower entry index, bitonic sort of the chosen <= 1024, -1 padding.
+// The two run back to back in one op; the intermediate is 2 bytes per (token, entry), read from L2.
+//
+// Exactness. In reference numerics q and k are MXFP4 values (e2m1 x 2^e per 32-block), so q_h . k is a sum of
+// four integer dot products times powers of two. Each 32-block of q is decomposed here as int * 2^(E_b - 3) with
+// |int| <= 15 (checked), each key block as int * 2^(e_b - 128) (e2m1 * 2 is an integer <= 12). Shifting every
+// block's integers by its exponent above the vector's smallest nonzero block exponent (<= 3 bits on each side,
+// checked) folds the four blocks into ONE int8 x int8 tensor-core dot over K = 128 whose int32 sum is exact
+// (<= 2^21). The exact dot is then acc * 2^(qmin - 3) (exact, via the 1.5 * 2^23 magic add) * 2^(kmin - 128):
+// one fp32 rounding, identical to the reference's fp64 sum rounded to fp32. Then bf16, ReLU, times the bf16
+// head weight (exact in fp32), bf16, exactly as the reference's bf16 tensors. The 64-head sum is done in fp32
+// with a proof of exactness per (token, key): every term is a multiple of 2^lsb (lsb of the smallest nonzero
+// term) and sum |term| < 2^(lsb + 23), so every partial sum is representable; otherwise, and for keys or heads
+// outside the int8 fold (blocks 16x apart, q not on the MXFP4 grid), a per-key fp64 path recomputes the score.
+// The bf16 score is then the reference's to the bit, so the selection is too.
+//
+// int8 mma.sync m16n8k32 fragments (PTX ISA): A (16 keys x 32) a0:(g, 4t..4t+3) a1:(g+8, ..) a2:(g, 16+4t..)
+// a3:(g+8, 16+4t..); B (32 x 8 heads) b0:(4t..4t+3, g) b1:(16+4t.., g); C c0,c1:(g, 2t..2t+1) c2,c3:(g+8, ..),
+// g = lane / 4, t = lane % 4. K is permuted consistently on both sides so that lane t owns 32-block t: MMA
+// k-step s, slots 4t..4t+3 <-> block t elements 8s..8s+3 and slots 16+4t.. <-> elements 8s+4..8s+7. A key's
+// block t is then one contiguous 16-byte run of its packed bytes.
+//
+// Mask rule: an entry on a missing block (-1, out of range, past the block table) gets key 0 and is never
+// selected (the reference would index garbage there).
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace dsv4 {
+
+constexpr int kIdxDim = 128;       // index_head_dim of every V4 model
+constexpr int kIdxBlocks = kIdxDim / 32;
+constexpr int kKeyBytes = kIdxDim / 2 + kIdxBlocks;   // 68
+constexpr int kIdxWarps = 4;
+constexpr int kIdxThreads = kIdxWarps * kWarp;
+constexpr int kKeysPerWarpIter = 64;   // 4 m-tiles of 16 keys
+constexpr int kSelectThreads = 512;
+constexpr int kMaxTopkSel = 1024;
+
+struct IndexerParams {
+  const __nv_bfloat16* q;        // [T, H, 128] MXFP4-representable bf16
+  const __nv_bfloat16* w;        // [T, H] bf16
+  const uint8_t* pool;           // [num_blocks, epb, 68]
+  const int64_t* positions;      // [T]
+  const int64_t* token_seq;      // [T]
+  const int64_t* block_table;    // [S, max_blocks]
+  uint16_t* keys;                // [T, row_stride] order-preserving 16-bit keys
+  int heads, ratio, epb, max_blocks, num_blocks, row_stride, iters;
+};
+
+// ------------------------------------------------------------------------------------------- helpers
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four e2m1 nibbles (low nibble first) -> four int8 = 2 * e2m1 value << shift, via byte-permute lookups.
+__device__ __forceinline__ uint32_t nibbles_to_s8(uint32_t v16, uint32_t tlo, uint32_t thi) {
+  const uint32_t mag = __byte_perm(tlo, thi, v16 & 0x7777u);
+  const uint32_t neg_mask = __byte_perm(0x0000FF00u, 0u, (v16 >> 3) & 0x1111u);
+  const uint32_t neg = __vsub4(0u, mag);
+  return (mag & ~neg_mask) | (neg & neg_mask);
+}
+
+// bf16 score -> 16-bit key whose unsigned order is the float order; -0 == +0 (they tie in the reference's sort).
+// Key 0 is never produced by a score (the lowest, -NaN, maps to 0x003F): it marks masked entries.
+__device__ __forceinline__ uint16_t score_key(uint32_t bits16) {
+  if (bits16 == 0x8000u) bits16 = 0;
+  return static_cast<uint16_t>((bits16 & 0x8000u) ? (~bits16 & 0xFFFFu) : (bits16 | 0x8000u));
+}
+
+__device__ __forceinline__ float e2m1_value(uint32_t code) {
+  const float v = 0.5f * static_cast<float>(__byte_perm(0x03020100u, 0x0C080604u, code & 7u) & 0xFFu);   // 2x table
+  return (code & 8u) ? -v : v;
+}
+
+// Slow exact path for one key, warp-cooperative: decode, fp64 dots (exact products), then the reference's
+// roundings. Used for keys outside the int8 fold and for sums the fp32 proof cannot certify.
+__device__ float slow_key_score(const uint8_t* __restrict__ entry, const __nv_bfloat16* __restrict__ q_bf,
+                                const float* __restrict__ w_s, float* __restrict__ kbuf, int heads, int lane) {
+  {
+    const uint32_t packed = entry[2 * lane] | (static_cast<uint32_t>(entry[2 * lane + 1]) << 8);
+    const float s = ue8m0_value(entry[kIdxDim / 2 + lane / 8]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) kbuf[4 * lane + i] = __fmul_rn(e2m1_value((packed >> (4 * i)) & 0xFu), s);
+  }
+  __syncwarp();
+  double total = 0.0;
+  for (int h = lane; h < heads; h += kWarp) {
+    double dot = 0.0;
+    for (int i = 0; i < kIdxDim; ++i)
+      dot = fma(static_cast<double>(__bfloat162float(q_bf[h * kIdxDim + i])), static_cast<double>(kbuf[i]), dot);
+    const float r = bf16_round(fmaxf(bf16_round(static_cast<float>(dot)), 0.0f));
+    total += static_cast<double>(bf16_round(__fmul_rn(r, w_s[h])));
+  }
+  total = warp_sum(total);
+  __syncwarp();
+  return bf16_round(static_cast<float>(total));
+}
+
+// ------------------------------------------------------------------------------------------- score kernel
+template <int NT>
+__global__ void __launch_bounds__(kIdxThreads) indexer_score_mxfp4_kernel(const IndexerParams p) {
+  constexpr int H = NT * 8;
+  __shared__ __align__(16) int8_t q_i8[H][kIdxDim];
+  __shared__ __align__(16) __nv_bfloat16 q_bf[H][kIdxDim];
+  __shared__ float w_s[H], qs_s[H], nqc_s[H];
+  __shared__ int blk_exp[H][kIdxBlocks];
+  __shared__ float kbuf[kIdxWarps][kIdxDim];
+  __shared__ int q_slow;
+
+  const int t = blockIdx.y, tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int64_t vq = (p.positions[t] + 1) / p.ratio;   // visible entries of this token
+  const int64_t cta_k0 = static_cast<int64_t>(blockIdx.x) * kIdxWarps * kKeysPerWarpIter * p.iters;
+  if (cta_k0 >= vq) return;
+  const int64_t s = p.token_seq[t];
+
+  // ---- q: stage, decompose every 32-block into int * 2^(E - 3), fold block exponents per head
+  if (tid == 0) q_slow = 0;
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(p.q + static_cast<int64_t>(t) * H * kIdxDim);
+    uint4* dst = reinterpret_cast<uint4*>(&q_bf[0][0]);
+    for (int i = tid; i < H * kIdxDim / 8; i += kIdxThreads) dst[i] = src[i];
+    for (int h = tid; h < H; h += kIdxThreads) w_s[h] = __bfloat162float(p.w[static_cast<int64_t>(t) * H + h]);
+  }
+  __syncthreads();
+  for (int pair = tid; pair < H * kIdxBlocks; pair += kIdxThreads) {
+    const int h = pair / kIdxBlocks, b = pair % kIdxBlocks;
+    const __nv_bfloat16* v = &q_bf[h][32 * b];
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(__bfloat162float(v[i])));
+    int e = INT_MIN;   // zero block: its scale is irrelevant
+    bool bad = false;
+    if (amax > 0.0f) {
+      const int field = (__float_as_uint(amax) >> 23) & 0xFF;
+      bad = field == 0 || field == 0xFF;   // subnormal or non-finite: leave it to the fp64 path
+      e = field - 127;
+    }
+    for (int i = 0; i < 32; ++i) {
+      const float r = e == INT_MIN || bad ? 0.0f : ldexpf(__bfloat162float(v[i]), 3 - e);   // exact scaling
+      bad |= r != rintf(r) || fabsf(r) > 15.0f;   // not on the (shifted) MXFP4 grid
+      q_i8[h][32 * b + i] = static_cast<int8_t>(bad ? 0 : static_cast<int>(r));
+    }
+    blk_exp[h][b] = e;
+    if (bad) q_slow = 1;
+  }
+  __syncthreads();
+  for (int h = tid; h < H; h += kIdxThreads) {
+    int emin = INT_MAX, emax = INT_MIN;
+    for (int b = 0; b < kIdxBlocks; ++b) {
+      if (blk_exp[h][b] == INT_MIN) continue;
+      emin = min(emin, blk_exp[h][b]);
+      emax = max(emax, blk_exp[h][b]);
+    }
+    float qs = 1.0f;
+    if (emin != INT_MAX) {
+      if (emax - emin > 3 || emin - 3 < -100 || emin - 3 > 100) q_slow = 1;   // outside the exact int8 fold
+      qs = ldexpf(1.0f, emin - 3);
+    }
+    qs_s[h] = qs;
+    nqc_s[h] = -12582912.0f * qs;
+    for (int b = 0; b < kIdxBlocks; ++b) blk_exp[h][b] = blk_exp[h][b] == INT_MIN ? 0 : blk_exp[h][b] - emin;
+  }
+  __syncthreads();
+  for (int i = tid; i < H * kIdxDim; i += kIdxThreads) {
+    const int h = i / kIdxDim, b = (i % kIdxDim) / 32;
+    const int shift = min(blk_exp[h][b], 3);
+    q_i8[h][i % kIdxDim] = static_cast<int8_t>(static_cast<int>(q_i8[h][i % kIdxDim]) * (1 << shift));
+  }
+  __syncthreads();
+  const bool query_slow = q_slow != 0;
+
+  // ---- B fragments (q) for all heads, kept in registers for the whole key loop
+  const int g = lane / 4, tq = lane % 4;
+  uint32_t bq[NT][4][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      bq[nt][st][0] = *reinterpret_cast<const uint32_t*>(&q_i8[nt * 8 + g][32 * tq + 8 * st]);
+      bq[nt][st][1] = *reinterpret_cast<const uint32_t*>(&q_i8[nt * 8 + g][32 * tq + 8 * st + 4]);
+    }
+
+  uint16_t* key_row = p.keys + static_cast<int64_t>(t) * p.row_stride;
+  const int64_t warp_k0 = cta_k0 + static_cast<int64_t>(warp) * kKeysPerWarpIter * p.iters;
+  for (int mt = 0; mt < 4 * p.iters; ++mt) {
+    const int64_t kb = warp_k0 + 16 * mt;
+    if (kb >= vq) break;
+    const int64_t logical = kb / p.epb;   // the 16 keys share a block (epb % 16 == 0)
+    const int64_t blk = logical < p.max_blocks ? p.block_table[s * p.max_blocks + logical] : -1;
+    const bool blk_ok = blk >= 0 && blk < p.num_blocks;
+    // ---- load block tq of keys g and g + 8
+    uint32_t words[2][4], scw[2];
+    bool in_range[2];
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk) {
+      const int64_t key = kb + g + 8 * hk;
+      in_range[hk] = key < vq;
+      const bool ok = in_range[hk] && blk_ok;
+      const uint8_t* e = p.pool + (blk * p.epb + key % p.epb) * kKeyBytes;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) words[hk][i] = ok ? *reinterpret_cast<const uint32_t*>(e + 16 * tq + 4 * i) : 0u;
+      scw[hk] = ok ? *reinterpret_cast<const uint32_t*>(e + kIdxDim / 2) : 0x7F7F7F7Fu;
+    }
+    // ---- per key: nonzero blocks (shared across the quad), smallest exponent, shifts, scale
+    uint32_t nzq = 0;
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk) {
+      const bool nz = ((words[hk][0] | words[hk][1] | words[hk][2] | words[hk][3]) & 0x77777777u) != 0u;
+      nzq |= (nz ? 1u : 0u) << (tq + 4 * hk);
+    }
+    nzq |= __shfl_xor_sync(0xffffffffu, nzq, 1);
+    nzq |= __shfl_xor_sync(0xffffffffu, nzq, 2);
+    uint32_t a[4][4];
+    float kscale[2];
+    bool wide[2];
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk) {
+      const uint32_t nzm = (nzq >> (4 * hk)) & 0xFu;
+      int emin = 255, emax = 0;
+#pragma unroll
+      for (int b = 0; b < kIdxBlocks; ++b) {
+        const int code = (scw[hk] >> (8 * b)) & 0xFF;
+        if (nzm >> b & 1u) {
+          emin = min(emin, code);
+          emax = max(emax, code);
+        }
+      }
+      if (nzm == 0u) emin = emax = 128;
+      wide[hk] = emax - emin > 3;
+      kscale[hk] = ldexpf(1.0f, emin - 128);
+      const int my_code = (scw[hk] >> (8 * tq)) & 0xFF;
+      const int shift = (nzm >> tq & 1u) ? min(my_code - emin, 3) : 0;
+      const uint32_t tlo = 0x03020100u << shift, thi = 0x0C080604u << shift;
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        a[st][hk] = nibbles_to_s8(words[hk][st] & 0xFFFFu, tlo, thi);        // elements 8st..8st+3
+        a[st][2 + hk] = nibbles_to_s8(words[hk][st] >> 16, tlo, thi);        // elements 8st+4..8st+7
+      }
+    }
+    // ---- int8 tensor-core dots: 16 keys x H heads x 128
+    int acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+#pragma unroll
+    for (int st = 0; st < 4; ++st)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_s8(acc[nt], a[st], bq[nt][st][0], bq[nt][st][1]);
+    // ---- epilogue: reference roundings, fp32 head sum with an exactness certificate
+    float sum[2] = {0.0f, 0.0f}, sabs[2] = {0.0f, 0.0f};
+    uint32_t minbits[2] = {0xFFFFFFFFu, 0xFFFFFFFFu};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int h0 = nt * 8 + 2 * tq;
+      const float qs0 = qs_s[h0], qs1 = qs_s[h0 + 1], nq0 = nqc_s[h0], nq1 = nqc_s[h0 + 1];
+      const float w0 = w_s[h0], w1 = w_s[h0 + 1];
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {
+        const float f0 = __fmul_rn(fmaf(__int_as_float(acc[nt][2 * hk] + 0x4B400000), qs0, nq0), kscale[hk]);
+        const float f1 = __fmul_rn(fmaf(__int_as_float(acc[nt][2 * hk + 1] + 0x4B400000), qs1, nq1), kscale[hk]);
+        const __nv_bfloat162 d2 = __floats2bfloat162_rn(fmaxf(f0, 0.0f), fmaxf(f1, 0.0f));
+        const __nv_bfloat162 t2 =
+            __floats2bfloat162_rn(__fmul_rn(__low2float(d2), w0), __fmul_rn(__high2float(d2), w1));
+        const float t0 = __low2float(t2), t1 = __high2float(t2);
+        sum[hk] = __fadd_rn(__fadd_rn(sum[hk], t0), t1);
+        sabs[hk] = __fadd_rn(__fadd_rn(sabs[hk], fabsf(t0)), fabsf(t1));
+        minbits[hk] = min(minbits[hk], min((__float_as_uint(t0) << 1) - 1u, (__float_as_uint(t1) << 1) - 1u));
+      }
+    }
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk) {
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) {
+        sum[hk] = __fadd_rn(sum[hk], __shfl_xor_sync(0xffffffffu, sum[hk], o));
+        sabs[hk] = __fadd_rn(sabs[hk], __shfl_xor_sync(0xffffffffu, sabs[hk], o));
+        minbits[hk] = min(minbits[hk], __shfl_xor_sync(0xffffffffu, minbits[hk], o));
+      }
+    }
+    // ---- certify, write; collect keys for the fp64 path
+    bool my_slow = false;
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk) {
+      bool exact = true;
+      if (minbits[hk] != 0xFFFFFFFFu) {
+        const int field = max(static_cast<int>((minbits[hk] + 1u) >> 24), 1);
+        const int lsb = field - 127 - 7;   // terms are bf16 values: 7 fraction bits
+        exact = sabs[hk] <= ldexpf(1.0f, min(lsb + 23, 127));
+      }
+      const int64_t key = kb + g + 8 * hk;
+      const bool slow = in_range[hk] && blk_ok && (query_slow || wide[hk] || !exact);
+      if (tq == hk && in_range[hk]) {
+        if (!blk_ok) key_row[key] = 0;
+        else if (!slow) key_row[key] = score_key(bf16_bits(sum[hk]));
+        my_slow = slow;
+      }
+    }
+    uint32_t slow_lanes = __ballot_sync(0xffffffffu, my_slow);
+    while (slow_lanes) {
+      const int l = __ffs(slow_lanes) - 1;
+      slow_lanes &= slow_lanes - 1;
+      const int64_t key = kb + l / 4 + 8 * (l % 4);
+      const uint8_t* e = p.pool + (blk * p.epb + key % p.epb) * kKeyBytes;
+      const float score = slow_key_score(e, &q_bf[0][0], w_s, kbuf[warp], H, lane);
+      if (lane == 0) key_row[key] = score_key(bf16_bits(score));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- select kernel
+// The bin holding the need-th largest key: counts above it < need <= counts above + its count. Warp 0 only.
+__device__ __forceinline__ void find_bin(const uint32_t* hist, uint32_t need, int lane, int* bin_out,
+                                         uint32_t* above_out) {
+  uint32_t local[8], sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    local[j] = hist[255 - 8 * lane - j];   // lane 0 holds the highest bins
+    sum += local[j];
+  }
+  uint32_t before = sum;
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const uint32_t v = __shfl_up_sync(0xffffffffu, before, o);
+    if (lane >= o) before += v;
+  }
+  before -= sum;   // exclusive: keys in higher lanes' bins
+  if (before < need && need <= before + sum) {
+    uint32_t acc = before;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (acc + local[j] >= need) {
+        *bin_out = 255 - 8 * lane - j;
+        *above_out = acc;
+        break;
+      }
+      acc += local[j];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const uint16_t* __restrict__ keys,
+                                                                        const int64_t* __restrict__ positions,
+                                                                        int64_t* __restrict__ out, int row_stride,
+                                                                        int64_t max_entries, int ratio, int topk) {
+  using Scan = cub::BlockScan<uint32_t, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ uint32_t hist[256];
+  __shared__ unsigned long long cand[kMaxTopkSel];
+  __shared__ uint32_t cand_count, total_valid, above1, above2;
+  __shared__ int bin1, bin2;
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid % kWarp;
+  const int64_t visible = (positions[t] + 1) / ratio;
+  const int64_t n = visible < max_entries ? visible : max_entries;   // entries past the block table: masked
+  const uint16_t* row = keys + static_cast<int64_t>(t) * row_stride;
+  constexpr int kPer = 8;   // keys per thread per step (one 16-byte load)
+  constexpr int kStep = kSelectThreads * kPer;
+
+  auto load8 = [&](int64_t i0, uint16_t (&k8)[kPer]) {
+    if (i0 + kPer <= n) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + i0);
+      const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) k8[j] = static_cast<uint16_t>(w4[j / 2] >> (16 * (j % 2)));
+    } else {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) k8[j] = i0 + j < n ? row[i0 + j] : 0;
+    }
+  };
+
+  // ---- pass 1: high byte histogram of valid (nonzero) keys
+  for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+  if (tid == 0) { cand_count = 0; bin1 = -1; bin2 = -1; above1 = above2 = 0; }
+  __syncthreads();
+  for (int64_t i0 = static_cast<int64_t>(tid) * kPer; i0 < n; i0 += kStep) {
+    uint16_t k8[kPer];
+    load8(i0, k8);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (k8[j] != 0) atomicAdd(&hist[k8[j] >> 8], 1u);
+  }
+  __syncthreads();
+  if (tid < kWarp) {
+    uint32_t s = 0;
+    for (int j = lane; j < 256; j += kWarp) s += hist[j];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) total_valid = s;
+    if (s > static_cast<uint32_t>(topk)) find_bin(hist, topk, lane, &bin1, &above1);
+  }
+  __syncthreads();
+  const bool take_all = total_valid <= static_cast<uint32_t>(topk);
+  uint32_t thr = 1, need_eq = 0;   // take_all: every key >= 1
+  if (!take_all) {
+    // ---- pass 2: low byte histogram inside the threshold bin
+    for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+    __syncthreads();
+    for (int64_t i0 = static_cast<int64_t>(tid) * kPer; i0 < n; i0 += kStep) {
+      uint16_t k8[kPer];
+      load8(i0, k8);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j)
+        if (k8[j] != 0 && (k8[j] >> 8) == bin1) atomicAdd(&hist[k8[j] & 0xFF], 1u);
+    }
+    __syncthreads();
+    if (tid < kWarp) find_bin(hist, topk - above1, lane, &bin2, &above2);
+    __syncthreads();
+    thr = (static_cast<uint32_t>(bin1) << 8) | static_cast<uint32_t>(bin2);
+    need_eq = topk - above1 - above2;
+  }
+  const uint32_t k_eff = take_all ? total_valid : static_cast<uint32_t>(topk);
+
+  // ---- pass 3: keys above the threshold, plus the first need_eq keys equal to it in index order
+  uint32_t eq_base = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kStep) {
+    const int64_t i0 = c0 + static_cast<int64_t>(tid) * kPer;
+    uint16_t k8[kPer];
+    load8(i0, k8);
+    uint32_t my_eq = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) my_eq += (!take_all && k8[j] == thr) ? 1u : 0u;
+    uint32_t rank, chunk_eq;
+    Scan(scan_tmp).ExclusiveSum(my_eq, rank, chunk_eq);
+    rank += eq_base;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const uint32_t kv = k8[j];
+      bool take = false;
+      if (take_all) {
+        take = kv != 0;
+      } else if (kv > thr) {
+        take = true;
+      } else if (kv == thr) {
+        take = rank < need_eq;
+        ++rank;
+      }
+      if (take) {
+        const uint32_t slot = atomicAdd(&cand_count, 1u);
+        const uint32_t idx = static_cast<uint32_t>(i0 + j);
+        cand[slot] = (static_cast<unsigned long long>(kv) << 32) | (0xFFFFFFFFu - idx);
+      }
+    }
+    eq_base += chunk_eq;
+    __syncthreads();
+  }
+  // ---- sort descending by (key, lower index first); pad to a power of two with 0 (sorts last)
+  uint32_t size = 1;
+  while (size < k_eff) size <<= 1;
+  for (uint32_t i = k_eff + tid; i < size; i += kSelectThreads) cand[i] = 0ull;
+  __syncthreads();
+  for (uint32_t k = 2; k <= size; k <<= 1) {
+    for (uint32_t j = k >> 1; j > 0; j >>= 1) {
+      for (uint32_t i = tid; i < size; i += kSelectThreads) {
+        const uint32_t l = i ^ j;
+        if (l > i) {
+          const unsigned long long x = cand[i], y = cand[l];
+          if (((i & k) == 0) ? (x < y) : (x > y)) {
+            cand[i] = y;
+            cand[l] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int r = tid; r < topk; r += kSelectThreads) {
+    out[static_cast<int64_t>(t) * topk + r] =
+        static_cast<uint32_t>(r) < k_eff ? static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(cand[r])) : -1;
+  }
+}
+
+// ------------------------------------------------------------------------------------------- host
+at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& weights, const at::Tensor& pool,
+                        const at::Tensor& positions, const at::Tensor& token_seq, const at::Tensor& block_table,
+                        int64_t block_size, int64_t ratio, int64_t topk) {
+  for (const at::Tensor* x : TensorList{&q, &weights, &pool, &positions, &token_seq, &block_table}) check_cuda(*x, "indexer tensor");
+  check_dtype(q, at::kBFloat16, "q");
+  check_dtype(weights, at::kBFloat16, "weights");
+  check_dtype(pool, at::kByte, "pool");
+  for (const at::Tensor* x : TensorList{&positions, &token_seq, &block_table}) check_dtype(*x, at::kLong, "layout tensor");
+  check_dim(q, 3, "q");
+  check_dim(pool, 3, "pool");
+  check_dim(block_table, 2, "block_table");
+  const int64_t num_tokens = q.size(0), heads = q.size(1);
+  TORCH_CHECK(q.size(2) == kIdxDim, "index_head_dim must be ", kIdxDim, ", got ", q.size(2));
+  TORCH_CHECK(heads == 16 || heads == 32 || heads == 64, "index heads must be 16, 32 or 64, got ", heads);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == num_tokens && weights.size(1) == heads, "weights must be [T, H]");
+  TORCH_CHECK(pool.size(2) == kKeyBytes, "indexer keys must be ", kKeyBytes, " bytes");
+  TORCH_CHECK(ratio > 0 && block_size % ratio == 0 && pool.size(1) == block_size / ratio, "pool geometry");
+  TORCH_CHECK(pool.size(1) % 16 == 0, "entries per block must be a multiple of 16, got ", pool.size(1));
+  TORCH_CHECK(topk >= 1 && topk <= kMaxTopkSel, "topk must be in [1, ", kMaxTopkSel, "], got ", topk);
+  TORCH_CHECK(positions.numel() == num_tokens && token_seq.numel() == num_tokens, "layout/q token mismatch");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty({num_tokens, topk}, positions.options());
+  if (num_tokens == 0) return out;
+  const int64_t max_entries = block_table.size(1) * pool.size(1);
+  const int64_t row_stride = std::max<int64_t>((max_entries + 7) / 8 * 8, 8);
+  auto keys = at::empty({num_tokens, row_stride}, positions.options().dtype(at::kShort));
+  const int64_t sm_count = num_sms();
+  const int64_t per_cta = kIdxWarps * kKeysPerWarpIter;
+  const int64_t ctas1 = (max_entries + per_cta - 1) / per_cta * num_tokens;
+  const int iters = static_cast<int>(std::clamp<int64_t>(ctas1 / (4 * sm_count), 1, 4));
+  IndexerParams p{};
+  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
+  p.w = reinterpret_cast<const __nv_bfloat16*>(weights.data_ptr());
+  p.pool = pool.data_ptr<uint8_t>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.token_seq = token_seq.data_ptr<int64_t>();
+  p.block_table = block_table.data_ptr<int64_t>();
+  p.keys = reinterpret_cast<uint16_t*>(keys.data_ptr());
+  p.heads = static_cast<int>(heads);
+  p.ratio = static_cast<int>(ratio);
+  p.epb = static_cast<int>(pool.size(1));
+  p.max_blocks = static_cast<int>(block_table.size(1));
+  p.num_blocks = static_cast<int>(pool.size(0));
+  p.row_stride = static_cast<int>(row_stride);
+  p.iters = iters;
+  auto stream = current_stream();
+  const dim3 grid1((max_entries + per_cta * iters - 1) / (per_cta * iters), num_tokens);
+  if (max_entries > 0) {
+    if (heads == 64) indexer_score_mxfp4_kernel<8><<<grid1, kIdxThreads, 0, stream>>>(p);
+    else if (heads == 32) indexer_score_mxfp4_kernel<4><<<grid1, kIdxThreads, 0, stream>>>(p);
+    else indexer_score_mxfp4_kernel<2><<<grid1, kIdxThreads, 0, stream>>>(p);
+    DSV4_LAUNCH_CHECK();
+  }
+  indexer_select_kernel<<<num_tokens, kSelectThreads, 0, stream>>>(
+      p.keys, p.positions, out.data_ptr<int64_t>(), static_cast<int>(row_stride), max_entries,
+      static_cast<int>(ratio), static_cast<int>(topk));
+  DSV4_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace dsv4

@@ -1,0 +1,68 @@
+"""Inputs shared by the GPU kernel tests and `benchmarks/kernels.py`: batch layouts, paged pools, MXFP4 indexer
+queries and keys, compressor projections. Everything is built on the CPU from a seed and moved to the device,
+so the reference (run on the CPU copy) and the kernel (on the GPU copy) see identical bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dsv4.kernels import quant
+from dsv4.kernels.cache_ops import BatchLayout
+from dsv4.kernels.kv_format import IndexFp4Codec
+
+
+def make_layout(chunks: Sequence[tuple[int, int, int]], block_size: int, max_blocks: int, num_blocks: int,
+                gen: torch.Generator, device: str = "cpu") -> BatchLayout:
+    """chunks: (slot, start, length) per sequence; each sequence gets max_blocks distinct random blocks."""
+    positions, token_seq, spans, row = [], [], [], 0
+    perm = torch.randperm(num_blocks, generator=gen)
+    if len(chunks) * max_blocks > num_blocks:
+        raise ValueError("not enough blocks")
+    table = perm[:len(chunks) * max_blocks].view(len(chunks), max_blocks).clone()
+    for s, (slot, start, length) in enumerate(chunks):
+        positions.append(torch.arange(start, start + length))
+        token_seq.append(torch.full((length,), s))
+        spans.append((slot, start, length, row))
+        row += length
+    cat = (lambda xs: torch.cat(xs)) if chunks else (lambda xs: torch.zeros(0, dtype=torch.int64))
+    return BatchLayout(
+        cat(positions).to(device), cat(token_seq).long().to(device),
+        torch.tensor([c[0] for c in chunks], dtype=torch.int64, device=device),
+        torch.tensor([c[1] for c in chunks], dtype=torch.int64, device=device),
+        torch.tensor([c[2] for c in chunks], dtype=torch.int64, device=device),
+        torch.tensor([s[3] for s in spans], dtype=torch.int64, device=device),
+        table.to(device), block_size, tuple(spans))
+
+
+def layout_to(layout: BatchLayout, device: str) -> BatchLayout:
+    return BatchLayout(layout.positions.to(device), layout.token_seq.to(device), layout.seq_slot.to(device),
+                       layout.seq_start.to(device), layout.seq_len.to(device), layout.seq_first_row.to(device),
+                       layout.block_table.to(device), layout.block_size, layout.spans)
+
+
+def scaled_normal(shape: Sequence[int], gen: torch.Generator, spread: int = 6) -> torch.Tensor:
+    """Normal values times a random power of two per row (exercises the per-block scales)."""
+    x = torch.randn(*shape, generator=gen)
+    exps = torch.randint(-spread, spread + 1, (*shape[:-1], 1), generator=gen).float()
+    return x * torch.exp2(exps)
+
+
+def mxfp4_queries(num_tokens: int, heads: int, gen: torch.Generator, dim: int = 128) -> torch.Tensor:
+    """Indexer queries as the model makes them: Hadamard-rotated, MXFP4 fake-quantized, bf16 [T, H, dim]."""
+    q = torch.randn(num_tokens, heads, dim, generator=gen).bfloat16()
+    return quant.fake_quant_fp4(quant.hadamard_rotate(q))
+
+
+def mxfp4_key_pool(num_blocks: int, entries_per_block: int, gen: torch.Generator, dim: int = 128,
+                   duplicate_every: int = 0) -> torch.Tensor:
+    """A pool of random MXFP4 indexer keys [num_blocks, epb, 68] uint8; with duplicate_every > 0 some entries
+    repeat an earlier one (tied scores, to pin the tie rule)."""
+    codec = IndexFp4Codec(dim)
+    keys = quant.hadamard_rotate(torch.randn(num_blocks * entries_per_block, dim, generator=gen).bfloat16())
+    stored = codec.encode(keys)
+    if duplicate_every:
+        src = torch.arange(0, stored.shape[0] - 1, duplicate_every)
+        stored[src + 1] = stored[src]
+    return stored.view(num_blocks, entries_per_block, codec.width)
