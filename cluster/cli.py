@@ -4,6 +4,7 @@ and `dsv4 generate` starts without loading torch.
 
     dsv4 serve                      a local Ray cluster, the tiny default model, gRPC on :50051
     dsv4 generate "PROMPT"          stream a completion from a running server
+    dsv4 batch --input prompts.jsonl --output completions.jsonl     JSONL in, JSONL out, on its own engine
     dsv4 checkpoint --preset tiny --out DIR
 """
 
@@ -13,6 +14,8 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from dsv4.cluster.config import DEFAULT_PORT, SchedulerConfig, ServeConfig
 
@@ -29,8 +32,16 @@ def _generate(args: argparse.Namespace) -> int:
     return generate_main(args)
 
 
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    # `dsv4 batch` starts an engine but no server: its namespace has none of these, ServeConfig's defaults stand.
+    if args.command != "serve":
+        return {}
+    return dict(host=args.host, port=args.port, served_model_name=args.served_model_name or "")
+
+
 def serve_config(args: argparse.Namespace) -> ServeConfig:
-    """Resolve defaults that need the machine: the model (tiny default, written on first run) and devices."""
+    """Resolve defaults that need the machine: the model (tiny default, written on first run) and devices.
+    Used by `serve` and `batch`, whose engine options are the same (`_add_engine_options`)."""
     from dsv4.workers.launch import ensure_default_model
 
     device = args.device
@@ -47,9 +58,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_prefill_chunk=args.max_prefill_chunk)
     return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=args.numerics, device=device,
-                       host=args.host, port=args.port, served_model_name=args.served_model_name or "",
                        kv_cache_bytes=int(args.kv_cache_gib * 2**30), max_model_len=args.max_model_len,
-                       scheduler=scheduler, seed=args.seed)
+                       scheduler=scheduler, seed=args.seed, **_server_options(args))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -70,16 +80,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+def _batch(args: argparse.Namespace) -> int:
+    from dsv4.cluster.batch import read_prompts, run_batch_file
+    from dsv4.cluster.engine_ray import RayEngineClient
+    from dsv4.cluster.tokenizer import ModelTokenizer
+    from dsv4.workers.launch import start_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prompts = read_prompts(args.input)  # a bad line fails here, before any worker starts
+    if not Path(args.output).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--output {args.output}: the directory does not exist")
+    config = serve_config(args)
+    print(f"dsv4: {len(prompts)} prompts from {args.input}; starting {config.num_workers} {config.device} workers "
+          f"for {config.model_dir}", file=sys.stderr, flush=True)
+    engine = start_engine(config)
+    summary = asyncio.run(run_batch_file(RayEngineClient(engine.coordinator, engine.info),
+                                         ModelTokenizer.from_dir(config.model_dir), prompts, args.output,
+                                         args.max_concurrency, args.input))
+    print(f"dsv4: wrote {summary.num_requests} completions ({summary.num_output_tokens} tokens) to {args.output}; "
+          f"{summary.num_failed} failed", file=sys.stderr, flush=True)
+    return 1 if summary.num_failed else 0
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """What starts an engine: shared by `serve` and `batch`, resolved by `serve_config`."""
     defaults = SchedulerConfig()
-    p = sub.add_parser("serve", help="start the service (gRPC) on a local or existing Ray cluster")
     p.add_argument("--model", help="checkpoint directory (default: a tiny synthetic model, created on first run)")
     p.add_argument("--workers", type=int, help="worker actors (default: one per GPU, or 2 on CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--numerics", choices=("reference", "exact-fp32"), default="reference")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
     p.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per worker in GiB (default 0.25)")
     p.add_argument("--max-model-len", type=int, default=0, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
@@ -89,7 +118,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prefill-chunk", type=int, default=defaults.max_prefill_chunk,
                    help="prompt tokens of one request per step")
     p.add_argument("--seed", type=int, default=0, help="base seed for requests that bring none")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the service (gRPC) on a local or existing Ray cluster")
+    _add_engine_options(p)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
     p.set_defaults(handler=_serve)
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="generate completions for a JSONL file of prompts on a local or existing "
+                                     "Ray cluster (the format: pydoc dsv4.cluster.batch)")
+    p.add_argument("--input", required=True, help='JSONL prompts: {"id": ..., "prompt": "..."} or '
+                                                  '{"prompt_token_ids": [...]}, plus sampling fields')
+    p.add_argument("--output", required=True, help="JSONL completions, one per prompt, in input order")
+    p.add_argument("--max-concurrency", type=int, default=256,
+                   help="requests in flight (default 256); the coordinator's scheduler batches them")
+    _add_engine_options(p)
+    p.set_defaults(handler=_batch)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -115,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
+    _add_batch(sub)
     _add_checkpoint(sub)
     return parser
 

@@ -1,0 +1,178 @@
+"""Batch generation (`dsv4 batch`, dsv4.cluster.batch): the input format and its errors, the run on the real engine
+(two CPU workers with expert parallelism) against the single-process model, and what one failed request does.
+
+The same command submitted as a Ray job to a `ray start` cluster is tested in test_deploy_job.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from api_fakes import FakeEngine, tokenizer, tokenizer_dir  # noqa: F401
+
+from dsv4.cluster.batch import BatchInputError, parse_prompt, read_prompts, run_batch, run_batch_file
+from dsv4.cluster.cli import build_parser, serve_config
+from dsv4.cluster.config import DEFAULT_PORT, ServeConfig
+from dsv4.cluster.engine_ray import RayEngineClient
+from dsv4.cluster.generation_service import GenerationService
+from dsv4.cluster.request import GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.model.generate import greedy_generate
+from dsv4.model.numerics import Numerics
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_PROMPTS = ROOT / "deploy" / "jobs" / "batch" / "prompts.jsonl"
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- the input format ---------------------------------------------------------------------------------------------
+
+def test_a_line_names_its_prompt_and_sampling_fields():
+    prompt = parse_prompt('{"id": "q1", "prompt": "Hi", "max_tokens": 4, "temperature": 0, "top_p": 0.5, '
+                          '"top_k": 3, "seed": 9, "min_tokens": 1, "stop": "x", "stop_token_ids": [7], '
+                          '"ignore_eos": true}', 12)
+    assert (prompt.line, prompt.id, prompt.text, prompt.token_ids, prompt.max_tokens) == (12, "q1", "Hi", None, 4)
+    assert prompt.sampling == {"temperature": 0.0, "top_p": 0.5, "top_k": 3, "seed": 9, "min_tokens": 1,
+                               "stop": ("x",), "stop_token_ids": (7,), "ignore_eos": True}
+    tokens = parse_prompt('{"prompt_token_ids": [0, 5, 6], "stop": ["a", "b"]}', 3)
+    assert (tokens.id, tokens.text, tokens.token_ids, tokens.max_tokens) == (3, None, (0, 5, 6), None)
+    assert tokens.sampling == {"stop": ("a", "b")}
+
+
+@pytest.mark.parametrize("line, field, words", [
+    ('{"prompt": "a"', "line", "not valid JSON"),
+    ('["a"]', "line", "must be a JSON object"),
+    ('{"prompt": "a", "max_token": 3}', "max_token", "unknown field"),
+    ('{"id": "x"}', "prompt", "exactly one of"),
+    ('{"prompt": "a", "prompt_token_ids": [1]}', "prompt", "exactly one of"),
+    ('{"prompt": 5}', "prompt", "must be a string"),
+    ('{"prompt": null}', "prompt", "must be a string"),
+    ('{"prompt_token_ids": [1, "2"]}', "prompt_token_ids", "list of integers"),
+    ('{"prompt": "a", "max_tokens": true}', "max_tokens", "must be an integer"),
+    ('{"prompt": "a", "temperature": "0"}', "temperature", "must be a number"),
+    ('{"prompt": "a", "stop": [1]}', "stop", "string or a list of strings"),
+    ('{"prompt": "a", "ignore_eos": 1}', "ignore_eos", "true or false"),
+    ('{"id": 1.5, "prompt": "a"}', "id", "non-empty string or an integer"),
+])
+def test_a_bad_line_is_named_by_file_line_and_field(line, field, words):
+    with pytest.raises(BatchInputError) as err:
+        parse_prompt(line, 7, "prompts.jsonl")
+    assert (err.value.line, err.value.field) == (7, field)
+    assert str(err.value).startswith(f"prompts.jsonl:7: {field}: ") and words in str(err.value)
+
+
+def test_a_file_skips_blank_lines_and_rejects_repeated_ids(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"id": "b", "prompt": "b"}\n')
+    assert [(p.line, p.id) for p in read_prompts(path)] == [(1, 1), (3, "b")]
+    path.write_text('{"prompt": "a"}\n{"id": 1, "prompt": "b"}\n')   # the first line's id is its number
+    with pytest.raises(BatchInputError, match=r"p.jsonl:2: id: 1 is already used on line 1"):
+        read_prompts(path)
+    path.write_text("\n")
+    with pytest.raises(BatchInputError, match="no prompts"):
+        read_prompts(path)
+
+
+def test_the_example_job_prompts_parse():
+    assert len(read_prompts(EXAMPLE_PROMPTS)) >= 2
+
+
+def test_batch_takes_the_engine_options_of_serve():
+    parser = build_parser()
+    engine_options = ["--model", "/m", "--workers", "3", "--device", "cpu", "--numerics", "exact-fp32",
+                      "--kv-cache-gib", "0.5", "--max-model-len", "64", "--max-num-seqs", "4",
+                      "--max-num-batched-tokens", "32", "--max-prefill-chunk", "16", "--seed", "5"]
+    serve = parser.parse_args(["serve", *engine_options])
+    batch = parser.parse_args(["batch", "--input", "in.jsonl", "--output", "out.jsonl", *engine_options])
+    serve_cfg, batch_cfg = serve_config(serve), serve_config(batch)
+    assert (serve_cfg.host, serve_cfg.port) == ("0.0.0.0", DEFAULT_PORT)   # serve's defaults are unchanged
+    assert batch_cfg == dataclasses.replace(serve_cfg, host=ServeConfig.__dataclass_fields__["host"].default)
+
+
+# --- on the real engine -------------------------------------------------------------------------------------------
+
+def test_completions_come_back_in_input_order_and_equal_the_model(ray_service, tiny_model, tiny_checkpoint,
+                                                                   tmp_path):
+    tok = ModelTokenizer.from_dir(tiny_checkpoint)
+    g = torch.Generator().manual_seed(11)
+    records = [{"id": "text-0", "prompt": "The DeepSeek-V4 model is", "max_tokens": 9, **GREEDY},
+               {"id": "text-1", "prompt": "Ray actors", "max_tokens": 2, **GREEDY}]
+    records += [{"id": 100 + i, "prompt_token_ids": torch.randint(2, 1024, (n,), generator=g).tolist(),
+                 "max_tokens": m, **GREEDY} for i, (n, m) in enumerate([(150, 3), (7, 8), (60, 5)])]
+    path = write_jsonl(tmp_path / "prompts.jsonl", records)
+    out = tmp_path / "completions.jsonl"
+    engine = RayEngineClient(ray_service.coordinator, ray_service.info)
+    summary = asyncio.run(run_batch_file(engine, tok, read_prompts(path), out, max_concurrency=2))
+
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == [r["id"] for r in records]
+    assert (summary.num_requests, summary.num_failed) == (5, 0)
+    for record, completion in zip(records, got, strict=True):
+        prompt_ids = record.get("prompt_token_ids") or tok.encode(record["prompt"])
+        expected = greedy_generate(tiny_model, prompt_ids, record["max_tokens"], Numerics.parse("reference"))
+        assert completion["token_ids"] == expected, completion["id"]
+        assert completion["text"] == tok.decode(expected)
+        assert (completion["finish_reason"], completion["num_prompt_tokens"], completion["num_output_tokens"]) == \
+            ("length", len(prompt_ids), len(expected))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["completions.jsonl", "prompts.jsonl"]   # no .partial
+
+
+# --- limits of the served model, and failures (stand-in engine: see api_fakes) -----------------------------------
+
+@pytest.mark.parametrize("record, field", [
+    ({"prompt_token_ids": [0, 1 << 20]}, "prompt_token_ids"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p"),
+])
+def test_a_line_outside_the_models_limits_stops_the_run_before_it_starts(tokenizer, tmp_path, record, field):  # noqa: F811
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine", "max_tokens": 2}, record])
+    engine = FakeEngine(tokenizer)
+    with pytest.raises(BatchInputError) as err:
+        asyncio.run(run_batch_file(engine, tokenizer, read_prompts(path), tmp_path / "out.jsonl", 4, path))
+    assert (err.value.line, err.value.field) == (2, field), err.value
+    assert not engine.abort_calls and not list(tmp_path.glob("out.jsonl*"))   # nothing ran, nothing written
+
+
+class RejectsLongPrompts(FakeEngine):
+    """Like an engine whose KV cache cannot hold a prompt: rejects it before its first output."""
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        if len(request.prompt_token_ids) > 10:
+            raise InvalidRequest("prompt", "does not fit any worker's KV cache")
+        async for output in super().generate(request):
+            yield output
+
+
+def test_a_failed_request_is_an_error_line_and_the_others_complete(tokenizer):  # noqa: F811
+    prompts = [parse_prompt(json.dumps(r), i + 1) for i, r in enumerate([
+        {"prompt_token_ids": [5, 6], "max_tokens": 2, "ignore_eos": True},     # done before the failure point
+        {"prompt_token_ids": [5, 7], "max_tokens": 9, "ignore_eos": True},     # the engine fails it mid-stream
+        {"prompt_token_ids": [5] * 20, "max_tokens": 2},                      # rejected up front
+    ])]
+    engine = RejectsLongPrompts(tokenizer, fail_after_tokens=4)
+    service = GenerationService(engine, tokenizer)
+    requests = [service.build_request(f"r{p.line}", p.token_ids, p.max_tokens, **p.sampling) for p in prompts]
+    out = io.StringIO()
+    summary = asyncio.run(run_batch(service, prompts, requests, out, max_concurrency=3))
+    ok, failed, rejected = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert (ok["finish_reason"], ok["num_output_tokens"]) == ("length", 2) and "error" not in ok
+    assert failed["finish_reason"] == "error" and "fake engine failure" in failed["error"]
+    assert rejected["finish_reason"] == "error" and "KV cache" in rejected["error"]
+    assert (summary.num_requests, summary.num_failed) == (3, 2)
