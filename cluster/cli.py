@@ -42,18 +42,11 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """Resolve defaults that need the machine: the model (tiny default, written on first run) and devices.
     Used by `serve` and `batch`, whose engine options are the same (`_add_engine_options`)."""
-    from dsv4.workers.launch import ensure_default_model
+    from dsv4.workers.launch import available_gpus, ensure_default_model
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    workers = args.workers
-    if workers is None:
-        import torch
-
-        workers = torch.cuda.device_count() if device == "cuda" else 2
+    gpus = available_gpus() if args.device == "auto" or (args.workers is None and args.device == "cuda") else 0
+    device = ("cuda" if gpus else "cpu") if args.device == "auto" else args.device
+    workers = args.workers if args.workers is not None else (gpus if device == "cuda" else 2)
     model_dir = args.model or str(ensure_default_model())
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_prefill_chunk=args.max_prefill_chunk)

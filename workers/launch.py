@@ -55,14 +55,25 @@ def model_info(config: ServeConfig, model: ModelConfig) -> ModelInfo:
                      num_experts_per_tok=model.num_experts_per_tok, hidden_size=model.hidden_size)
 
 
-def init_ray(config: ServeConfig) -> None:
+def init_ray(num_workers: int) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers + 1), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
                  logging_level="WARNING")
+
+
+def available_gpus() -> int:
+    """GPUs the workers can use: the Ray cluster's when joining one (its head may have none), else this
+    machine's."""
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray(0)
+        return int(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @dataclass
@@ -75,7 +86,7 @@ class Engine:
 def start_engine(config: ServeConfig) -> Engine:
     """Workers loaded and wired, coordinator running. Raises with a clear message if resources are missing."""
     model = ModelConfig.from_file(Path(config.model_dir) / "config.json")
-    init_ray(config)
+    init_ray(config.num_workers)
     placement = ExpertPlacement.contiguous(model.n_routed_experts, config.num_workers)
     bundle = {"CPU": 1, "GPU": 1} if config.device == "cuda" else {"CPU": 1}
     group = placement_group([bundle] * config.num_workers, strategy="PACK")
