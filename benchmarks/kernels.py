@@ -360,8 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
-    parser.add_argument("--only", default=None, help="substring of the kernel names to run")
+    parser.add_argument("--only", default=None, help="substring of '<kernel> <shape>' selecting the cases")
+    parser.add_argument("--profile", action="store_true", help="only call the selected kernels 5 times (for ncu)")
     args = parser.parse_args(argv)
+    if args.profile:
+        for make in (router_cases, window_cases, flush_cases, indexer_cases, gather_cases):
+            for case in make():
+                if args.only is None or args.only in f"{case.kernel} {case.shape}":
+                    for _ in range(5):
+                        case.run()
+        torch.cuda.synchronize()
+        return 0
     commit = args.commit
     if commit is None:
         try:
@@ -378,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for make in (router_cases, window_cases, flush_cases, indexer_cases, gather_cases):
         for case in make():
-            if args.only and args.only not in case.kernel:
+            if args.only and args.only not in f"{case.kernel} {case.shape}":
                 continue
             try:
                 r = measure(case, timer, meta["bandwidth_GBps"])

@@ -90,9 +90,10 @@ def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, 
     """Score routing (`routing.dense_route`): fp64-accumulated gate GEMM, sqrt-softplus (fp64), + bias for the
     selection only, top-k with ties to the lower expert id, renormalised over the chosen unbiased scores, scaled.
 
-    x [T, D] fp32 or bf16; gate_weight [E, D] bf16 (E <= 512); bias [E] fp32; topk <= 16 -> weights [T, k] fp32,
-    ids [T, k] int64, best first. Two launches (GEMM partials in fp64 over K slices, then a warp-per-token
-    epilogue); no fp32 logits round trip. Same exactness statement as `hash_route`.
+    x [T, D] fp32 or bf16 (D % 4 == 0); gate_weight [E, D] bf16 (E <= 512); bias [E] fp32; topk <= 16 ->
+    weights [T, k] fp32, ids [T, k] int64, best first. Decode sizes (T <= 64): fp64 GEMM partials over K slices,
+    then a CTA-per-token epilogue (sum of partials, scores, bitonic sort with the reference's tie rule), no fp32
+    logits round trip; larger T: cuBLAS's fp64 GEMM, then the same epilogue. Same exactness as `hash_route`.
     """
     return tuple(_ext().dense_route(x.contiguous(), gate_weight.contiguous(), bias.contiguous().float(), int(topk),
                                     float(route_scale)))
@@ -221,8 +222,8 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, pool: torch.Tensor, cod
     highest I = sum_h w_h ReLU(q_h . k) (bf16 score, as the reference), ties to the lower entry index, best
     first, -1 padded -> [T, topk] int64. q [T, H, 128] bf16 (MXFP4 values after Hadamard), H in {16, 32, 64};
     weights [T, H] bf16; pool [num_blocks, block_size / ratio, 68] uint8. Selections are exact (see indexer.cu:
-    int8 tensor-core dots of the MXFP4 integers, the reference's roundings, an exactness certificate per score
-    and an fp64 fallback). Workspace: 2 bytes per (token, table entry)."""
+    exact int8 tensor-core dots of the MXFP4 integers, the reference's bf16 roundings, an fp64 head sum, and a
+    per-key fp64 path for inputs outside the int8 fold). Workspace: 2 bytes per (token, table entry)."""
     if _validate(validate):
         check_indexer(layout, ratio, pool.shape[0])
     return _ext().indexer_topk(q.contiguous(), weights.contiguous(), pool, layout.positions, layout.token_seq,

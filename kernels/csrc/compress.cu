@@ -54,6 +54,7 @@ struct FlushParams {
   int num_seqs, num_slots, max_blocks, num_blocks, entries_per_block, width;
   int d, nope, rope;
   bool weight_bf16;
+  bool one_item_per_seq;       // T == S: every chunk is one decode token, so item i is sequence i (no scan)
   float eps;
   float inv_fp8_max, fp8_floor, inv_fp4_max, fp4_floor;
   double hadamard_scale;
@@ -130,6 +131,12 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
   const int ch = threadIdx.x % kSlab, grp = threadIdx.x / kSlab;
   const int c = slab * kSlab + ch;
   const int d = p.d;
+  // Loads that do not depend on the pooling, issued up front so their latency overlaps it.
+  const float wgt = p.weight_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.norm_weight)[c])
+                                  : reinterpret_cast<const float*>(p.norm_weight)[c];
+  const float inv_f = c >= p.nope ? p.inv_freq[(c - p.nope) / 2] : 0.0f;
+  const int64_t logical = window_abs / p.entries_per_block;
+  const int64_t block = logical < p.max_blocks ? p.block_table[static_cast<int64_t>(seq) * p.max_blocks + logical] : -1;
 
   // ---- gated pooling: slot q of this group is q * kGroups + grp
   float zs[kPerGroup], as[kPerGroup];
@@ -187,16 +194,18 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
   if (threadIdx.x == 0) cluster_sq = norm_part[0] + norm_part[1];
   cluster.sync();
   if (grp == 0) {
+    double part[kMaxSlabs];   // all peers' partials requested at once, summed in rank order
+    const int peers = static_cast<int>(cluster.num_blocks());
+#pragma unroll
+    for (int r = 0; r < kMaxSlabs; ++r) part[r] = r < peers ? *cluster.map_shared_rank(&cluster_sq, r) : 0.0;
     double total_sq = 0.0;
-    for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) total_sq += *cluster.map_shared_rank(&cluster_sq, r);
+#pragma unroll
+    for (int r = 0; r < kMaxSlabs; ++r) total_sq += part[r];
     const float mean = static_cast<float>(total_sq / static_cast<double>(d));
     const float rinv = static_cast<float>(1.0 / sqrt(static_cast<double>(__fadd_rn(mean, p.eps))));
-    const float wgt = p.weight_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.norm_weight)[c])
-                                    : reinterpret_cast<const float*>(p.norm_weight)[c];
     x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rinv)));
     if (c >= p.nope) {   // RoPE on interleaved pairs; the partner channel is the neighbouring lane
-      const int i = (c - p.nope) / 2;
-      const float angle = __fmul_rn(static_cast<float>(window_abs * M), p.inv_freq[i]);
+      const float angle = __fmul_rn(static_cast<float>(window_abs * M), inv_f);
       const float cs = static_cast<float>(cos(static_cast<double>(angle)));
       const float sn = static_cast<float>(sin(static_cast<double>(angle)));
       const float other = __shfl_xor_sync(0xffffffffu, x, 1);
@@ -207,8 +216,6 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
   }
 
   // ---- store
-  const int64_t logical = window_abs / p.entries_per_block;
-  const int64_t block = logical < p.max_blocks ? p.block_table[static_cast<int64_t>(seq) * p.max_blocks + logical] : -1;
   const bool store = block >= 0 && block < p.num_blocks;
   uint8_t* entry = store ? p.pool + (block * p.entries_per_block + window_abs % p.entries_per_block) * p.width : nullptr;
 
@@ -301,7 +308,7 @@ __global__ void __launch_bounds__(kFlushThreads) compress_flush_kernel(const Flu
   cg::cluster_group cluster = cg::this_cluster();
   const int slab = static_cast<int>(cluster.block_rank());
   const int item_id = blockIdx.x / static_cast<int>(cluster.num_blocks());
-  const Item it = find_item<M>(p, item_id);
+  const Item it = p.one_item_per_seq ? Item{item_id < p.num_seqs ? item_id : -1, 0} : find_item<M>(p, item_id);
   if (it.seq < 0) return;   // the whole cluster agrees: same item id
   const int s = it.seq;
   const int64_t start = p.seq_start[s];
@@ -365,7 +372,9 @@ void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == num_seqs, "block_table must be [S, max_blocks]");
   if (num_tokens == 0 || num_seqs == 0) return;
   // Work items: sum over sequences of max(windows - 1, 1) <= S + (T - S) / ratio (each chunk has >= 1 token).
-  const int64_t max_items = num_seqs + std::max<int64_t>(num_tokens - num_seqs, 0) / ratio + 1;
+  const bool one_item_per_seq = num_tokens == num_seqs;
+  const int64_t max_items =
+      one_item_per_seq ? num_seqs : num_seqs + std::max<int64_t>(num_tokens - num_seqs, 0) / ratio + 1;
   const int slabs = static_cast<int>(d / kSlab);
 
   FlushParams p{};
@@ -391,6 +400,7 @@ void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_
   p.nope = index_key ? static_cast<int>(d - rope) : static_cast<int>(nope);
   p.rope = static_cast<int>(rope);
   p.weight_bf16 = norm_weight.scalar_type() == at::kBFloat16;
+  p.one_item_per_seq = one_item_per_seq;
   p.eps = static_cast<float>(eps);
   p.inv_fp8_max = static_cast<float>(inv_fp8_max);
   p.fp8_floor = static_cast<float>(fp8_floor);

@@ -14,11 +14,11 @@
 // checked) folds the four blocks into ONE int8 x int8 tensor-core dot over K = 128 whose int32 sum is exact
 // (<= 2^21). The exact dot is then acc * 2^(qmin - 3) (exact, via the 1.5 * 2^23 magic add) * 2^(kmin - 128):
 // one fp32 rounding, identical to the reference's fp64 sum rounded to fp32. Then bf16, ReLU, times the bf16
-// head weight (exact in fp32), bf16, exactly as the reference's bf16 tensors. The 64-head sum is done in fp32
-// with a proof of exactness per (token, key): every term is a multiple of 2^lsb (lsb of the smallest nonzero
-// term) and sum |term| < 2^(lsb + 23), so every partial sum is representable; otherwise, and for keys or heads
-// outside the int8 fold (blocks 16x apart, q not on the MXFP4 grid), a per-key fp64 path recomputes the score.
-// The bf16 score is then the reference's to the bit, so the selection is too.
+// head weight (exact in fp32), bf16, exactly as the reference's bf16 tensors. The 64-head sum is taken in fp64,
+// like the reference's: it is exact whenever the 64 bf16 terms span fewer than 39 binades (then both sums are
+// exact, in any order); beyond that both round an fp64 sum, and their fp32 results could differ only if the sum
+// lay within 2^-47 of an fp32 rounding boundary. Keys or heads outside the int8 fold (nonzero blocks 16x apart,
+// q not on the MXFP4 grid) take a per-key fp64 path. The bf16 score, and so the selection, is the reference's.
 //
 // int8 mma.sync m16n8k32 fragments (PTX ISA): A (16 keys x 32) a0:(g, 4t..4t+3) a1:(g+8, ..) a2:(g, 16+4t..)
 // a3:(g+8, 16+4t..); B (32 x 8 heads) b0:(4t..4t+3, g) b1:(16+4t.., g); C c0,c1:(g, 2t..2t+1) c2,c3:(g+8, ..),
@@ -69,6 +69,18 @@ __device__ __forceinline__ uint32_t nibbles_to_s8(uint32_t v16, uint32_t tlo, ui
   const uint32_t neg_mask = __byte_perm(0x0000FF00u, 0u, (v16 >> 3) & 0x1111u);
   const uint32_t neg = __vsub4(0u, mag);
   return (mag & ~neg_mask) | (neg & neg_mask);
+}
+
+// (lo, hi) -> bf16x2 bits, round to nearest even; the relu form clamps negatives (and -0) to +0 first.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ uint32_t pack_bf16x2_relu(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
 }
 
 // bf16 score -> 16-bit key whose unsigned order is the float order; -0 == +0 (they tie in the reference's sort).
@@ -255,9 +267,9 @@ __global__ void __launch_bounds__(kIdxThreads) indexer_score_mxfp4_kernel(const 
     for (int st = 0; st < 4; ++st)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma_s8(acc[nt], a[st], bq[nt][st][0], bq[nt][st][1]);
-    // ---- epilogue: reference roundings, fp32 head sum with an exactness certificate
-    float sum[2] = {0.0f, 0.0f}, sabs[2] = {0.0f, 0.0f};
-    uint32_t minbits[2] = {0xFFFFFFFFu, 0xFFFFFFFFu};
+    // ---- epilogue: the reference's roundings; head sum in fp64 on values pre-scaled by 2^-896 (built from the
+    //      bf16 bits with integer ops instead of conversions; exact for bf16 subnormals too)
+    double hsum[2] = {0.0, 0.0};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int h0 = nt * 8 + 2 * tq;
@@ -267,39 +279,27 @@ __global__ void __launch_bounds__(kIdxThreads) indexer_score_mxfp4_kernel(const 
       for (int hk = 0; hk < 2; ++hk) {
         const float f0 = __fmul_rn(fmaf(__int_as_float(acc[nt][2 * hk] + 0x4B400000), qs0, nq0), kscale[hk]);
         const float f1 = __fmul_rn(fmaf(__int_as_float(acc[nt][2 * hk + 1] + 0x4B400000), qs1, nq1), kscale[hk]);
-        const __nv_bfloat162 d2 = __floats2bfloat162_rn(fmaxf(f0, 0.0f), fmaxf(f1, 0.0f));
-        const __nv_bfloat162 t2 =
-            __floats2bfloat162_rn(__fmul_rn(__low2float(d2), w0), __fmul_rn(__high2float(d2), w1));
-        const float t0 = __low2float(t2), t1 = __high2float(t2);
-        sum[hk] = __fadd_rn(__fadd_rn(sum[hk], t0), t1);
-        sabs[hk] = __fadd_rn(__fadd_rn(sabs[hk], fabsf(t0)), fabsf(t1));
-        minbits[hk] = min(minbits[hk], min((__float_as_uint(t0) << 1) - 1u, (__float_as_uint(t1) << 1) - 1u));
+        const uint32_t d2 = pack_bf16x2_relu(f0, f1);                    // bf16(dot), ReLU
+        const uint32_t t2 = pack_bf16x2(__fmul_rn(bf16_bits_to_float(d2 & 0xFFFFu), w0),
+                                        __fmul_rn(__uint_as_float(d2 & 0xFFFF0000u), w1));   // bf16(relu * w)
+        hsum[hk] += __hiloint2double(static_cast<int>(((t2 & 0x7FFFu) << 13) | ((t2 & 0x8000u) << 16)), 0);
+        hsum[hk] += __hiloint2double(static_cast<int>(((t2 >> 3) & 0x0FFFE000u) | (t2 & 0x80000000u)), 0);
       }
     }
 #pragma unroll
     for (int hk = 0; hk < 2; ++hk) {
-#pragma unroll
-      for (int o = 1; o <= 2; o <<= 1) {
-        sum[hk] = __fadd_rn(sum[hk], __shfl_xor_sync(0xffffffffu, sum[hk], o));
-        sabs[hk] = __fadd_rn(sabs[hk], __shfl_xor_sync(0xffffffffu, sabs[hk], o));
-        minbits[hk] = min(minbits[hk], __shfl_xor_sync(0xffffffffu, minbits[hk], o));
-      }
+      hsum[hk] += __shfl_xor_sync(0xffffffffu, hsum[hk], 1);
+      hsum[hk] += __shfl_xor_sync(0xffffffffu, hsum[hk], 2);
     }
-    // ---- certify, write; collect keys for the fp64 path
+    // ---- write; keys outside the int8 fold (or a query outside it) go to the per-key fp64 path
     bool my_slow = false;
 #pragma unroll
     for (int hk = 0; hk < 2; ++hk) {
-      bool exact = true;
-      if (minbits[hk] != 0xFFFFFFFFu) {
-        const int field = max(static_cast<int>((minbits[hk] + 1u) >> 24), 1);
-        const int lsb = field - 127 - 7;   // terms are bf16 values: 7 fraction bits
-        exact = sabs[hk] <= ldexpf(1.0f, min(lsb + 23, 127));
-      }
       const int64_t key = kb + g + 8 * hk;
-      const bool slow = in_range[hk] && blk_ok && (query_slow || wide[hk] || !exact);
+      const bool slow = in_range[hk] && blk_ok && (query_slow || wide[hk]);
       if (tq == hk && in_range[hk]) {
         if (!blk_ok) key_row[key] = 0;
-        else if (!slow) key_row[key] = score_key(bf16_bits(sum[hk]));
+        else if (!slow) key_row[key] = score_key(bf16_bits(static_cast<float>(hsum[hk] * 0x1p896)));
         my_slow = slow;
       }
     }
@@ -316,28 +316,32 @@ __global__ void __launch_bounds__(kIdxThreads) indexer_score_mxfp4_kernel(const 
 }
 
 // ------------------------------------------------------------------------------------------- select kernel
-// The bin holding the need-th largest key: counts above it < need <= counts above + its count. Warp 0 only.
-__device__ __forceinline__ void find_bin(const uint32_t* hist, uint32_t need, int lane, int* bin_out,
-                                         uint32_t* above_out) {
-  uint32_t local[8], sum = 0;
+// Radix select on the 16-bit keys: a 4096-bin histogram of the high 12 bits (bf16 scores cluster in a few
+// binades, so 8-bit bins would funnel most keys through a handful of shared-memory atomics), then 16 bins of the
+// low 4 bits inside the threshold bin.
+constexpr int kHiBins = 4096;
+constexpr int kLoBins = 16;
+
+// Block-wide: the bin holding the need-th largest key among hist[0..4096) (counts above it < need <= counts above
+// + its count); thread i scans bins 4095 - 8i - j. Writes (bin, keys above it).
+template <typename Scan>
+__device__ __forceinline__ void find_hi_bin(const uint32_t* hist, uint32_t need, typename Scan::TempStorage& tmp,
+                                            int* bin_out, uint32_t* above_out) {
+  constexpr int kPer = kHiBins / kSelectThreads;
+  uint32_t local[kPer], sum = 0;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    local[j] = hist[255 - 8 * lane - j];   // lane 0 holds the highest bins
+  for (int j = 0; j < kPer; ++j) {
+    local[j] = hist[kHiBins - 1 - kPer * threadIdx.x - j];
     sum += local[j];
   }
-  uint32_t before = sum;
-#pragma unroll
-  for (int o = 1; o < kWarp; o <<= 1) {
-    const uint32_t v = __shfl_up_sync(0xffffffffu, before, o);
-    if (lane >= o) before += v;
-  }
-  before -= sum;   // exclusive: keys in higher lanes' bins
+  uint32_t before, total;
+  Scan(tmp).ExclusiveSum(sum, before, total);
   if (before < need && need <= before + sum) {
     uint32_t acc = before;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kPer; ++j) {
       if (acc + local[j] >= need) {
-        *bin_out = 255 - 8 * lane - j;
+        *bin_out = kHiBins - 1 - kPer * threadIdx.x - j;
         *above_out = acc;
         break;
       }
@@ -352,7 +356,7 @@ __global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const ui
                                                                         int64_t max_entries, int ratio, int topk) {
   using Scan = cub::BlockScan<uint32_t, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
-  __shared__ uint32_t hist[256];
+  __shared__ uint32_t hist[kHiBins];
   __shared__ unsigned long long cand[kMaxTopkSel];
   __shared__ uint32_t cand_count, total_valid, above1, above2;
   __shared__ int bin1, bin2;
@@ -375,44 +379,58 @@ __global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const ui
     }
   };
 
-  // ---- pass 1: high byte histogram of valid (nonzero) keys
-  for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+  // ---- pass 1: histogram of the high 12 bits of valid (nonzero) keys
+  for (int i = tid; i < kHiBins; i += kSelectThreads) hist[i] = 0;
   if (tid == 0) { cand_count = 0; bin1 = -1; bin2 = -1; above1 = above2 = 0; }
   __syncthreads();
+  uint32_t my_valid = 0;
   for (int64_t i0 = static_cast<int64_t>(tid) * kPer; i0 < n; i0 += kStep) {
     uint16_t k8[kPer];
     load8(i0, k8);
 #pragma unroll
-    for (int j = 0; j < kPer; ++j)
-      if (k8[j] != 0) atomicAdd(&hist[k8[j] >> 8], 1u);
+    for (int j = 0; j < kPer; ++j) {
+      if (k8[j] != 0) {
+        atomicAdd(&hist[k8[j] >> 4], 1u);
+        ++my_valid;
+      }
+    }
   }
-  __syncthreads();
-  if (tid < kWarp) {
-    uint32_t s = 0;
-    for (int j = lane; j < 256; j += kWarp) s += hist[j];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) total_valid = s;
-    if (s > static_cast<uint32_t>(topk)) find_bin(hist, topk, lane, &bin1, &above1);
-  }
+  uint32_t ignore;
+  Scan(scan_tmp).ExclusiveSum(my_valid, ignore, my_valid);   // my_valid := block total
+  if (tid == 0) total_valid = my_valid;
   __syncthreads();
   const bool take_all = total_valid <= static_cast<uint32_t>(topk);
   uint32_t thr = 1, need_eq = 0;   // take_all: every key >= 1
   if (!take_all) {
-    // ---- pass 2: low byte histogram inside the threshold bin
-    for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+    find_hi_bin<Scan>(hist, topk, scan_tmp, &bin1, &above1);
+    __syncthreads();
+    // ---- pass 2: the low 4 bits inside the threshold bin
+    if (tid < kLoBins) hist[tid] = 0;
     __syncthreads();
     for (int64_t i0 = static_cast<int64_t>(tid) * kPer; i0 < n; i0 += kStep) {
       uint16_t k8[kPer];
       load8(i0, k8);
 #pragma unroll
       for (int j = 0; j < kPer; ++j)
-        if (k8[j] != 0 && (k8[j] >> 8) == bin1) atomicAdd(&hist[k8[j] & 0xFF], 1u);
+        if (k8[j] != 0 && (k8[j] >> 4) == bin1) atomicAdd(&hist[k8[j] & 0xF], 1u);
     }
     __syncthreads();
-    if (tid < kWarp) find_bin(hist, topk - above1, lane, &bin2, &above2);
+    if (tid < kWarp) {   // warp 0: 16 bins, highest first
+      const uint32_t need = topk - above1;
+      const uint32_t cnt = lane < kLoBins ? hist[kLoBins - 1 - lane] : 0u;
+      uint32_t incl = cnt;
+#pragma unroll
+      for (int o = 1; o < kWarp; o <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      if (lane < kLoBins && incl - cnt < need && need <= incl) {
+        bin2 = kLoBins - 1 - lane;
+        above2 = incl - cnt;
+      }
+    }
     __syncthreads();
-    thr = (static_cast<uint32_t>(bin1) << 8) | static_cast<uint32_t>(bin2);
+    thr = (static_cast<uint32_t>(bin1) << 4) | static_cast<uint32_t>(bin2);
     need_eq = topk - above1 - above2;
   }
   const uint32_t k_eff = take_all ? total_valid : static_cast<uint32_t>(topk);
@@ -429,6 +447,7 @@ __global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const ui
     uint32_t rank, chunk_eq;
     Scan(scan_tmp).ExclusiveSum(my_eq, rank, chunk_eq);
     rank += eq_base;
+    uint32_t take_mask = 0;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       const uint32_t kv = k8[j];
@@ -441,10 +460,24 @@ __global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const ui
         take = rank < need_eq;
         ++rank;
       }
-      if (take) {
-        const uint32_t slot = atomicAdd(&cand_count, 1u);
+      take_mask |= (take ? 1u : 0u) << j;
+    }
+    // one shared-memory atomic per warp: lanes' slots by a warp prefix of their counts
+    const uint32_t my_take = __popc(take_mask);
+    uint32_t incl = my_take;
+#pragma unroll
+    for (int o = 1; o < kWarp; o <<= 1) {
+      const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    uint32_t base = 0;
+    if (lane == kWarp - 1 && incl) base = atomicAdd(&cand_count, incl);
+    base = __shfl_sync(0xffffffffu, base, kWarp - 1) + incl - my_take;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      if (take_mask >> j & 1u) {
         const uint32_t idx = static_cast<uint32_t>(i0 + j);
-        cand[slot] = (static_cast<unsigned long long>(kv) << 32) | (0xFFFFFFFFu - idx);
+        cand[base++] = (static_cast<unsigned long long>(k8[j]) << 32) | (0xFFFFFFFFu - idx);
       }
     }
     eq_base += chunk_eq;

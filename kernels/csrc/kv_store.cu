@@ -41,49 +41,122 @@ __device__ __forceinline__ uint16_t load_bf16_bits<__nv_bfloat16>(const __nv_bfl
   return *reinterpret_cast<const uint16_t*>(p);
 }
 
-// One warp encodes one entry (MainFp8Codec.encode): lane l quantizes elements 2l, 2l+1 of each 64-block.
+// One warp encodes one entry (MainFp8Codec.encode): lane l quantizes elements 2l, 2l+1 of each 64-block. All
+// loads are issued first and the (up to 8) block maxima reduce together, so the shuffles of different blocks
+// overlap instead of forming one long dependent chain.
+constexpr int kMaxFp8Blocks = 8;   // nope <= 512
+
+template <typename VT>
+__device__ __forceinline__ void load_pair(const VT* p, float& a, float& b);
+template <>
+__device__ __forceinline__ void load_pair<float>(const float* p, float& a, float& b) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  a = v.x;
+  b = v.y;
+}
+template <>
+__device__ __forceinline__ void load_pair<__nv_bfloat16>(const __nv_bfloat16* p, float& a, float& b) {
+  const uint32_t v = *reinterpret_cast<const uint32_t*>(p);
+  a = bf16_bits_to_float(v & 0xFFFFu);
+  b = bf16_bits_to_float(v >> 16);
+}
+
 template <typename VT>
 __device__ __forceinline__ void encode_main_entry(const VT* __restrict__ src, uint8_t* __restrict__ dst,
                                                   const EntryGeometry g, float inv_fp8_max, float fp8_floor,
                                                   int lane) {
-  for (int b = 0; b < g.nope / 64; ++b) {
-    const float x0 = load_value(src + 64 * b + 2 * lane), x1 = load_value(src + 64 * b + 2 * lane + 1);
-    const float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
-    const uint32_t code = ue8m0_code(amax, fp8_floor, inv_fp8_max);
-    const float scale = ue8m0_value(code);
-    const uint16_t pair = static_cast<uint16_t>(e4m3_encode(x0, scale)) |
-                          static_cast<uint16_t>(static_cast<uint16_t>(e4m3_encode(x1, scale)) << 8);
-    *reinterpret_cast<uint16_t*>(dst + 64 * b + 2 * lane) = pair;
-    if (lane == 0) dst[g.scale_offset() + b] = static_cast<uint8_t>(code);
+  const int nb = g.nope / 64;
+  float x0[kMaxFp8Blocks], x1[kMaxFp8Blocks], amax[kMaxFp8Blocks];
+#pragma unroll
+  for (int b = 0; b < kMaxFp8Blocks; ++b) {
+    x0[b] = x1[b] = 0.0f;
+    if (b < nb) load_pair(src + 64 * b + 2 * lane, x0[b], x1[b]);
   }
-  for (int i = lane; i < g.rope / 2; i += kWarp) {
-    const uint32_t lo = load_bf16_bits(src + g.nope + 2 * i), hi = load_bf16_bits(src + g.nope + 2 * i + 1);
-    *reinterpret_cast<uint32_t*>(dst + g.nope + 4 * i) = lo | (hi << 16);
+  uint32_t rope_words[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {   // rope <= 256: pairs lane, lane + 32, ...
+    const int i = lane + r * kWarp;
+    rope_words[r] = 0;
+    if (i < g.rope / 2)
+      rope_words[r] = static_cast<uint32_t>(load_bf16_bits(src + g.nope + 2 * i)) |
+                      (static_cast<uint32_t>(load_bf16_bits(src + g.nope + 2 * i + 1)) << 16);
   }
-  for (int i = g.scale_offset() + g.nope / 64 + lane; i < g.width; i += kWarp) dst[i] = 0;
+#pragma unroll
+  for (int b = 0; b < kMaxFp8Blocks; ++b) amax[b] = fmaxf(fabsf(x0[b]), fabsf(x1[b]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int b = 0; b < kMaxFp8Blocks; ++b) amax[b] = fmaxf(amax[b], __shfl_xor_sync(0xffffffffu, amax[b], o));
+#pragma unroll
+  for (int b = 0; b < kMaxFp8Blocks; ++b) {
+    if (b < nb) {
+      const uint32_t code = ue8m0_code(amax[b], fp8_floor, inv_fp8_max);
+      const float scale = ue8m0_value(code);
+      const uint16_t pair = static_cast<uint16_t>(e4m3_encode(x0[b], scale)) |
+                            static_cast<uint16_t>(static_cast<uint16_t>(e4m3_encode(x1[b], scale)) << 8);
+      *reinterpret_cast<uint16_t*>(dst + 64 * b + 2 * lane) = pair;
+      if (lane == b) dst[g.scale_offset() + b] = static_cast<uint8_t>(code);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = lane + r * kWarp;
+    if (i < g.rope / 2) *reinterpret_cast<uint32_t*>(dst + g.nope + 4 * i) = rope_words[r];
+  }
+  for (int i = g.scale_offset() + nb + lane; i < g.width; i += kWarp) dst[i] = 0;
 }
 
 // ------------------------------------------------------------------------------------------- decode
-// One warp decodes one entry into d bf16 values: 8 e4m3 bytes -> one 16-byte store per lane step.
-__device__ __forceinline__ void decode_main_entry(const uint8_t* __restrict__ src, __nv_bfloat16* __restrict__ dst,
-                                                  const EntryGeometry g, int lane) {
-  const uint8_t* scales = src + g.scale_offset();
-  for (int c = lane; c < g.nope / 8; c += kWarp) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(src + 8 * c);   // entries are 8-byte aligned
-    const float s = ue8m0_value(scales[c / 8]);
-    const uint32_t words[2] = {raw.x, raw.y};
+// A warp decodes kRowsPerWarp entries into d bf16 values each: every load of all its rows is issued before the
+// first use (8-byte loads: entries are 8-byte aligned), then 8 e4m3 bytes become one 16-byte store.
+constexpr int kRowsPerWarp = 2;
+constexpr int kMaxNopeChunks = 2;   // nope / 8 <= 64 chunks over 32 lanes
+constexpr int kMaxRopeChunks = 1;   // rope / 4 <= 32
+
+struct EntryRegs {
+  uint2 nope[kMaxNopeChunks];
+  uint2 rope[kMaxRopeChunks];
+  uint2 scales;   // up to 8 UE8M0 bytes
+};
+
+__device__ __forceinline__ void load_main_entry(const uint8_t* __restrict__ src, const EntryGeometry g, int lane,
+                                                EntryRegs& r) {
+#pragma unroll
+  for (int i = 0; i < kMaxNopeChunks; ++i) {
+    const int c = lane + i * kWarp;
+    r.nope[i] = c < g.nope / 8 ? *reinterpret_cast<const uint2*>(src + 8 * c) : make_uint2(0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxRopeChunks; ++i) {
+    const int c = lane + i * kWarp;
+    r.rope[i] = c < g.rope / 4 ? *reinterpret_cast<const uint2*>(src + g.nope + 8 * c) : make_uint2(0, 0);
+  }
+  r.scales = *reinterpret_cast<const uint2*>(src + g.scale_offset());   // scale_offset % 8 == 0, width >= +8
+}
+
+__device__ __forceinline__ void store_main_entry(const EntryRegs& r, __nv_bfloat16* __restrict__ dst,
+                                                 const EntryGeometry g, int lane) {
+#pragma unroll
+  for (int i = 0; i < kMaxNopeChunks; ++i) {
+    const int c = lane + i * kWarp;
+    if (c >= g.nope / 8) continue;
+    const uint32_t sw = (c / 8) < 4 ? r.scales.x : r.scales.y;
+    const float s = ue8m0_value((sw >> (8 * ((c / 8) % 4))) & 0xFFu);
+    const uint32_t words[2] = {r.nope[i].x, r.nope[i].y};
     uint32_t out[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t wv = words[i / 2] >> (16 * (i % 2));
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t wv = words[q / 2] >> (16 * (q % 2));
       const float lo = __fmul_rn(e4m3_decode(wv & 0xFF), s), hi = __fmul_rn(e4m3_decode((wv >> 8) & 0xFF), s);
       __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-      out[i] = *reinterpret_cast<uint32_t*>(&p);
+      out[q] = *reinterpret_cast<uint32_t*>(&p);
     }
     *reinterpret_cast<uint4*>(dst + 8 * c) = make_uint4(out[0], out[1], out[2], out[3]);
   }
-  for (int c = lane; c < g.rope / 4; c += kWarp) {
-    *reinterpret_cast<uint2*>(dst + g.nope + 4 * c) = *reinterpret_cast<const uint2*>(src + g.nope + 8 * c);
+#pragma unroll
+  for (int i = 0; i < kMaxRopeChunks; ++i) {
+    const int c = lane + i * kWarp;
+    if (c < g.rope / 4) *reinterpret_cast<uint2*>(dst + g.nope + 4 * c) = r.rope[i];
   }
 }
 
@@ -122,22 +195,39 @@ __global__ void __launch_bounds__(kKvWarps * kWarp) window_gather_fp8_bf16_kerne
     const int64_t* __restrict__ seq_start, const int64_t* __restrict__ seq_first_row,
     __nv_bfloat16* __restrict__ keys, bool* __restrict__ valid, int num_tokens, int num_slots, int window, int d,
     EntryGeometry g) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kKvWarps + threadIdx.x / kWarp;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kKvWarps + threadIdx.x / kWarp) * kRowsPerWarp;
   const int lane = threadIdx.x % kWarp;
-  if (row >= static_cast<int64_t>(num_tokens) * window) return;
-  const int64_t t = row / window, w = row % window;
-  const int64_t s = token_seq[t], pos = positions[t] - (window - 1) + w, start = seq_start[s], slot = seq_slot[s];
-  __nv_bfloat16* dst = keys + row * d;
-  bool ok = pos >= 0;
-  if (ok && pos >= start) {
-    copy_row(chunk + (seq_first_row[s] + pos - start) * d, dst, d, lane);
-  } else if (ok && slot >= 0 && slot < num_slots) {
-    decode_main_entry(ring + (slot * window + pos % window) * g.width, dst, g, lane);
-  } else {
-    ok = false;
-    zero_row(dst, d, lane);
+  const int64_t rows = static_cast<int64_t>(num_tokens) * window;
+  int kind[kRowsPerWarp];   // 0 invalid, 1 this step's row, 2 ring entry
+  const uint8_t* src[kRowsPerWarp];
+  const __nv_bfloat16* csrc[kRowsPerWarp];
+  EntryRegs regs[kRowsPerWarp];
+#pragma unroll
+  for (int h = 0; h < kRowsPerWarp; ++h) {
+    const int64_t row = row0 + h;
+    kind[h] = 0;
+    if (row >= rows) continue;
+    const int64_t t = row / window, w = row % window;
+    const int64_t s = token_seq[t], pos = positions[t] - (window - 1) + w, start = seq_start[s], slot = seq_slot[s];
+    if (pos >= 0 && pos >= start) {
+      kind[h] = 1;
+      csrc[h] = chunk + (seq_first_row[s] + pos - start) * d;
+    } else if (pos >= 0 && slot >= 0 && slot < num_slots) {
+      kind[h] = 2;
+      src[h] = ring + (slot * window + pos % window) * g.width;
+      load_main_entry(src[h], g, lane, regs[h]);
+    }
   }
-  if (lane == 0) valid[row] = ok;
+#pragma unroll
+  for (int h = 0; h < kRowsPerWarp; ++h) {
+    const int64_t row = row0 + h;
+    if (row >= rows) continue;
+    __nv_bfloat16* dst = keys + row * d;
+    if (kind[h] == 1) copy_row(csrc[h], dst, d, lane);
+    else if (kind[h] == 2) store_main_entry(regs[h], dst, g, lane);
+    else zero_row(dst, d, lane);
+    if (lane == 0) valid[row] = kind[h] != 0;
+  }
 }
 
 __global__ void __launch_bounds__(kKvWarps * kWarp) gather_entries_fp8_bf16_kernel(
@@ -145,29 +235,39 @@ __global__ void __launch_bounds__(kKvWarps * kWarp) gather_entries_fp8_bf16_kern
     const int64_t* __restrict__ block_table, __nv_bfloat16* __restrict__ tile, bool* __restrict__ valid,
     int64_t num_rows, int num_selected, int max_blocks, int num_blocks, int entries_per_block, int d,
     EntryGeometry g) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kKvWarps + threadIdx.x / kWarp;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kKvWarps + threadIdx.x / kWarp) * kRowsPerWarp;
   const int lane = threadIdx.x % kWarp;
-  if (row >= num_rows) return;
-  const int64_t entry = entries[row];
-  __nv_bfloat16* dst = tile + row * d;
-  bool ok = false;
-  if (entry >= 0) {
+  bool ok[kRowsPerWarp];
+  EntryRegs regs[kRowsPerWarp];
+#pragma unroll
+  for (int h = 0; h < kRowsPerWarp; ++h) {
+    const int64_t row = row0 + h;
+    ok[h] = false;
+    if (row >= num_rows) continue;
+    const int64_t entry = entries[row];
+    if (entry < 0) continue;
     const int64_t logical = entry / entries_per_block;
     const int64_t s = token_seq[row / num_selected];
     const int64_t block = logical < max_blocks ? block_table[s * max_blocks + logical] : -1;
-    if (block >= 0 && block < num_blocks) {
-      ok = true;
-      decode_main_entry(pool + (block * entries_per_block + entry % entries_per_block) * g.width, dst, g, lane);
-    }
+    if (block < 0 || block >= num_blocks) continue;
+    ok[h] = true;
+    load_main_entry(pool + (block * entries_per_block + entry % entries_per_block) * g.width, g, lane, regs[h]);
   }
-  if (!ok) zero_row(dst, d, lane);
-  if (lane == 0) valid[row] = ok;
+#pragma unroll
+  for (int h = 0; h < kRowsPerWarp; ++h) {
+    const int64_t row = row0 + h;
+    if (row >= num_rows) continue;
+    __nv_bfloat16* dst = tile + row * d;
+    if (ok[h]) store_main_entry(regs[h], dst, g, lane);
+    else zero_row(dst, d, lane);
+    if (lane == 0) valid[row] = ok[h];
+  }
 }
 
 // ------------------------------------------------------------------------------------------- host
 static EntryGeometry check_main_geometry(const at::Tensor& storage, int64_t nope, int64_t rope) {
-  TORCH_CHECK(nope > 0 && nope % 64 == 0, "nope_dim must be a positive multiple of 64, got ", nope);
-  TORCH_CHECK(rope > 0 && rope % 8 == 0, "rope_dim must be a positive multiple of 8, got ", rope);
+  TORCH_CHECK(nope > 0 && nope % 64 == 0 && nope <= 512, "nope_dim must be a multiple of 64 up to 512, got ", nope);
+  TORCH_CHECK(rope > 0 && rope % 8 == 0 && rope <= 128, "rope_dim must be a multiple of 8 up to 128, got ", rope);
   const int64_t width = storage.size(-1);
   const int64_t need = ((nope + 2 * rope + nope / 64) + 7) / 8 * 8;
   TORCH_CHECK(width == need, "entry width ", width, " does not match nope ", nope, " + rope ", rope, " (", need, ")");
@@ -235,7 +335,8 @@ std::vector<at::Tensor> window_gather(const at::Tensor& ring, const at::Tensor& 
   auto valid = at::empty({num_tokens, window}, chunk.options().dtype(at::kBool));
   if (num_tokens == 0) return {keys, valid};
   const int64_t rows = num_tokens * window;
-  const dim3 grid((rows + kKvWarps - 1) / kKvWarps);
+  const int64_t per_cta = kKvWarps * kRowsPerWarp;
+  const dim3 grid(static_cast<unsigned>((rows + per_cta - 1) / per_cta));
   window_gather_fp8_bf16_kernel<<<grid, kKvWarps * kWarp, 0, current_stream()>>>(
       ring.data_ptr<uint8_t>(), reinterpret_cast<const __nv_bfloat16*>(chunk.data_ptr()),
       positions.data_ptr<int64_t>(), token_seq.data_ptr<int64_t>(), seq_slot.data_ptr<int64_t>(),
@@ -268,7 +369,8 @@ std::vector<at::Tensor> gather_entries(const at::Tensor& pool, const at::Tensor&
   auto valid = at::empty({num_tokens, k}, pool.options().dtype(at::kBool));
   const int64_t rows = num_tokens * k;
   if (rows == 0) return {tile, valid};
-  const dim3 grid((rows + kKvWarps - 1) / kKvWarps);
+  const int64_t per_cta = kKvWarps * kRowsPerWarp;
+  const dim3 grid(static_cast<unsigned>((rows + per_cta - 1) / per_cta));
   gather_entries_fp8_bf16_kernel<<<grid, kKvWarps * kWarp, 0, current_stream()>>>(
       pool.data_ptr<uint8_t>(), entries.data_ptr<int64_t>(), token_seq.data_ptr<int64_t>(),
       block_table.data_ptr<int64_t>(), reinterpret_cast<__nv_bfloat16*>(tile.data_ptr()), valid.data_ptr<bool>(),

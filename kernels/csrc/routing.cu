@@ -44,67 +44,105 @@ __device__ __forceinline__ float sqrt_softplus(float logit) {
 }
 
 // ------------------------------------------------------------------------------------------- hash router
+// One CTA per token: the 256 threads split D (4 contiguous elements each, 16/8-byte loads) for all k experts at
+// once, so a decode token costs two or three memory round trips instead of D/32 dependent ones.
 constexpr int kMaxTopk = 16;
-constexpr int kHashWarps = 4;
+constexpr int kHashThreads = 256;
+
+template <typename XT>
+__device__ __forceinline__ void load4(const XT* p, double (&v)[4]);
+template <>
+__device__ __forceinline__ void load4<float>(const float* p, double (&v)[4]) {
+  const float4 f = *reinterpret_cast<const float4*>(p);
+  v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+}
+template <>
+__device__ __forceinline__ void load4<__nv_bfloat16>(const __nv_bfloat16* p, double (&v)[4]) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  v[0] = bf16_to_double(u.x & 0xFFFFu); v[1] = bf16_to_double(u.x >> 16);
+  v[2] = bf16_to_double(u.y & 0xFFFFu); v[3] = bf16_to_double(u.y >> 16);
+}
 
 template <typename XT, typename IdT>
-__global__ void __launch_bounds__(kHashWarps * kWarp) hash_route_kernel(
+__global__ void __launch_bounds__(kHashThreads) hash_route_kernel(
     const XT* __restrict__ x, const __nv_bfloat16* __restrict__ w, const IdT* __restrict__ tid2eid,
     const int64_t* __restrict__ token_ids, float* __restrict__ weights_out, int64_t* __restrict__ ids_out,
-    int num_tokens, int dim, int num_experts, int64_t vocab, int k, float route_scale) {
-  const int lane = threadIdx.x % kWarp;
-  const int t = blockIdx.x * kHashWarps + threadIdx.x / kWarp;
-  if (t >= num_tokens) return;
-  const int64_t tok = token_ids[t];
-  const bool tok_ok = tok >= 0 && tok < vocab;
-  int64_t my_id = -1;
-  if (tok_ok && lane < k) my_id = static_cast<int64_t>(tid2eid[tok * k + lane]);
-  const bool id_ok = my_id >= 0 && my_id < num_experts;
-  const bool row_ok = tok_ok && __all_sync(0xffffffffu, lane >= k || id_ok);
-  if (lane < k) ids_out[static_cast<int64_t>(t) * k + lane] = id_ok && tok_ok ? my_id : -1;
-  if (!row_ok) {
-    if (lane < k) weights_out[static_cast<int64_t>(t) * k + lane] = __int_as_float(0x7fc00000);
-    return;
+    int dim, int num_experts, int64_t vocab, int k, float route_scale) {
+  __shared__ int s_experts[kMaxTopk];
+  __shared__ int s_ok;
+  __shared__ double s_part[kHashThreads / kWarp][kMaxTopk];
+  __shared__ float s_score[kMaxTopk];
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  if (warp == 0) {
+    const int64_t tok = token_ids[t];
+    const bool tok_ok = tok >= 0 && tok < vocab;
+    int64_t my_id = -1;
+    if (tok_ok && lane < k) my_id = static_cast<int64_t>(tid2eid[tok * k + lane]);
+    const bool id_ok = my_id >= 0 && my_id < num_experts;
+    const bool row_ok = tok_ok && __all_sync(0xffffffffu, lane >= k || id_ok);
+    if (lane < k) {
+      ids_out[static_cast<int64_t>(t) * k + lane] = id_ok && tok_ok ? my_id : -1;
+      s_experts[lane] = id_ok ? static_cast<int>(my_id) : 0;
+      if (!row_ok) weights_out[static_cast<int64_t>(t) * k + lane] = __int_as_float(0x7fc00000);
+    }
+    if (lane == 0) s_ok = row_ok;
   }
-  int experts[kMaxTopk];
+  __syncthreads();
+  if (!s_ok) return;
+  const __nv_bfloat16* rows[kMaxTopk];
 #pragma unroll
-  for (int j = 0; j < kMaxTopk; ++j) experts[j] = __shfl_sync(0xffffffffu, static_cast<int>(my_id), j < k ? j : 0);
+  for (int j = 0; j < kMaxTopk; ++j) rows[j] = w + static_cast<int64_t>(s_experts[j < k ? j : 0]) * dim;
   double acc[kMaxTopk];
 #pragma unroll
   for (int j = 0; j < kMaxTopk; ++j) acc[j] = 0.0;
   const XT* xrow = x + static_cast<int64_t>(t) * dim;
-  // x is converted to fp64 once per element and reused for the k experts.
-  for (int d = lane; d < dim; d += kWarp) {
-    const double xv = to_double(xrow[d]);
+#pragma unroll 2
+  for (int d = 4 * tid; d < dim; d += 4 * kHashThreads) {
+    double xv[4];
+    load4(xrow + d, xv);   // x converted to fp64 once, reused by the k experts
 #pragma unroll
     for (int j = 0; j < kMaxTopk; ++j) {
-      if (j < k) acc[j] = fma(xv, to_double(w[static_cast<int64_t>(experts[j]) * dim + d]), acc[j]);
+      if (j < k) {
+        double wv[4];
+        load4(rows[j] + d, wv);
+        acc[j] = fma(xv[0], wv[0], acc[j]);
+        acc[j] = fma(xv[1], wv[1], acc[j]);
+        acc[j] = fma(xv[2], wv[2], acc[j]);
+        acc[j] = fma(xv[3], wv[3], acc[j]);
+      }
     }
   }
-  float score[kMaxTopk];
-  double total = 0.0;
 #pragma unroll
   for (int j = 0; j < kMaxTopk; ++j) {
     if (j < k) {
-      score[j] = sqrt_softplus(static_cast<float>(warp_sum(acc[j])));
-      total += static_cast<double>(score[j]);
+      const double v = warp_sum(acc[j]);
+      if (lane == 0) s_part[warp][j] = v;
     }
   }
-#pragma unroll
-  for (int j = 0; j < kMaxTopk; ++j) {
-    if (j < k && lane == j) {
-      weights_out[static_cast<int64_t>(t) * k + j] =
-          __fmul_rn(static_cast<float>(static_cast<double>(score[j]) / total), route_scale);
-    }
+  __syncthreads();
+  if (tid < k) {
+    double sum = 0.0;
+    for (int i = 0; i < kHashThreads / kWarp; ++i) sum += s_part[i][tid];
+    s_score[tid] = sqrt_softplus(static_cast<float>(sum));
+  }
+  __syncthreads();
+  if (tid < k) {
+    double total = 0.0;
+    for (int j = 0; j < k; ++j) total += static_cast<double>(s_score[j]);
+    weights_out[static_cast<int64_t>(t) * k + tid] =
+        __fmul_rn(static_cast<float>(static_cast<double>(s_score[tid]) / total), route_scale);
   }
 }
 
 // ------------------------------------------------------------------------------------------- router GEMM
 // partial[ks, t, e] = sum over the ks-th K slice of x[t, :] * w[e, :], in fp64. Tile: 32 experts x 64 tokens per
-// CTA; warp i owns experts 4i..4i+3 (broadcast smem reads), lane l owns tokens l and l + 32.
+// CTA; warp i owns experts 4i..4i+3 (broadcast smem reads), lane l owns tokens l and l + 32. The next K chunk is
+// prefetched into registers while the current one is multiplied, so a CTA pays about one memory round trip.
 constexpr int kGemmExperts = 32;
 constexpr int kGemmTokens = 64;
 constexpr int kGemmK = 32;
+constexpr int kXPer = kGemmTokens * kGemmK / 256;    // 8 x values per thread per chunk
+constexpr int kWPer = kGemmExperts * kGemmK / 256;   // 4 w values per thread per chunk
 
 template <typename XT>
 __global__ void __launch_bounds__(256) router_gemm_f64_kernel(const XT* __restrict__ x,
@@ -116,24 +154,31 @@ __global__ void __launch_bounds__(256) router_gemm_f64_kernel(const XT* __restri
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
   const int e0 = blockIdx.x * kGemmExperts, t0 = blockIdx.z * kGemmTokens;
   const int k_begin = blockIdx.y * k_slice, k_end = min(dim, k_begin + k_slice);
+  const int c = tid % kGemmK;
+  double xr[kXPer], wr[kWPer];
+  auto fetch = [&](int k0) {
+#pragma unroll
+    for (int j = 0; j < kXPer; ++j) {
+      const int t = t0 + tid / kGemmK + j * (256 / kGemmK), k = k0 + c;
+      xr[j] = (t < num_tokens && k < k_end) ? to_double(x[static_cast<int64_t>(t) * dim + k]) : 0.0;
+    }
+#pragma unroll
+    for (int j = 0; j < kWPer; ++j) {
+      const int e = e0 + tid / kGemmK + j * (256 / kGemmK), k = k0 + c;
+      wr[j] = (e < num_experts && k < k_end) ? to_double(w[static_cast<int64_t>(e) * dim + k]) : 0.0;
+    }
+  };
   double acc[4][2];
 #pragma unroll
   for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = 0.0;
+  fetch(k_begin);
   for (int k0 = k_begin; k0 < k_end; k0 += kGemmK) {
-    const int c = tid % kGemmK;
 #pragma unroll
-    for (int j = 0; j < kGemmTokens * kGemmK / 256; ++j) {
-      const int r = tid / kGemmK + j * (256 / kGemmK);
-      const int t = t0 + r, k = k0 + c;
-      xs[c][r] = (t < num_tokens && k < k_end) ? to_double(x[static_cast<int64_t>(t) * dim + k]) : 0.0;
-    }
+    for (int j = 0; j < kXPer; ++j) xs[c][tid / kGemmK + j * (256 / kGemmK)] = xr[j];
 #pragma unroll
-    for (int j = 0; j < kGemmExperts * kGemmK / 256; ++j) {
-      const int r = tid / kGemmK + j * (256 / kGemmK);
-      const int e = e0 + r, k = k0 + c;
-      ws[r][c] = (e < num_experts && k < k_end) ? to_double(w[static_cast<int64_t>(e) * dim + k]) : 0.0;
-    }
+    for (int j = 0; j < kWPer; ++j) ws[tid / kGemmK + j * (256 / kGemmK)][c] = wr[j];
     __syncthreads();
+    if (k0 + kGemmK < k_end) fetch(k0 + kGemmK);   // in flight during the FMAs below
 #pragma unroll 8
     for (int kk = 0; kk < kGemmK; ++kk) {
       const double xa = xs[kk][lane], xb = xs[kk][lane + 32];
@@ -160,79 +205,75 @@ __global__ void __launch_bounds__(256) router_gemm_f64_kernel(const XT* __restri
 }
 
 // ------------------------------------------------------------------------------------------- top-k epilogue
-constexpr int kTopkWarps = 4;
-constexpr int kMaxPerLane = 16;  // 512 experts / 32 lanes
+// One CTA per token: every expert's logit (sum of the K-slice partials in slice order, or the fp32 logit), score,
+// biased key; a bitonic sort of (biased score, lower id first) decides the top-k exactly as the reference's stable
+// descending sort; weights from the unbiased scores.
+constexpr int kTopkThreads = 256;
+constexpr int kMaxExperts = 512;
 
-struct Cand {
-  float v;      // score + bias (selection key)
-  int i;        // expert id
-  float s;      // unbiased score (weight)
-};
+__device__ __forceinline__ uint32_t orderable(float v) {
+  uint32_t u = __float_as_uint(v);
+  if (u == 0x80000000u) u = 0;   // -0 ties with +0, as in the reference's sort
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 
-__device__ __forceinline__ bool better(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
-
-// Either fp64 partials [num_slices, T, E] (summed in slice order) or fp32 logits [T, E] (num_slices == 0).
-__global__ void __launch_bounds__(kTopkWarps * kWarp) router_topk_kernel(
+__global__ void __launch_bounds__(kTopkThreads) router_topk_kernel(
     const double* __restrict__ partial, const float* __restrict__ logits, int num_slices,
     const float* __restrict__ bias, float* __restrict__ weights_out, int64_t* __restrict__ ids_out, int num_tokens,
     int num_experts, int k, float route_scale) {
-  const int lane = threadIdx.x % kWarp;
-  const int t = blockIdx.x * kTopkWarps + threadIdx.x / kWarp;
-  if (t >= num_tokens) return;
-  float v[kMaxPerLane], s[kMaxPerLane];
-#pragma unroll
-  for (int j = 0; j < kMaxPerLane; ++j) {
-    const int e = lane + j * kWarp;
-    v[j] = -INFINITY;
-    s[j] = 0.0f;
+  __shared__ unsigned long long keys[kMaxExperts];
+  __shared__ float scores[kMaxExperts];
+  __shared__ float chosen[kMaxTopk];
+  const int t = blockIdx.x, tid = threadIdx.x;
+  int size = 1;
+  while (size < num_experts) size <<= 1;
+  for (int e = tid; e < size; e += kTopkThreads) {
+    unsigned long long key = 0ull;   // padding sorts last: real keys have orderable() > 0
     if (e < num_experts) {
       float logit;
       if (num_slices == 0) {
         logit = logits[static_cast<int64_t>(t) * num_experts + e];
       } else {
         double sum = 0.0;
+#pragma unroll 8
         for (int ks = 0; ks < num_slices; ++ks)
           sum += partial[(static_cast<int64_t>(ks) * num_tokens + t) * num_experts + e];
         logit = static_cast<float>(sum);
       }
-      s[j] = sqrt_softplus(logit);
-      v[j] = bias != nullptr ? __fadd_rn(s[j], bias[e]) : s[j];
+      const float score = sqrt_softplus(logit);
+      scores[e] = score;
+      const float v = bias != nullptr ? __fadd_rn(score, bias[e]) : score;
+      key = (static_cast<unsigned long long>(orderable(v)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(e));
+    }
+    keys[e] = key;
+  }
+  __syncthreads();
+  for (int len = 2; len <= size; len <<= 1) {
+    for (int j = len >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < size; i += kTopkThreads) {
+        const int l = i ^ j;
+        if (l > i) {
+          const unsigned long long a = keys[i], b = keys[l];
+          if ((i & len) == 0 ? a < b : a > b) {   // descending
+            keys[i] = b;
+            keys[l] = a;
+          }
+        }
+      }
+      __syncthreads();
     }
   }
-  uint32_t taken = 0;
-  float chosen_s[kMaxTopk];
-  int chosen_i[kMaxTopk];
-#pragma unroll
-  for (int r = 0; r < kMaxTopk; ++r) {
-    if (r >= k) break;
-    Cand best{-INFINITY, 0x7fffffff, 0.0f};
-#pragma unroll
-    for (int j = 0; j < kMaxPerLane; ++j) {
-      const int e = lane + j * kWarp;
-      const Cand c{v[j], e, s[j]};
-      if (e < num_experts && !(taken >> j & 1u) && better(c, best)) best = c;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      Cand other{__shfl_xor_sync(0xffffffffu, best.v, o), __shfl_xor_sync(0xffffffffu, best.i, o),
-                 __shfl_xor_sync(0xffffffffu, best.s, o)};
-      if (better(other, best)) best = other;
-    }
-    if (best.i % kWarp == lane) taken |= 1u << (best.i / kWarp);
-    chosen_s[r] = best.s;
-    chosen_i[r] = best.i;
+  if (tid < k) {
+    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(keys[tid]));
+    chosen[tid] = scores[e];
+    ids_out[static_cast<int64_t>(t) * k + tid] = e;
   }
-  double total = 0.0;
-#pragma unroll
-  for (int r = 0; r < kMaxTopk; ++r)
-    if (r < k) total += static_cast<double>(chosen_s[r]);
-#pragma unroll
-  for (int r = 0; r < kMaxTopk; ++r) {
-    if (r < k && lane == r) {
-      weights_out[static_cast<int64_t>(t) * k + r] =
-          __fmul_rn(static_cast<float>(static_cast<double>(chosen_s[r]) / total), route_scale);
-      ids_out[static_cast<int64_t>(t) * k + r] = chosen_i[r];
-    }
+  __syncthreads();
+  if (tid < k) {
+    double total = 0.0;
+    for (int j = 0; j < k; ++j) total += static_cast<double>(chosen[j]);
+    weights_out[static_cast<int64_t>(t) * k + tid] =
+        __fmul_rn(static_cast<float>(static_cast<double>(chosen[tid]) / total), route_scale);
   }
 }
 
@@ -245,7 +286,8 @@ static void check_router_inputs(const at::Tensor& x, const at::Tensor& gate_weig
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   check_dtype(gate_weight, at::kBFloat16, "gate_weight");
   TORCH_CHECK(x.size(1) == gate_weight.size(1), "x has ", x.size(1), " features, gate_weight ", gate_weight.size(1));
-  TORCH_CHECK(gate_weight.size(0) <= kMaxPerLane * kWarp, "at most ", kMaxPerLane * kWarp, " experts");
+  TORCH_CHECK(gate_weight.size(0) <= kMaxExperts, "at most ", kMaxExperts, " experts");
+  TORCH_CHECK(x.size(1) % 4 == 0, "the hidden size must be a multiple of 4, got ", x.size(1));
 }
 
 std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& tid2eid,
@@ -263,16 +305,15 @@ std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_w
   auto weights = at::empty({num_tokens, k}, x.options().dtype(at::kFloat));
   auto ids = at::empty({num_tokens, k}, x.options().dtype(at::kLong));
   if (num_tokens == 0) return {weights, ids};
-  const dim3 grid((num_tokens + kHashWarps - 1) / kHashWarps);
   auto stream = current_stream();
   auto launch = [&](auto xt, auto idt) {
     using XT = decltype(xt);
     using IdT = decltype(idt);
-    hash_route_kernel<XT, IdT><<<grid, kHashWarps * kWarp, 0, stream>>>(
+    hash_route_kernel<XT, IdT><<<static_cast<unsigned>(num_tokens), kHashThreads, 0, stream>>>(
         reinterpret_cast<const XT*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr()),
         tid2eid.data_ptr<IdT>(), token_ids.data_ptr<int64_t>(), weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
-        static_cast<int>(num_tokens), static_cast<int>(x.size(1)), static_cast<int>(gate_weight.size(0)),
-        tid2eid.size(0), static_cast<int>(k), static_cast<float>(route_scale));
+        static_cast<int>(x.size(1)), static_cast<int>(gate_weight.size(0)), tid2eid.size(0), static_cast<int>(k),
+        static_cast<float>(route_scale));
   };
   const bool x_f32 = x.scalar_type() == at::kFloat, id64 = tid2eid.scalar_type() == at::kLong;
   if (x_f32 && id64) launch(float{}, int64_t{});
@@ -286,8 +327,7 @@ std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_w
 static void launch_topk(const double* partial, const float* logits, int num_slices, const at::Tensor& bias,
                         at::Tensor& weights, at::Tensor& ids, int num_tokens, int num_experts, int k,
                         double route_scale, cudaStream_t stream) {
-  const dim3 grid((num_tokens + kTopkWarps - 1) / kTopkWarps);
-  router_topk_kernel<<<grid, kTopkWarps * kWarp, 0, stream>>>(
+  router_topk_kernel<<<static_cast<unsigned>(num_tokens), kTopkThreads, 0, stream>>>(
       partial, logits, num_slices, bias.defined() ? bias.data_ptr<float>() : nullptr, weights.data_ptr<float>(),
       ids.data_ptr<int64_t>(), num_tokens, num_experts, k, static_cast<float>(route_scale));
   DSV4_LAUNCH_CHECK();
@@ -300,7 +340,8 @@ static void check_bias_topk(const at::Tensor& bias, int64_t num_experts, int64_t
   TORCH_CHECK(topk >= 1 && topk <= kMaxTopk && topk <= num_experts, "top-k must be in [1, min(16, E)], got ", topk);
 }
 
-// Fused gate GEMM (fp64 accumulation) + router: two launches, no fp32 logits round trip.
+// Decode sizes (T <= 64): fp64 gate GEMM partials + the router epilogue, two launches, no fp32 logits round trip.
+// Larger T: cuBLAS fp64 GEMM, then the same epilogue.
 std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& bias,
                                     int64_t topk, double route_scale) {
   check_router_inputs(x, gate_weight);
@@ -310,6 +351,15 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
   auto weights = at::empty({num_tokens, topk}, x.options().dtype(at::kFloat));
   auto ids = at::empty({num_tokens, topk}, x.options().dtype(at::kLong));
   if (num_tokens == 0) return {weights, ids};
+  auto stream = current_stream();
+  if (num_tokens > kGemmTokens) {
+    // Prefill sizes: cuBLAS's fp64 GEMM (DMMA tensor cores) outruns the CUDA-core tile below; same function as
+    // the reference's torch.matmul(x.double(), w.double().T).float().
+    auto logits = at::matmul(x.to(at::kDouble), gate_weight.to(at::kDouble).t()).to(at::kFloat).contiguous();
+    launch_topk(nullptr, logits.data_ptr<float>(), 0, bias, weights, ids, static_cast<int>(num_tokens),
+                static_cast<int>(num_experts), static_cast<int>(topk), route_scale, stream);
+    return {weights, ids};
+  }
   const int64_t sm_count = num_sms();
   // Split K until the grid covers the GPU (decode sizes); prefill sizes get one slice.
   const int64_t tiles = ((num_experts + kGemmExperts - 1) / kGemmExperts) * ((num_tokens + kGemmTokens - 1) / kGemmTokens);
@@ -317,7 +367,6 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
   int64_t k_slice = ((dim + slices - 1) / slices + kGemmK - 1) / kGemmK * kGemmK;
   slices = (dim + k_slice - 1) / k_slice;
   auto partial = at::empty({slices, num_tokens, num_experts}, x.options().dtype(at::kDouble));
-  auto stream = current_stream();
   const dim3 grid((num_experts + kGemmExperts - 1) / kGemmExperts, slices, (num_tokens + kGemmTokens - 1) / kGemmTokens);
   auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
   if (x.scalar_type() == at::kFloat) {
@@ -341,7 +390,7 @@ std::vector<at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& 
   check_dim(logits, 2, "logits");
   check_dtype(logits, at::kFloat, "logits");
   const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
-  TORCH_CHECK(num_experts <= kMaxPerLane * kWarp, "at most ", kMaxPerLane * kWarp, " experts");
+  TORCH_CHECK(num_experts <= kMaxExperts, "at most ", kMaxExperts, " experts");
   check_bias_topk(bias, num_experts, topk);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto weights = at::empty({num_tokens, topk}, logits.options());
