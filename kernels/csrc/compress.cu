@@ -34,9 +34,11 @@ namespace cg = cooperative_groups;
 namespace dsv4 {
 
 constexpr int kSlab = 64;         // channels per CTA; also the FP8 block
-constexpr int kGroups = 4;        // slot groups per channel
-constexpr int kFlushThreads = kSlab * kGroups;
 constexpr int kMaxSlabs = 8;      // d <= 512 (portable cluster size)
+// Threads per channel ("slot groups"): CSA pools 8 slots, so one thread per channel (64-thread CTAs: a decode
+// batch fits in one wave and no cross-group reduction is needed); HCA pools 128, split over 4 groups.
+template <int M>
+constexpr int kGroupsFor = M == 4 ? 1 : 4;
 
 struct FlushParams {
   const float* a;            // [T, coff*d]
@@ -74,6 +76,7 @@ __device__ __forceinline__ int items_of(const FlushParams& p, int s) {
 // Which (sequence, item) this cluster owns: an in-CTA exclusive scan of the per-sequence item counts.
 template <int M>
 __device__ Item find_item(const FlushParams& p, int item) {
+  constexpr int kFlushThreads = kSlab * kGroupsFor<M>;
   using Scan = cub::BlockScan<int, kFlushThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ Item found;
@@ -118,6 +121,8 @@ __device__ __forceinline__ void load_row_value(const FlushParams& p, const RowSo
 template <int M, bool OVERLAP, bool INDEX>
 __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, int64_t window_abs, int j, int slab,
                             cg::cluster_group& cluster) {
+  constexpr int kGroups = kGroupsFor<M>;
+  constexpr int kFlushThreads = kSlab * kGroups;
   constexpr int kSlots = OVERLAP ? 2 * M : M;
   constexpr int kPerGroup = kSlots / kGroups;
   __shared__ float red_max[kGroups][kSlab];
@@ -159,9 +164,13 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
   float mx = -INFINITY;
 #pragma unroll
   for (int q = 0; q < kPerGroup; ++q) mx = fmaxf(mx, zs[q]);
-  red_max[grp][ch] = mx;
-  __syncthreads();
-  mx = fmaxf(fmaxf(red_max[0][ch], red_max[1][ch]), fmaxf(red_max[2][ch], red_max[3][ch]));
+  if constexpr (kGroups > 1) {
+    red_max[grp][ch] = mx;
+    __syncthreads();
+    mx = red_max[0][ch];
+#pragma unroll
+    for (int gg = 1; gg < kGroups; ++gg) mx = fmaxf(mx, red_max[gg][ch]);
+  }
   const double mxd = static_cast<double>(mx);
   double e[kPerGroup];
   double sum = 0.0;
@@ -170,22 +179,35 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
     e[q] = exp(static_cast<double>(zs[q]) - mxd);
     sum += e[q];
   }
-  red_sum[grp][ch] = sum;
-  __syncthreads();
-  const double total = ((red_sum[0][ch] + red_sum[1][ch]) + red_sum[2][ch]) + red_sum[3][ch];
+  double total = sum;
+  if constexpr (kGroups > 1) {
+    red_sum[grp][ch] = sum;
+    __syncthreads();
+    total = red_sum[0][ch];
+#pragma unroll
+    for (int gg = 1; gg < kGroups; ++gg) total += red_sum[gg][ch];
+  }
   double acc = 0.0;
 #pragma unroll
   for (int q = 0; q < kPerGroup; ++q) {
     const float prob = static_cast<float>(e[q] / total);   // torch softmax in fp64, then .float()
     acc = fma(static_cast<double>(as[q]), static_cast<double>(prob), acc);   // exact product, fp64 sum
   }
-  red_acc[grp][ch] = acc;
-  __syncthreads();
+  if constexpr (kGroups > 1) {
+    red_acc[grp][ch] = acc;
+    __syncthreads();
+  }
 
   // ---- finish: bf16 round, RMSNorm across the cluster, RoPE; group 0 (warps 0 and 1) holds the slab
   float x = 0.0f;
   if (grp == 0) {
-    const float pooled = static_cast<float>(((red_acc[0][ch] + red_acc[1][ch]) + red_acc[2][ch]) + red_acc[3][ch]);
+    double pooled_d = acc;
+    if constexpr (kGroups > 1) {
+      pooled_d = red_acc[0][ch];
+#pragma unroll
+      for (int gg = 1; gg < kGroups; ++gg) pooled_d += red_acc[gg][ch];
+    }
+    const float pooled = static_cast<float>(pooled_d);
     x = bf16_round(pooled);
     const double sq = warp_sum(static_cast<double>(x) * static_cast<double>(x));
     if (ch % kWarp == 0) norm_part[ch / kWarp] = sq;
@@ -247,17 +269,29 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
     for (int i = threadIdx.x; i < d; i += kFlushThreads)
       full_vals[i] = *cluster.map_shared_rank(&slab_vals[i % kSlab], i / kSlab);
     __syncthreads();
-    // y_c = sum_j (-1)^popcount(c & j) x_j, exact in fp64; group g sums a quarter of j.
-    double h = 0.0;
-    const int quarter = d / kGroups;
-    for (int jj = grp * quarter; jj < (grp + 1) * quarter; ++jj) {
-      const double v = static_cast<double>(full_vals[jj]);
-      h += (__popc(c & jj) & 1) ? -v : v;
+    // y_c = sum_j (-1)^popcount(c & j) x_j, exact in fp64 (bf16 inputs), so any summation order gives the
+    // reference's value; four interleaved accumulators per thread for ILP, group g takes a 1/G share of j.
+    double h4[4] = {0.0, 0.0, 0.0, 0.0};
+    const int share = d / kGroups;
+    for (int jj = grp * share; jj < (grp + 1) * share; jj += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const double v = static_cast<double>(full_vals[jj + u]);
+        h4[u] += (__popc(c & (jj + u)) & 1) ? -v : v;
+      }
     }
-    red_acc[grp][ch] = h;
-    __syncthreads();
+    const double h = (h4[0] + h4[1]) + (h4[2] + h4[3]);
+    if constexpr (kGroups > 1) {
+      red_acc[grp][ch] = h;
+      __syncthreads();
+    }
     if (grp == 0) {
-      const double hs = ((red_acc[0][ch] + red_acc[1][ch]) + red_acc[2][ch]) + red_acc[3][ch];
+      double hs = h;
+      if constexpr (kGroups > 1) {
+        hs = red_acc[0][ch];
+#pragma unroll
+        for (int gg = 1; gg < kGroups; ++gg) hs += red_acc[gg][ch];
+      }
       const float y = bf16_round(static_cast<float>(hs * p.hadamard_scale));
       // MXFP4: one 32-block per warp (channels 0..31, 32..63 of the slab)
       const uint32_t code = ue8m0_code(warp_max(fabsf(y)), p.fp4_floor, p.inv_fp4_max);
@@ -277,6 +311,7 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
 // the current (incomplete) window's rows in m..; HCA only the current rows.
 template <int M, bool OVERLAP>
 __device__ void update_state(const FlushParams& p, const RowSource& rs, float* skv, float* ssc, int n, int slab) {
+  constexpr int kFlushThreads = kSlab * kGroupsFor<M>;
   const int held = rs.held, nw = (held + n) / M, tail = held + n - nw * M;
   constexpr int kHalves = OVERLAP ? 2 : 1;
   const int cols = kSlab * kHalves;
@@ -304,7 +339,7 @@ __device__ void update_state(const FlushParams& p, const RowSource& rs, float* s
 }
 
 template <int M, bool OVERLAP, bool INDEX>
-__global__ void __launch_bounds__(kFlushThreads) compress_flush_kernel(const FlushParams p) {
+__global__ void __launch_bounds__(kSlab * kGroupsFor<M>) compress_flush_kernel(const FlushParams p) {
   cg::cluster_group cluster = cg::this_cluster();
   const int slab = static_cast<int>(cluster.block_rank());
   const int item_id = blockIdx.x / static_cast<int>(cluster.num_blocks());
@@ -411,7 +446,7 @@ void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_
   const c10::cuda::CUDAGuard guard(a.device());
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(max_items * slabs));
-  config.blockDim = dim3(kFlushThreads);
+  config.blockDim = dim3(kSlab * (overlap ? kGroupsFor<4> : kGroupsFor<128>));
   config.dynamicSmemBytes = 0;
   config.stream = current_stream();
   cudaLaunchAttribute attr[1];

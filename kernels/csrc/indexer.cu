@@ -539,7 +539,7 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& weights, const at
   const int64_t sm_count = num_sms();
   const int64_t per_cta = kIdxWarps * kKeysPerWarpIter;
   const int64_t ctas1 = (max_entries + per_cta - 1) / per_cta * num_tokens;
-  const int iters = static_cast<int>(std::clamp<int64_t>(ctas1 / (4 * sm_count), 1, 4));
+  const int iters = static_cast<int>(std::clamp<int64_t>(ctas1 / (4 * sm_count), 1, 8));   // amortize the q prep
   IndexerParams p{};
   p.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   p.w = reinterpret_cast<const __nv_bfloat16*>(weights.data_ptr());

@@ -1,6 +1,7 @@
 // MoE routers (spec §5.1; references in kernels/routing.py).
 //
 //   hash_route_kernel           tid2eid gather + the k chosen experts' dot products + sqrt-softplus + renorm.
+//   router_gemv_f64_kernel      decode batches (T <= 8): fp64 gate logits, threads split D, 4 experts per CTA.
 //   router_gemm_f64_kernel      gate GEMM partials, fp64 accumulation, split over (expert tile, K slice, token tile).
 //   router_topk_kernel          sum of the K-slice partials (or fp32 logits) + sqrt-softplus + bias + top-k
 //                               (ties -> lower id) + renormalise + scale; one warp per token, E <= 512, k <= 16.
@@ -204,6 +205,65 @@ __global__ void __launch_bounds__(256) router_gemm_f64_kernel(const XT* __restri
   }
 }
 
+// ------------------------------------------------------------------------------------------- router GEMV
+// Decode batches of <= 8 tokens: one CTA per 4 experts, the 256 threads split D (4 contiguous elements each) for
+// all tokens, block reduction in a fixed order, fp32 logits out. No tile of zeros multiplied for absent tokens.
+constexpr int kGemvExperts = 4;
+constexpr int kGemvMaxTokens = 8;
+constexpr int kGemvThreads = 256;
+
+template <typename XT>
+__global__ void __launch_bounds__(kGemvThreads) router_gemv_f64_kernel(const XT* __restrict__ x,
+                                                                       const __nv_bfloat16* __restrict__ w,
+                                                                       float* __restrict__ logits, int num_tokens,
+                                                                       int dim, int num_experts) {
+  __shared__ double part[kGemvThreads / kWarp][kGemvMaxTokens * kGemvExperts];
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int e0 = blockIdx.x * kGemvExperts;
+  const __nv_bfloat16* rows[kGemvExperts];
+#pragma unroll
+  for (int i = 0; i < kGemvExperts; ++i) rows[i] = w + static_cast<int64_t>(min(e0 + i, num_experts - 1)) * dim;
+  double acc[kGemvMaxTokens][kGemvExperts];
+#pragma unroll
+  for (int t = 0; t < kGemvMaxTokens; ++t)
+#pragma unroll
+    for (int i = 0; i < kGemvExperts; ++i) acc[t][i] = 0.0;
+  for (int d = 4 * tid; d < dim; d += 4 * kGemvThreads) {
+    double wv[kGemvExperts][4];
+#pragma unroll
+    for (int i = 0; i < kGemvExperts; ++i) load4(rows[i] + d, wv[i]);
+#pragma unroll
+    for (int t = 0; t < kGemvMaxTokens; ++t) {
+      if (t < num_tokens) {
+        double xv[4];
+        load4(x + static_cast<int64_t>(t) * dim + d, xv);
+#pragma unroll
+        for (int i = 0; i < kGemvExperts; ++i)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[t][i] = fma(xv[q], wv[i][q], acc[t][i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kGemvMaxTokens; ++t) {
+    if (t < num_tokens) {
+#pragma unroll
+      for (int i = 0; i < kGemvExperts; ++i) {
+        const double v = warp_sum(acc[t][i]);
+        if (lane == 0) part[warp][t * kGemvExperts + i] = v;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid < num_tokens * kGemvExperts) {
+    const int t = tid / kGemvExperts, i = tid % kGemvExperts;
+    double sum = 0.0;
+#pragma unroll
+    for (int r = 0; r < kGemvThreads / kWarp; ++r) sum += part[r][tid];
+    if (e0 + i < num_experts) logits[static_cast<int64_t>(t) * num_experts + e0 + i] = static_cast<float>(sum);
+  }
+}
+
 // ------------------------------------------------------------------------------------------- top-k epilogue
 // One CTA per token: every expert's logit (sum of the K-slice partials in slice order, or the fp32 logit), score,
 // biased key; a bitonic sort of (biased score, lower id first) decides the top-k exactly as the reference's stable
@@ -340,8 +400,8 @@ static void check_bias_topk(const at::Tensor& bias, int64_t num_experts, int64_t
   TORCH_CHECK(topk >= 1 && topk <= kMaxTopk && topk <= num_experts, "top-k must be in [1, min(16, E)], got ", topk);
 }
 
-// Decode sizes (T <= 64): fp64 gate GEMM partials + the router epilogue, two launches, no fp32 logits round trip.
-// Larger T: cuBLAS fp64 GEMM, then the same epilogue.
+// T <= 8: fp64 GEMV (threads split D) -> fp32 logits -> epilogue. 8 < T <= 64: fp64 GEMM tile partials over K
+// slices -> epilogue (no fp32 logits round trip). Larger T: cuBLAS fp64 GEMM, then the same epilogue.
 std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& bias,
                                     int64_t topk, double route_scale) {
   check_router_inputs(x, gate_weight);
@@ -356,6 +416,24 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
     // Prefill sizes: cuBLAS's fp64 GEMM (DMMA tensor cores) outruns the CUDA-core tile below; same function as
     // the reference's torch.matmul(x.double(), w.double().T).float().
     auto logits = at::matmul(x.to(at::kDouble), gate_weight.to(at::kDouble).t()).to(at::kFloat).contiguous();
+    launch_topk(nullptr, logits.data_ptr<float>(), 0, bias, weights, ids, static_cast<int>(num_tokens),
+                static_cast<int>(num_experts), static_cast<int>(topk), route_scale, stream);
+    return {weights, ids};
+  }
+  if (num_tokens <= kGemvMaxTokens) {
+    auto logits = at::empty({num_tokens, num_experts}, x.options().dtype(at::kFloat));
+    const dim3 grid((num_experts + kGemvExperts - 1) / kGemvExperts);
+    auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
+    if (x.scalar_type() == at::kFloat) {
+      router_gemv_f64_kernel<float><<<grid, kGemvThreads, 0, stream>>>(
+          x.data_ptr<float>(), w, logits.data_ptr<float>(), static_cast<int>(num_tokens), static_cast<int>(dim),
+          static_cast<int>(num_experts));
+    } else {
+      router_gemv_f64_kernel<__nv_bfloat16><<<grid, kGemvThreads, 0, stream>>>(
+          reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), w, logits.data_ptr<float>(),
+          static_cast<int>(num_tokens), static_cast<int>(dim), static_cast<int>(num_experts));
+    }
+    DSV4_LAUNCH_CHECK();
     launch_topk(nullptr, logits.data_ptr<float>(), 0, bias, weights, ids, static_cast<int>(num_tokens),
                 static_cast<int>(num_experts), static_cast<int>(topk), route_scale, stream);
     return {weights, ids};
