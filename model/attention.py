@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dsv4.kernels import ops, quant
+from dsv4.kernels.cache_ops import BatchLayout
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import CSA_RATIO, ModelConfig
@@ -21,11 +22,13 @@ from dsv4.model.layers import Linear, RMSNorm, WeightFormat, apply_rope, head_rm
 from dsv4.model.numerics import Numerics
 
 
-def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Every compressed entry each token may see (entry w is visible to t iff w*m + m - 1 <= t): [T, E], -1 pad."""
-    visible = (positions + 1) // ratio
-    width = max(int(visible.max()), 1)
-    entries = torch.arange(width, device=positions.device)[None, :].expand(positions.shape[0], -1)
+def visible_entries(layout: BatchLayout, ratio: int) -> torch.Tensor:
+    """Every compressed entry each token may see (entry w is visible to t iff w*m + m - 1 <= t): [T, E], -1 pad.
+    E comes from the block table's shape (what the blocks can hold), so no device value sets a shape: no host
+    synchronisation, and CUDA graphs can capture it."""
+    width = layout.block_table.shape[1] * (layout.block_size // ratio)
+    visible = (layout.positions + 1) // ratio
+    entries = torch.arange(width, device=visible.device)[None, :].expand(visible.shape[0], -1)
     return torch.where(entries < visible[:, None], entries, -1)
 
 
@@ -69,7 +72,7 @@ class Attention(nn.Module):
             self.compressor(x, batch)
         keys, valid = ops.window_gather(store.window, store.window_codec, kv, batch.layout)
         if self.ratio:
-            entries = chosen if chosen is not None else visible_entries(pos, self.ratio)
+            entries = chosen if chosen is not None else visible_entries(batch.layout, self.ratio)
             main = store.compressors[ATTN]
             extra, extra_valid = ops.gather_entries(main.pool, main.codec, batch.layout, entries, self.ratio)
             keys, valid = torch.cat([keys, extra.to(keys.dtype)], dim=1), torch.cat([valid, extra_valid], dim=1)
