@@ -141,16 +141,9 @@ def gen(seed: int) -> torch.Generator:
 
 def layout(chunks: list[tuple[int, int, int]], max_blocks: int) -> BatchLayout:
     """chunks: (slot, start, length); sequence s owns blocks s*max_blocks .. (s+1)*max_blocks-1."""
-    positions, token_seq, spans, row = [], [], [], 0
-    for s, (slot, start, n) in enumerate(chunks):
-        positions.append(torch.arange(start, start + n))
-        token_seq.append(torch.full((n,), s))
-        spans.append((slot, start, n, row))
-        row += n
-    table = torch.arange(len(chunks) * max_blocks).view(len(chunks), max_blocks)
-    vec = lambda i: torch.tensor([c[i] for c in chunks], device=DEV)   # noqa: E731
-    return BatchLayout(torch.cat(positions).to(DEV), torch.cat(token_seq).to(DEV), vec(0), vec(1), vec(2),
-                       torch.tensor([s[3] for s in spans], device=DEV), table.to(DEV), BLOCK, tuple(spans))
+    return BatchLayout.from_chunks(
+        [(slot, start, n, range(s * max_blocks, (s + 1) * max_blocks)) for s, (slot, start, n) in enumerate(chunks)],
+        BLOCK, DEV)
 
 
 def same(a, b) -> str:

@@ -14,6 +14,7 @@ Tie rule of the indexer top-k: among equal scores the lower entry index wins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,33 @@ class BatchLayout:
     block_table: torch.Tensor     # [S, max_blocks] int64 physical block of each block_size-token span; -1 = none
     block_size: int               # tokens per block
     spans: tuple[tuple[int, int, int, int], ...] = field(default=())   # host copy: (slot, start, len, first_row)
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[tuple[int, int, int, Sequence[int]]], block_size: int,
+                    device: torch.device | str = "cpu") -> BatchLayout:
+        """chunks: (slot, start position, number of tokens, block table) per sequence, in flat-batch order."""
+        positions, token_seq, spans, row = [], [], [], 0
+        table = torch.full((len(chunks), max([len(c[3]) for c in chunks] + [1])), -1, dtype=torch.int64)
+        for s, (slot, start, length, blocks) in enumerate(chunks):
+            positions.append(torch.arange(start, start + length))
+            token_seq.append(torch.full((length,), s, dtype=torch.int64))
+            table[s, :len(blocks)] = torch.as_tensor(list(blocks), dtype=torch.int64)
+            spans.append((slot, start, length, row))
+            row += length
+
+        def column(i: int) -> torch.Tensor:
+            return torch.tensor([span[i] for span in spans], dtype=torch.int64, device=device)
+
+        def flat(parts: list[torch.Tensor]) -> torch.Tensor:
+            return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)).to(device)
+
+        return cls(flat(positions), flat(token_seq), column(0), column(1), column(2), column(3), table.to(device),
+                   block_size, tuple(spans))
+
+    def to(self, device: torch.device | str) -> BatchLayout:
+        return BatchLayout(self.positions.to(device), self.token_seq.to(device), self.seq_slot.to(device),
+                           self.seq_start.to(device), self.seq_len.to(device), self.seq_first_row.to(device),
+                           self.block_table.to(device), self.block_size, self.spans)
 
     @property
     def num_tokens(self) -> int:

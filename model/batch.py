@@ -39,10 +39,7 @@ class ForwardBatch:
         device = storage.layers[0].window.device
         if not chunks:
             raise ValueError("a forward batch needs at least one chunk")
-        ids, positions, token_seq, spans = [], [], [], []
-        max_blocks = max(len(c.block_table) for c in chunks) or 1
-        table = torch.full((len(chunks), max_blocks), -1, dtype=torch.int64)
-        row = 0
+        ids = []
         for s, chunk in enumerate(chunks):
             tokens = torch.as_tensor(chunk.token_ids, dtype=torch.int64).flatten()
             n = tokens.numel()
@@ -54,20 +51,11 @@ class ForwardBatch:
                 raise ValueError(f"chunk {s}: {len(chunk.block_table)} blocks cannot hold positions up to "
                                  f"{chunk.start + n} (block_size {storage.block_size})")
             ids.append(tokens)
-            positions.append(torch.arange(chunk.start, chunk.start + n))
-            token_seq.append(torch.full((n,), s, dtype=torch.int64))
-            table[s, :len(chunk.block_table)] = torch.as_tensor(list(chunk.block_table), dtype=torch.int64)
-            spans.append((chunk.slot, chunk.start, n, row))
-            row += n
         if len({c.slot for c in chunks}) != len(chunks):
             raise ValueError("a sequence (slot) may appear only once per forward batch")
-        layout = BatchLayout(
-            positions=torch.cat(positions).to(device), token_seq=torch.cat(token_seq).to(device),
-            seq_slot=torch.tensor([s[0] for s in spans], device=device),
-            seq_start=torch.tensor([s[1] for s in spans], device=device),
-            seq_len=torch.tensor([s[2] for s in spans], device=device),
-            seq_first_row=torch.tensor([s[3] for s in spans], device=device),
-            block_table=table.to(device), block_size=storage.block_size, spans=tuple(spans))
+        layout = BatchLayout.from_chunks([(c.slot, c.start, t.numel(), c.block_table) for c, t in zip(chunks, ids,
+                                                                                                       strict=True)],
+                                         storage.block_size, device)
         return cls(torch.cat(ids).to(device), layout, storage, numerics)
 
     @property

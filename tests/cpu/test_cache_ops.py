@@ -8,20 +8,9 @@ from dsv4.kernels.kv_format import Fp32Codec, MainFp8Codec
 from dsv4.kernels.ref_math import softmax
 
 
-def layout(chunks, block_size=16, max_blocks=4):
+def layout(chunks, block_size=16):
     """chunks: (slot, start, length, block_table) per sequence."""
-    positions, token_seq, spans, row = [], [], [], 0
-    table = torch.full((len(chunks), max_blocks), -1)
-    for s, (slot, start, length, blocks) in enumerate(chunks):
-        positions.append(torch.arange(start, start + length))
-        token_seq.append(torch.full((length,), s))
-        table[s, :len(blocks)] = torch.tensor(blocks)
-        spans.append((slot, start, length, row))
-        row += length
-    return cache_ops.BatchLayout(
-        torch.cat(positions), torch.cat(token_seq), torch.tensor([c[0] for c in chunks]),
-        torch.tensor([c[1] for c in chunks]), torch.tensor([c[2] for c in chunks]),
-        torch.tensor([s[3] for s in spans]), table, block_size, tuple(spans))
+    return cache_ops.BatchLayout.from_chunks(chunks, block_size)
 
 
 def test_window_keeps_the_last_w_positions_per_slot():

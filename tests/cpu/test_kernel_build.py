@@ -81,16 +81,10 @@ def test_support_predicates_route_only_production_formats_to_kernels():
 
 
 def _layout(chunks, max_blocks, block_size=256):
-    positions, token_seq, spans, row = [], [], [], 0
-    for s, (slot, start, n) in enumerate(chunks):
-        positions.append(torch.arange(start, start + n))
-        token_seq.append(torch.full((n,), s))
-        spans.append((slot, start, n, row))
-        row += n
-    table = torch.arange(len(chunks) * max_blocks).view(len(chunks), max_blocks)
-    vec = lambda i: torch.tensor([c[i] for c in chunks])   # noqa: E731
-    return cache_ops.BatchLayout(torch.cat(positions), torch.cat(token_seq), vec(0), vec(1), vec(2),
-                                 torch.tensor([s[3] for s in spans]), table, block_size, tuple(spans))
+    """chunks: (slot, start, length); sequence s owns blocks s*max_blocks .. (s+1)*max_blocks-1."""
+    return cache_ops.BatchLayout.from_chunks(
+        [(slot, start, n, range(s * max_blocks, (s + 1) * max_blocks)) for s, (slot, start, n) in enumerate(chunks)],
+        block_size)
 
 
 def test_validation_checks_raise_on_what_the_kernels_would_mask():

@@ -16,30 +16,15 @@ from dsv4.kernels.kv_format import IndexFp4Codec
 def make_layout(chunks: Sequence[tuple[int, int, int]], block_size: int, max_blocks: int, num_blocks: int,
                 gen: torch.Generator, device: str = "cpu") -> BatchLayout:
     """chunks: (slot, start, length) per sequence; each sequence gets max_blocks distinct random blocks."""
-    positions, token_seq, spans, row = [], [], [], 0
-    perm = torch.randperm(num_blocks, generator=gen)
     if len(chunks) * max_blocks > num_blocks:
         raise ValueError("not enough blocks")
-    table = perm[:len(chunks) * max_blocks].view(len(chunks), max_blocks).clone()
-    for s, (slot, start, length) in enumerate(chunks):
-        positions.append(torch.arange(start, start + length))
-        token_seq.append(torch.full((length,), s))
-        spans.append((slot, start, length, row))
-        row += length
-    cat = (lambda xs: torch.cat(xs)) if chunks else (lambda xs: torch.zeros(0, dtype=torch.int64))
-    return BatchLayout(
-        cat(positions).to(device), cat(token_seq).long().to(device),
-        torch.tensor([c[0] for c in chunks], dtype=torch.int64, device=device),
-        torch.tensor([c[1] for c in chunks], dtype=torch.int64, device=device),
-        torch.tensor([c[2] for c in chunks], dtype=torch.int64, device=device),
-        torch.tensor([s[3] for s in spans], dtype=torch.int64, device=device),
-        table.to(device), block_size, tuple(spans))
+    table = torch.randperm(num_blocks, generator=gen)[:len(chunks) * max_blocks].view(len(chunks), max_blocks)
+    return BatchLayout.from_chunks([(slot, start, length, table[s].tolist())
+                                    for s, (slot, start, length) in enumerate(chunks)], block_size, device)
 
 
 def layout_to(layout: BatchLayout, device: str) -> BatchLayout:
-    return BatchLayout(layout.positions.to(device), layout.token_seq.to(device), layout.seq_slot.to(device),
-                       layout.seq_start.to(device), layout.seq_len.to(device), layout.seq_first_row.to(device),
-                       layout.block_table.to(device), layout.block_size, layout.spans)
+    return layout.to(device)
 
 
 def scaled_normal(shape: Sequence[int], gen: torch.Generator, spread: int = 6) -> torch.Tensor:
