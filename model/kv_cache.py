@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.kernels.kv_format import EntryCodec, Fp32Codec, IndexFp4Codec, MainFp8Codec, entry_bytes
+from dsv4.kernels.kv_format import EntryCodec, Fp32Codec, IndexFp4Codec, MainFp8Codec
 from dsv4.model.config import CSA_RATIO, ModelConfig
 from dsv4.model.numerics import Numerics
 
@@ -166,7 +166,3 @@ class KVStorage:
                 total += sum(t.numel() * t.element_size() for t in (c.pool, c.state_kv, c.state_score))
         return total
 
-
-__all__ = ["ATTN", "INDEX", "DEFAULT_BLOCK_SIZE", "CompressorGeometry", "KVStorage", "LayerStorage",
-           "CompressorStorage", "bytes_per_block", "bytes_per_slot", "codec_for", "compressors_of_layer",
-           "layer_tensors", "entry_bytes", "check_block_size"]

@@ -80,9 +80,6 @@ class Worker:
         return WorkerInfo(self.rank, plan.num_slots, plan.num_blocks, plan.block_size, plan.bytes_per_token, name,
                           local)
 
-    def ping(self) -> bool:
-        return True
-
     # ------------------------------------------------------------------------------------------ steps
     def execute(self, plan: WorkerPlan) -> WorkerResult:
         start = time.perf_counter()
