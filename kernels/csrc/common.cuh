@@ -47,6 +47,28 @@ namespace dsv4 {
 constexpr int kWarp = 32;
 
 // ------------------------------------------------------------------------------------------- warp reductions
+// Sorts keys[0, size) in shared memory into descending order with a bitonic network; size is a power of two.
+// Every one of the block's kThreads threads calls it (tid = threadIdx.x); it ends on a barrier. Callers pack
+// (orderable score << 32 | ~index) into each key, so equal scores order by the lower index first.
+template <int kThreads>
+__device__ __forceinline__ void bitonic_sort_desc(unsigned long long* keys, uint32_t size, uint32_t tid) {
+  for (uint32_t len = 2; len <= size; len <<= 1) {
+    for (uint32_t j = len >> 1; j > 0; j >>= 1) {
+      for (uint32_t i = tid; i < size; i += kThreads) {
+        const uint32_t l = i ^ j;
+        if (l > i) {
+          const unsigned long long a = keys[i], b = keys[l];
+          if ((i & len) == 0 ? a < b : a > b) {
+            keys[i] = b;
+            keys[l] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -488,21 +488,7 @@ __global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const ui
   while (size < k_eff) size <<= 1;
   for (uint32_t i = k_eff + tid; i < size; i += kSelectThreads) cand[i] = 0ull;
   __syncthreads();
-  for (uint32_t k = 2; k <= size; k <<= 1) {
-    for (uint32_t j = k >> 1; j > 0; j >>= 1) {
-      for (uint32_t i = tid; i < size; i += kSelectThreads) {
-        const uint32_t l = i ^ j;
-        if (l > i) {
-          const unsigned long long x = cand[i], y = cand[l];
-          if (((i & k) == 0) ? (x < y) : (x > y)) {
-            cand[i] = y;
-            cand[l] = x;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
+  bitonic_sort_desc<kSelectThreads>(cand, size, tid);
   for (int r = tid; r < topk; r += kSelectThreads) {
     out[static_cast<int64_t>(t) * topk + r] =
         static_cast<uint32_t>(r) < k_eff ? static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(cand[r])) : -1;

@@ -308,21 +308,7 @@ __global__ void __launch_bounds__(kTopkThreads) router_topk_kernel(
     keys[e] = key;
   }
   __syncthreads();
-  for (int len = 2; len <= size; len <<= 1) {
-    for (int j = len >> 1; j > 0; j >>= 1) {
-      for (int i = tid; i < size; i += kTopkThreads) {
-        const int l = i ^ j;
-        if (l > i) {
-          const unsigned long long a = keys[i], b = keys[l];
-          if ((i & len) == 0 ? a < b : a > b) {   // descending
-            keys[i] = b;
-            keys[l] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
+  bitonic_sort_desc<kTopkThreads>(keys, size, tid);
   if (tid < k) {
     const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(keys[tid]));
     chosen[tid] = scores[e];
