@@ -8,7 +8,6 @@ matter which other requests share the batch, which worker runs it, or whether it
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +44,3 @@ def sample_row(logits: torch.Tensor, spec: SampleSpec) -> int:
                                                                           dtype=torch.float64)))
     return int(sorted_ids[min(choice, keep - 1)])
 
-
-def sample(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[int]:
-    """logits [N, vocab] -> one token per row."""
-    logits = logits.float().cpu()
-    return [sample_row(logits[i], spec) for i, spec in enumerate(specs)]

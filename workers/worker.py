@@ -99,12 +99,12 @@ class Worker:
             steps.append(SequenceStep(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
         sampled = []
         if steps:
-            logits = self.runner.step(steps)
+            logits = self.runner.step(steps).float().cpu()   # one device-to-host copy for the whole step
             for chunk, row in zip(plan.chunks, logits, strict=True):
                 seq = self.sequences[chunk.request_id]
                 seq.num_computed += chunk.num_tokens
                 if seq.num_computed == len(seq.tokens):
-                    token = sample_row(row.float().cpu(), SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
+                    token = sample_row(row, SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
                     seq.tokens.append(token)
                     seq.num_outputs += 1
                     sampled.append((chunk.request_id, token))
