@@ -51,7 +51,8 @@ def enabled(*tensors: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------- routing
 def supports_route(x: torch.Tensor, gate_weight: torch.Tensor, topk: int) -> bool:
     return (x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and gate_weight.dtype == torch.bfloat16
-            and gate_weight.shape[0] <= MAX_EXPERTS and 1 <= topk <= min(MAX_ROUTE_TOPK, gate_weight.shape[0]))
+            and x.shape[1] % 8 == 0 and gate_weight.shape[0] <= MAX_EXPERTS
+            and 1 <= topk <= min(MAX_ROUTE_TOPK, gate_weight.shape[0]))
 
 
 def check_hash_ids(tid2eid: torch.Tensor, token_ids: torch.Tensor, num_experts: int) -> None:
@@ -73,8 +74,9 @@ def hash_route(x: torch.Tensor, gate_weight: torch.Tensor, tid2eid: torch.Tensor
                route_scale: float, validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hash routing (`routing.hash_route`): experts tid2eid[token], weights from those k experts' scores only.
 
-    x [T, D] fp32 or bf16; gate_weight [E, D] bf16 (E <= 512); tid2eid [V, k] int64/int32 (k <= 16);
-    token_ids [T] int64 -> weights [T, k] fp32, ids [T, k] int64. The k dot products accumulate in fp64 (x and
+    x [T, D] fp32 or bf16 (D % 8 == 0, 16-byte aligned); gate_weight [E, D] bf16 (E <= 512); tid2eid [V, k]
+    int64/int32 (k <= 16); token_ids [T] int64 -> weights [T, k] fp32, ids [T, k] int64. k <= 8: a cluster of k
+    CTAs per token, one chosen expert each. The k dot products accumulate in fp64 (x and
     bf16 weights multiply exactly), are rounded once to fp32 as the reference's; ids are exact, weights equal
     the reference's to the last bit except when an fp64 sum lies within ~1e-16 of an fp32 rounding boundary.
     """
@@ -85,18 +87,30 @@ def hash_route(x: torch.Tensor, gate_weight: torch.Tensor, tid2eid: torch.Tensor
     return w, ids
 
 
-def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, topk: int, route_scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+ROUTER_WORKSPACE_INTS = 1   # the decode kernel's completion ticket (routing.cu)
+
+
+def router_workspace(device: torch.device | str) -> torch.Tensor:
+    """The dense router's workspace: zeroed int32 that every call leaves at zero again (the decode kernel's
+    completion ticket). Keep one per concurrently running stream; reuse it across calls and graph replays."""
+    return torch.zeros(ROUTER_WORKSPACE_INTS, dtype=torch.int32, device=device)
+
+
+def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, topk: int, route_scale: float,
+                workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score routing (`routing.dense_route`): fp64-accumulated gate GEMM, sqrt-softplus (fp64), + bias for the
     selection only, top-k with ties to the lower expert id, renormalised over the chosen unbiased scores, scaled.
 
-    x [T, D] fp32 or bf16 (D % 4 == 0); gate_weight [E, D] bf16 (E <= 512); bias [E] fp32; topk <= 16 ->
-    weights [T, k] fp32, ids [T, k] int64, best first. Decode sizes (T <= 64): fp64 GEMM partials over K slices,
-    then a CTA-per-token epilogue (sum of partials, scores, bitonic sort with the reference's tie rule), no fp32
-    logits round trip; larger T: cuBLAS's fp64 GEMM, then the same epilogue. Same exactness as `hash_route`.
+    x [T, D] fp32 or bf16 (D % 8 == 0, 16-byte aligned); gate_weight [E, D] bf16 (E <= 512); bias [E] fp32;
+    topk <= 16 -> weights [T, k] fp32, ids [T, k] int64, best first. T <= 8: one launch (CTAs of two experts
+    score every token; the last CTA to finish selects), using `workspace` (`router_workspace`; a fresh one is
+    made when None, which costs a memset). 8 < T <= 64: fp64 GEMM partials over K slices, then a warp-per-token
+    epilogue; larger T: cuBLAS's fp64 GEMM, then the same epilogue. Same exactness as `hash_route`.
     """
+    if workspace is None and x.shape[0] <= 8:
+        workspace = router_workspace(x.device)
     return tuple(_ext().dense_route(x.contiguous(), gate_weight.contiguous(), bias.contiguous().float(), int(topk),
-                                    float(route_scale)))
+                                    float(route_scale), workspace))
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor, topk: int, route_scale: float

@@ -19,6 +19,22 @@ from dsv4.kernels.kv_format import EntryCodec
 sparse_attention = cache_ops.sparse_attention   # no kernel yet (FlashMLA-style sparse decode is a later issue)
 
 
+class Workspace:
+    """Zero-filled int32 device scratch that one caller (a model layer) lends to the kernels needing it (the
+    decode router's completion ticket). The kernels leave it zeroed, so it is allocated once, grown when a larger
+    call needs more, and never cleared again: no memset per call or graph replay. Warm up before capturing a
+    graph (growth allocates). One per layer and stream: concurrent calls must not share one."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, numel: int, device: torch.device) -> torch.Tensor:
+        buf = self._buffer
+        if buf is None or buf.device != device or buf.numel() < numel:
+            buf = self._buffer = torch.zeros(max(numel, 1), dtype=torch.int32, device=device)
+        return buf
+
+
 def hash_route(x: torch.Tensor, gate_weight: torch.Tensor, tid2eid: torch.Tensor, token_ids: torch.Tensor,
                route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if cuda_ops.enabled(x, gate_weight, tid2eid, token_ids) and cuda_ops.supports_route(x, gate_weight,
@@ -27,10 +43,11 @@ def hash_route(x: torch.Tensor, gate_weight: torch.Tensor, tid2eid: torch.Tensor
     return routing.hash_route(x, gate_weight, tid2eid, token_ids, route_scale)
 
 
-def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, topk: int, route_scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, topk: int, route_scale: float,
+                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if cuda_ops.enabled(x, gate_weight, bias) and cuda_ops.supports_route(x, gate_weight, topk):
-        return cuda_ops.dense_route(x, gate_weight, bias, topk, route_scale)
+        ws = workspace.get(cuda_ops.ROUTER_WORKSPACE_INTS, x.device) if workspace is not None else None
+        return cuda_ops.dense_route(x, gate_weight, bias, topk, route_scale, ws)
     return routing.dense_route(x, gate_weight, bias, topk, route_scale)
 
 

@@ -35,13 +35,14 @@ class Gate(nn.Module):
             self.register_buffer("tid2eid", torch.empty(config.vocab_size, self.topk, dtype=torch.int64))
         else:
             self.register_buffer("bias", torch.empty(config.n_routed_experts, dtype=torch.float32))
+        self.workspace = ops.Workspace()   # the GPU router's completion ticket
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> routing weights [T, k] fp32, expert indices [T, k] int64. The gate runs in fp32 (the routers upcast
         x exactly, so it is passed in its activation dtype: half the bytes in reference numerics)."""
         if self.is_hash:
             return ops.hash_route(x, self.weight, self.tid2eid, token_ids, self.route_scale)
-        return ops.dense_route(x, self.weight, self.bias, self.topk, self.route_scale)
+        return ops.dense_route(x, self.weight, self.bias, self.topk, self.route_scale, self.workspace)
 
 
 class Expert(nn.Module):

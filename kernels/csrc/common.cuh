@@ -103,11 +103,20 @@ __device__ __forceinline__ uint32_t ue8m0_code(float amax, float amax_floor, flo
 
 __device__ __forceinline__ float ue8m0_value(uint32_t code) { return __uint_as_float(code << 23); }
 
+// x / s for a UE8M0 scale s = 2^(code - 127), code in [1, 254]. 1/s is exact in fp32 (a subnormal for code 254),
+// so one multiply rounds the same real number x * 2^(127 - code) once, exactly as IEEE division does (underflow
+// and overflow included) at a fraction of the instructions. The out-of-range codes keep the real division.
+__device__ __forceinline__ float div_by_scale(float x, float scale) {
+  const uint32_t code = __float_as_uint(scale) >> 23;
+  if (code == 0u || code >= 254u) return __fdiv_rn(x, scale);
+  return __fmul_rn(x, __uint_as_float((254u - code) << 23));
+}
+
 // ------------------------------------------------------------------------------------------- e4m3
-// quant.round_e4m3 + e4m3_codes: x / s (exact for a power-of-two s, done as a real division so underflow rounds
-// the same way), clamp to +-448, round to nearest even. cvt.rn.satfinite gives exactly that byte, -0 -> 0x80.
+// quant.round_e4m3 + e4m3_codes: x / s (exact for a power-of-two s; see div_by_scale for underflow), clamp to
+// +-448, round to nearest even. cvt.rn.satfinite gives exactly that byte, -0 -> 0x80.
 __device__ __forceinline__ uint8_t e4m3_encode(float x, float scale) {
-  const float y = fminf(fmaxf(__fdiv_rn(x, scale), -448.0f), 448.0f);
+  const float y = fminf(fmaxf(div_by_scale(x, scale), -448.0f), 448.0f);
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3));
 }
 
@@ -119,10 +128,11 @@ __device__ __forceinline__ float e4m3_decode(uint8_t code) {
 // quant.round_e2m1 + e2m1_codes, in software (sm_90 has no e2m1 cvt): step 0.5 below 2, 1 below 4, 2 above;
 // rintf is round-half-even like torch.round; the sign bit is kept for -0 (code 8), as the reference does.
 __device__ __forceinline__ uint32_t e2m1_encode(float x, float scale) {
-  const float y = fminf(fmaxf(__fdiv_rn(x, scale), -6.0f), 6.0f);
+  const float y = fminf(fmaxf(div_by_scale(x, scale), -6.0f), 6.0f);
   const float a = fabsf(y);
   const float step = a < 2.0f ? 0.5f : (a < 4.0f ? 1.0f : 2.0f);
-  const float q = fminf(rintf(__fdiv_rn(a, step)) * step, 6.0f);
+  const float inv_step = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);   // a / step, exactly (powers of two)
+  const float q = fminf(rintf(__fmul_rn(a, inv_step)) * step, 6.0f);
   // grid index of q in {0, .5, 1, 1.5, 2, 3, 4, 6}
   const uint32_t idx = q < 2.0f ? static_cast<uint32_t>(q * 2.0f)
                                 : (q < 4.0f ? static_cast<uint32_t>(q) + 2u : static_cast<uint32_t>(q * 0.5f) + 4u);

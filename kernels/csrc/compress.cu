@@ -96,6 +96,50 @@ __device__ Item find_item(const FlushParams& p, int item) {
   return found;
 }
 
+// float(e / total) (torch softmax in fp64, then .float()), returned as the exact double of that float, from
+// q = e * rinv (rinv = 1 / total correctly rounded): q is within a few fp64 ulps of the correctly rounded
+// quotient, so both round to the same fp32 value unless q lies within 64 ulps of an fp32 rounding boundary (a
+// midpoint: low 29 mantissa bits near 2^28) or below the fp32 normal range; there (~1e-7 of values) the real
+// division decides. The fp32 rounding is done on the bits (add half, truncate): ties cannot reach it.
+__device__ __forceinline__ double softmax_prob(double e, double rinv, double total) {
+  const double q = e * rinv;
+  const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(q));
+  const uint32_t low = static_cast<uint32_t>(bits) & 0x1FFFFFFFu;
+  if (q == 0.0) return 0.0;
+  if (!(q >= 0x1p-126) || low - (0x10000000u - 64u) <= 128u)
+    return static_cast<double>(static_cast<float>(e / total));
+  return __longlong_as_double(static_cast<long long>((bits + 0x10000000ull) & ~0x1FFFFFFFull));
+}
+
+// One channel's gated softmax pooling over this thread's kPer slots (kGroups threads share a channel and meet in
+// red_sum): fp64 exp against the channel max, fp64 sum, probabilities rounded to fp32 as the reference's
+// softmax(...).float(), exact products, fp64 sum. Returns this thread's partial of the pooled value.
+template <int kPer, int kGroups>
+__device__ __forceinline__ double softmax_pool(const float (&zs)[kPer], const float (&as)[kPer], float mx,
+                                               double (&red_sum)[kGroups][kSlab], int grp, int ch) {
+  const double mxd = static_cast<double>(mx);
+  double e[kPer];
+  double sum = 0.0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    e[q] = exp(static_cast<double>(zs[q]) - mxd);
+    sum += e[q];
+  }
+  double total = sum;
+  if constexpr (kGroups > 1) {
+    red_sum[grp][ch] = sum;
+    __syncthreads();
+    total = red_sum[0][ch];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) total += red_sum[g][ch];
+  }
+  const double rinv = 1.0 / total;
+  double acc = 0.0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) acc = fma(static_cast<double>(as[q]), softmax_prob(e[q], rinv, total), acc);
+  return acc;
+}
+
 // Row r of the sequence's "current" series: the state's current slots first (held of them), then this step's rows.
 struct RowSource {
   const float* state_kv;     // this slot's state
@@ -171,28 +215,7 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
 #pragma unroll
     for (int gg = 1; gg < kGroups; ++gg) mx = fmaxf(mx, red_max[gg][ch]);
   }
-  const double mxd = static_cast<double>(mx);
-  double e[kPerGroup];
-  double sum = 0.0;
-#pragma unroll
-  for (int q = 0; q < kPerGroup; ++q) {
-    e[q] = exp(static_cast<double>(zs[q]) - mxd);
-    sum += e[q];
-  }
-  double total = sum;
-  if constexpr (kGroups > 1) {
-    red_sum[grp][ch] = sum;
-    __syncthreads();
-    total = red_sum[0][ch];
-#pragma unroll
-    for (int gg = 1; gg < kGroups; ++gg) total += red_sum[gg][ch];
-  }
-  double acc = 0.0;
-#pragma unroll
-  for (int q = 0; q < kPerGroup; ++q) {
-    const float prob = static_cast<float>(e[q] / total);   // torch softmax in fp64, then .float()
-    acc = fma(static_cast<double>(as[q]), static_cast<double>(prob), acc);   // exact product, fp64 sum
-  }
+  double acc = softmax_pool<kPerGroup, kGroups>(zs, as, mx, red_sum, grp, ch);
   if constexpr (kGroups > 1) {
     red_acc[grp][ch] = acc;
     __syncthreads();
@@ -228,8 +251,9 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
     x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rinv)));
     if (c >= p.nope) {   // RoPE on interleaved pairs; the partner channel is the neighbouring lane
       const float angle = __fmul_rn(static_cast<float>(window_abs * M), inv_f);
-      const float cs = static_cast<float>(cos(static_cast<double>(angle)));
-      const float sn = static_cast<float>(sin(static_cast<double>(angle)));
+      double sd, cd;
+      sincos(static_cast<double>(angle), &sd, &cd);
+      const float cs = static_cast<float>(cd), sn = static_cast<float>(sd);
       const float other = __shfl_xor_sync(0xffffffffu, x, 1);
       const float ev = (c % 2 == 0) ? x : other, od = (c % 2 == 0) ? other : x;
       x = (c % 2 == 0) ? bf16_round(__fsub_rn(__fmul_rn(ev, cs), __fmul_rn(od, sn)))
@@ -369,6 +393,309 @@ __global__ void __launch_bounds__(kSlab * kGroupsFor<M>) compress_flush_kernel(c
   }
 }
 
+// ------------------------------------------------------------------------------------------- decode path
+// T == S (one token per sequence). Two independent kinds of work, in one launch:
+//   append: a sequence whose token does not complete a window only writes its row into the state (row held of
+//     the current series): a grid-stride loop of 16-byte copies over (sequence, kv/score, float4) by every
+//     thread of the grid; no cluster work, no barrier.
+//   pool: the k-th completing sequence (ordinal among the sequences whose token completes a window, found by a
+//     per-warp ballot over the sequences; every warp computes it, so no barrier) goes to cluster k % G.
+//     Exactly one window (held = M - 1, so window j = 0), the state rows come straight from the state.
+//     CSA: 64-thread CTAs, one thread per channel owns its 8 slots and also rotates its own state columns c and
+//     d + c (rows 0..3 := rows 4..6 and this row) after reading them: no barrier, no second pass.
+//     HCA: 512-thread CTAs, 8 slot groups x 16 slots per channel; completing HCA sequences write no state.
+//   Cluster traffic is pushed: each CTA writes its sum-of-squares partials (and for the indexer its roped
+//   values) into every peer's shared memory before one cluster barrier, then reads locally; one barrier for the
+//   RMSNorm (+ one for the indexer's Hadamard exchange), and one between two windows of the same cluster.
+// Grid: G = S clusters for CSA (one window each at most); G = min(S, 16) for HCA (one 512-thread CTA per SM,
+// 128 CTAs), a cluster pooling windows k, k + G, ... in turn.
+template <int M>
+constexpr int kDecGroups = M == 4 ? 1 : 8;
+template <int M>
+constexpr int kDecThreads = kSlab * kDecGroups<M>;
+constexpr int kHcaDecodeClusters = 16;
+
+template <int M>
+__device__ __forceinline__ bool decode_completes(const FlushParams& p, int s) {
+  if (s >= p.num_seqs) return false;
+  const int64_t slot = p.seq_slot[s];
+  const int64_t start = p.seq_start[s];
+  return (slot >= 0) & (slot < p.num_slots) & (start % M == M - 1);
+}
+
+struct AppendTask {
+  float4* dst;   // nullptr: nothing to store
+  float4 value;
+};
+
+template <int M, bool OVERLAP>
+__device__ __forceinline__ AppendTask decode_append_load(const FlushParams& p, int t) {
+  constexpr int kCoff = OVERLAP ? 2 : 1;
+  const int n4 = kCoff * p.d / 4, per_seq = 2 * n4;
+  AppendTask task{nullptr, make_float4(0.f, 0.f, 0.f, 0.f)};
+  if (t >= p.num_seqs * per_seq) return task;
+  const int s = t / per_seq, rem = t - s * per_seq;
+  const bool score = rem >= n4;
+  const int i4 = score ? rem - n4 : rem;
+  const int64_t slot = p.seq_slot[s], start = p.seq_start[s], row = p.seq_first_row[s];
+  const int held = static_cast<int>(start % M);
+  if (slot < 0 || slot >= p.num_slots || held == M - 1) return task;   // masked, or completing (pool path)
+  const int64_t row_width = kCoff * p.d;
+  task.value = __ldg(reinterpret_cast<const float4*>((score ? p.z : p.a) + row * row_width) + i4);
+  task.dst = reinterpret_cast<float4*>((score ? p.state_score : p.state_kv) +
+                                       (slot * (kCoff * M) + (OVERLAP ? M : 0) + held) * row_width) + i4;
+  return task;
+}
+
+// Split cluster barrier: every thread arrives at kernel start and waits before its first DSMEM access, so the
+// peers are known to be running (the programming guide's rule) without a full barrier on the path.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+// 64-thread barrier of warps 0 and 1 (the group that holds the slab's finished values).
+__device__ __forceinline__ void slab_bar() { asm volatile("bar.sync 1, 64;" ::: "memory"); }
+
+template <int M, bool OVERLAP, bool INDEX>
+__device__ void decode_window(const FlushParams& p, int s, int slab, int peers, cg::cluster_group& cluster) {
+  constexpr int kGroups = kDecGroups<M>;
+  constexpr int kSlots = OVERLAP ? 2 * M : M;
+  constexpr int kPer = kSlots / kGroups;
+  constexpr int kCoff = OVERLAP ? 2 : 1;
+  constexpr int kHeld = M - 1;
+  static_assert(!OVERLAP || kGroups == 1, "CSA: one thread owns a channel's slots and its state columns");
+  __shared__ float red_max[kGroups][kSlab];
+  __shared__ double red_sum[kGroups][kSlab];
+  __shared__ double red_acc[kGroups][kSlab];
+  __shared__ double sq_parts[2 * kMaxSlabs];           // [rank * 2 + warp], pushed by every peer
+  __shared__ float amax2[2];
+  __shared__ double hvals[INDEX ? kMaxSlabs * kSlab : 1];   // roped values of all d channels, pushed (indexer)
+  const int tid = static_cast<int>(threadIdx.x);
+  const int ch = tid % kSlab, grp = tid / kSlab, lane = tid % kWarp;
+  const int c = slab * kSlab + ch, d = p.d;
+  const int row_width = kCoff * d;
+  const int64_t slot = p.seq_slot[s], start = p.seq_start[s], first_row = p.seq_first_row[s];
+  const int64_t window_abs = start / M;
+  float* skv = p.state_kv + slot * static_cast<int64_t>(kCoff * M) * row_width;
+  float* ssc = p.state_score + slot * static_cast<int64_t>(kCoff * M) * row_width;
+  const float* arow = p.a + first_row * row_width;
+  const float* zrow = p.z + first_row * row_width;
+  constexpr int kRow0 = OVERLAP ? M : 0;   // state row of current-series row 0
+
+  // ---- every load up front: pooling slots, CSA rotation rows, norm weight, block, rope angle
+  float zs[kPer], as[kPer];
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int sl = q * kGroups + grp;
+    if (OVERLAP && sl < M) {   // A-half of the previous window: state rows 0..m-1
+      as[q] = skv[static_cast<int64_t>(sl) * row_width + c];
+      zs[q] = ssc[static_cast<int64_t>(sl) * row_width + c];
+    } else {                   // B-half (CSA) or whole row (HCA) of current-series row r
+      const int r = OVERLAP ? sl - M : sl;
+      const int col = OVERLAP ? d + c : c;
+      if (r < kHeld) {
+        as[q] = skv[static_cast<int64_t>(kRow0 + r) * row_width + col];
+        zs[q] = ssc[static_cast<int64_t>(kRow0 + r) * row_width + col];
+      } else {
+        as[q] = __ldg(arow + col);
+        zs[q] = __ldg(zrow + col);
+      }
+    }
+  }
+  float rot_kv[OVERLAP ? M : 1], rot_sc[OVERLAP ? M : 1];   // column c of the window's rows (CSA rotation)
+  if constexpr (OVERLAP) {
+#pragma unroll
+    for (int i = 0; i < kHeld; ++i) {
+      rot_kv[i] = skv[static_cast<int64_t>(M + i) * row_width + c];
+      rot_sc[i] = ssc[static_cast<int64_t>(M + i) * row_width + c];
+    }
+    rot_kv[kHeld] = __ldg(arow + c);
+    rot_sc[kHeld] = __ldg(zrow + c);
+  }
+  const float wgt = p.weight_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.norm_weight)[c])
+                                  : reinterpret_cast<const float*>(p.norm_weight)[c];
+  const int64_t logical = window_abs / p.entries_per_block;
+  const int64_t block = logical < p.max_blocks ? p.block_table[static_cast<int64_t>(s) * p.max_blocks + logical] : -1;
+  const bool roped = c >= p.nope;   // uniform per CTA (nope % 64 == 0)
+  const float inv_f = roped ? p.inv_freq[(c - p.nope) / 2] : 0.0f;
+
+  // ---- gated softmax pooling
+  float mx = -INFINITY;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) mx = fmaxf(mx, zs[q]);
+  if constexpr (kGroups > 1) {
+    red_max[grp][ch] = mx;
+    __syncthreads();
+    mx = red_max[0][ch];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) mx = fmaxf(mx, red_max[g][ch]);
+  }
+  if constexpr (OVERLAP) {   // state rows 0..m-1 := the window's rows; this thread read rows 0..m-1 of column c
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+      const int64_t off = static_cast<int64_t>(i) * row_width;
+      skv[off + c] = rot_kv[i];
+      ssc[off + c] = rot_sc[i];
+      skv[off + d + c] = as[M + i];
+      ssc[off + d + c] = zs[M + i];
+    }
+  }
+  double acc = softmax_pool<kPer, kGroups>(zs, as, mx, red_sum, grp, ch);
+
+  // RoPE angle: after the pooling (its registers are free again), before the barriers it overlaps
+  float cs = 1.0f, sn = 0.0f;
+  if (roped && grp == 0) {
+    const float angle = __fmul_rn(static_cast<float>(window_abs * M), inv_f);
+    double sd, cd;
+    sincos(static_cast<double>(angle), &sd, &cd);
+    cs = static_cast<float>(cd);
+    sn = static_cast<float>(sd);
+  }
+  if constexpr (kGroups > 1) {
+    red_acc[grp][ch] = acc;
+    __syncthreads();
+  }
+
+  // ---- bf16 round, RMSNorm (partials pushed to every peer, one cluster barrier), RoPE
+  float x = 0.0f;
+  if (grp == 0) {
+    double pooled_d = acc;
+    if constexpr (kGroups > 1) {
+      pooled_d = red_acc[0][ch];
+#pragma unroll
+      for (int g = 1; g < kGroups; ++g) pooled_d += red_acc[g][ch];
+    }
+    x = bf16_round(static_cast<float>(pooled_d));
+    const double sq = warp_sum(static_cast<double>(x) * static_cast<double>(x));
+    if (lane < peers) *cluster.map_shared_rank(&sq_parts[slab * 2 + ch / kWarp], lane) = sq;
+  }
+  cluster.sync();
+  if (grp == 0) {
+    double total_sq = 0.0;
+#pragma unroll
+    for (int i = 0; i < 2 * kMaxSlabs; ++i)
+      if (i < 2 * peers) total_sq += sq_parts[i];
+    const float mean = static_cast<float>(total_sq / static_cast<double>(d));
+    const float rs = static_cast<float>(1.0 / sqrt(static_cast<double>(__fadd_rn(mean, p.eps))));
+    x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rs)));
+    if (roped) {   // interleaved pairs; the partner channel is the neighbouring lane
+      const float other = __shfl_xor_sync(0xffffffffu, x, 1);
+      const float ev = (c % 2 == 0) ? x : other, od = (c % 2 == 0) ? other : x;
+      x = (c % 2 == 0) ? bf16_round(__fsub_rn(__fmul_rn(ev, cs), __fmul_rn(od, sn)))
+                       : bf16_round(__fadd_rn(__fmul_rn(ev, sn), __fmul_rn(od, cs)));
+    }
+  }
+
+  // ---- store
+  const bool store = block >= 0 && block < p.num_blocks;
+  uint8_t* entry = store ? p.pool + (block * p.entries_per_block + window_abs % p.entries_per_block) * p.width : nullptr;
+  if constexpr (!INDEX) {
+    if (grp == 0) {
+      if (!roped) {   // the slab is one FP8 block
+        const float wmax = warp_max(fabsf(x));
+        if (lane == 0) amax2[ch / kWarp] = wmax;
+        slab_bar();
+        const uint32_t code = ue8m0_code(fmaxf(amax2[0], amax2[1]), p.fp8_floor, p.inv_fp8_max);
+        if (store) {
+          entry[c] = e4m3_encode(x, ue8m0_value(code));
+          if (ch == 0) entry[p.nope + 2 * p.rope + slab] = static_cast<uint8_t>(code);
+        }
+      } else if (store) {
+        *reinterpret_cast<uint16_t*>(entry + p.nope + 2 * (c - p.nope)) = bf16_bits(x);
+        const int pad0 = p.nope + 2 * p.rope + p.nope / kSlab;
+        if (c == d - 1)
+          for (int b = pad0; b < p.width; ++b) entry[b] = 0;
+      }
+    }
+  } else {
+    // Hadamard needs every channel: push this channel's value to every peer, one barrier, then exact fp64 sums.
+    if (grp == 0)
+      for (int r = 0; r < peers; ++r) *cluster.map_shared_rank(&hvals[c], r) = static_cast<double>(x);
+    cluster.sync();
+    double h4[4] = {0.0, 0.0, 0.0, 0.0};
+    const int share = d / kGroups;
+    for (int jj = grp * share; jj < (grp + 1) * share; jj += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const double v = hvals[jj + u];
+        h4[u] += (__popc(c & (jj + u)) & 1) ? -v : v;
+      }
+    }
+    double hs = (h4[0] + h4[1]) + (h4[2] + h4[3]);
+    if constexpr (kGroups > 1) {
+      red_acc[grp][ch] = hs;
+      __syncthreads();
+      hs = red_acc[0][ch];
+#pragma unroll
+      for (int g = 1; g < kGroups; ++g) hs += red_acc[g][ch];
+    }
+    if (grp == 0) {
+      const float y = bf16_round(static_cast<float>(hs * p.hadamard_scale));
+      const uint32_t code = ue8m0_code(warp_max(fabsf(y)), p.fp4_floor, p.inv_fp4_max);   // one 32-block per warp
+      const uint32_t nib = e2m1_encode(y, ue8m0_value(code));
+      const uint32_t hi = __shfl_down_sync(0xffffffffu, nib, 1);
+      if (store) {
+        if (c % 2 == 0) entry[c / 2] = static_cast<uint8_t>(nib | (hi << 4));
+        if (ch % kWarp == 0) entry[d / 2 + c / 32] = static_cast<uint8_t>(code);
+      }
+    }
+  }
+}
+
+template <int M, bool OVERLAP, bool INDEX>
+__global__ void __launch_bounds__(kDecThreads<M>, M == 4 && !INDEX ? 6 : 1) compress_decode_kernel(const FlushParams p) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int peers = static_cast<int>(cluster.num_blocks());
+  const int slab = static_cast<int>(cluster.block_rank());
+  const int cluster_id = static_cast<int>(blockIdx.x) / peers;
+  const int num_clusters = static_cast<int>(gridDim.x) / peers;
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int gthreads = static_cast<int>(gridDim.x * blockDim.x);
+  const int gt = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  constexpr int kChunk = 4 * kWarp;   // sequences whose flags one warp loads at once
+  cluster_arrive_relaxed();
+  // Appends: this thread's first task and the first flags are loaded together, then stored.
+  const AppendTask first = decode_append_load<M, OVERLAP>(p, gt);
+  bool f[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) f[u] = decode_completes<M>(p, u * kWarp + lane);
+  if (first.dst != nullptr) *first.dst = first.value;
+  const int tasks = p.num_seqs * 2 * ((OVERLAP ? 2 : 1) * p.d / 4);
+  for (int t = gt + gthreads; t < tasks; t += gthreads) {
+    const AppendTask task = decode_append_load<M, OVERLAP>(p, t);
+    if (task.dst != nullptr) *task.dst = task.value;
+  }
+  // Windows: ordinal k of the completing sequences goes to cluster k % G (cluster-uniform: same flags everywhere).
+  int seen = 0;
+  bool any = false;
+  for (int base = 0; base < p.num_seqs; base += kChunk) {
+    unsigned mask[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) mask[u] = __ballot_sync(0xffffffffu, f[u]);
+    if (base + kChunk < p.num_seqs) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) f[u] = decode_completes<M>(p, base + kChunk + u * kWarp + lane);
+    }
+#pragma unroll 1
+    for (int u = 0; u < 4; ++u) {
+      const unsigned mu = u == 0 ? mask[0] : u == 1 ? mask[1] : u == 2 ? mask[2] : mask[3];   // no local array
+      const int cnt = __popc(mu);
+      int o = seen + ((cluster_id - seen) % num_clusters + num_clusters) % num_clusters;
+      for (; o < seen + cnt; o += num_clusters) {
+        unsigned m = mu;
+        for (int i = 0; i < o - seen; ++i) m &= m - 1;   // drop the lower set bits: the (o - seen)-th remains lowest
+        if (any) cluster.sync();   // peers finished reading what the previous window pushed
+        else cluster_wait();       // peers are running
+        any = true;
+        decode_window<M, OVERLAP, INDEX>(p, base + u * kWarp + __ffs(m) - 1, slab, peers, cluster);
+      }
+      seen += cnt;
+    }
+  }
+  if (!any) cluster_wait();
+}
+
 // ------------------------------------------------------------------------------------------- host
 void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_kv, at::Tensor& state_score,
                     const at::Tensor& seq_slot, const at::Tensor& seq_start, const at::Tensor& seq_len,
@@ -445,8 +772,14 @@ void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_
 
   const c10::cuda::CUDAGuard guard(a.device());
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(max_items * slabs));
-  config.blockDim = dim3(kSlab * (overlap ? kGroupsFor<4> : kGroupsFor<128>));
+  // Decode (T == S, one token per sequence): the append / pool kernel; needs 16-byte aligned a, z and states.
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool decode = one_item_per_seq && aligned(p.a) && aligned(p.z) && aligned(p.state_kv) &&
+                      aligned(p.state_score);
+  const int64_t decode_clusters = overlap ? num_seqs : std::min<int64_t>(num_seqs, kHcaDecodeClusters);
+  config.gridDim = dim3(static_cast<unsigned>((decode ? decode_clusters : max_items) * slabs));
+  config.blockDim = dim3(decode ? (overlap ? kDecThreads<4> : kDecThreads<128>)
+                                : kSlab * (overlap ? kGroupsFor<4> : kGroupsFor<128>));
   config.dynamicSmemBytes = 0;
   config.stream = current_stream();
   cudaLaunchAttribute attr[1];
@@ -457,7 +790,11 @@ void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_
   config.attrs = attr;
   config.numAttrs = 1;
   cudaError_t err;
-  if (!overlap) err = cudaLaunchKernelEx(&config, compress_flush_kernel<128, false, false>, p);
+  if (decode) {
+    if (!overlap) err = cudaLaunchKernelEx(&config, compress_decode_kernel<128, false, false>, p);
+    else if (index_key) err = cudaLaunchKernelEx(&config, compress_decode_kernel<4, true, true>, p);
+    else err = cudaLaunchKernelEx(&config, compress_decode_kernel<4, true, false>, p);
+  } else if (!overlap) err = cudaLaunchKernelEx(&config, compress_flush_kernel<128, false, false>, p);
   else if (index_key) err = cudaLaunchKernelEx(&config, compress_flush_kernel<4, true, true>, p);
   else err = cudaLaunchKernelEx(&config, compress_flush_kernel<4, true, false>, p);
   C10_CUDA_CHECK(err);

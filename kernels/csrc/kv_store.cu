@@ -61,26 +61,40 @@ __device__ __forceinline__ void load_pair<__nv_bfloat16>(const __nv_bfloat16* p,
   b = bf16_bits_to_float(v >> 16);
 }
 
+// One entry's values as a warp holds them: lane l has elements 2l, 2l+1 of each 64-block, and rope pairs
+// l, l + 32, ... as bf16 bit pairs. Loaded apart from the encode so callers can issue it before other loads.
+struct MainValues {
+  float x0[kMaxFp8Blocks], x1[kMaxFp8Blocks];
+  uint32_t rope_words[4];   // rope <= 256
+};
+
 template <typename VT>
-__device__ __forceinline__ void encode_main_entry(const VT* __restrict__ src, uint8_t* __restrict__ dst,
+__device__ __forceinline__ void load_main_values(const VT* __restrict__ src, const EntryGeometry g, int lane,
+                                                 MainValues& v) {
+  const int nb = g.nope / 64;
+#pragma unroll
+  for (int b = 0; b < kMaxFp8Blocks; ++b) {
+    v.x0[b] = v.x1[b] = 0.0f;
+    if (b < nb) load_pair(src + 64 * b + 2 * lane, v.x0[b], v.x1[b]);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = lane + r * kWarp;
+    v.rope_words[r] = 0;
+    if (i < g.rope / 2)
+      v.rope_words[r] = static_cast<uint32_t>(load_bf16_bits(src + g.nope + 2 * i)) |
+                        (static_cast<uint32_t>(load_bf16_bits(src + g.nope + 2 * i + 1)) << 16);
+  }
+}
+
+__device__ __forceinline__ void encode_main_entry(const MainValues& v, uint8_t* __restrict__ dst,
                                                   const EntryGeometry g, float inv_fp8_max, float fp8_floor,
                                                   int lane) {
   const int nb = g.nope / 64;
-  float x0[kMaxFp8Blocks], x1[kMaxFp8Blocks], amax[kMaxFp8Blocks];
-#pragma unroll
-  for (int b = 0; b < kMaxFp8Blocks; ++b) {
-    x0[b] = x1[b] = 0.0f;
-    if (b < nb) load_pair(src + 64 * b + 2 * lane, x0[b], x1[b]);
-  }
-  uint32_t rope_words[4];
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {   // rope <= 256: pairs lane, lane + 32, ...
-    const int i = lane + r * kWarp;
-    rope_words[r] = 0;
-    if (i < g.rope / 2)
-      rope_words[r] = static_cast<uint32_t>(load_bf16_bits(src + g.nope + 2 * i)) |
-                      (static_cast<uint32_t>(load_bf16_bits(src + g.nope + 2 * i + 1)) << 16);
-  }
+  const float (&x0)[kMaxFp8Blocks] = v.x0;
+  const float (&x1)[kMaxFp8Blocks] = v.x1;
+  const uint32_t (&rope_words)[4] = v.rope_words;
+  float amax[kMaxFp8Blocks];
 #pragma unroll
   for (int b = 0; b < kMaxFp8Blocks; ++b) amax[b] = fmaxf(fabsf(x0[b]), fabsf(x1[b]));
 #pragma unroll
@@ -171,22 +185,28 @@ __device__ __forceinline__ void copy_row(const __nv_bfloat16* __restrict__ src, 
 }
 
 // ------------------------------------------------------------------------------------------- kernels
+// 2 warps (tokens) per CTA: a decode batch of 128 spreads over 64 SMs instead of 16.
+constexpr int kWindowAppendWarps = 2;
+
 template <typename VT>
-__global__ void __launch_bounds__(kKvWarps * kWarp) window_append_fp8_kernel(
+__global__ void __launch_bounds__(kWindowAppendWarps * kWarp) window_append_fp8_kernel(
     uint8_t* __restrict__ ring, const VT* __restrict__ values, const int64_t* __restrict__ positions,
     const int64_t* __restrict__ token_seq, const int64_t* __restrict__ seq_slot,
     const int64_t* __restrict__ seq_start, const int64_t* __restrict__ seq_len, int num_tokens, int num_slots,
     int window, int d, EntryGeometry g, float inv_fp8_max, float fp8_floor) {
-  const int t = blockIdx.x * kKvWarps + threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int t = blockIdx.x * kWindowAppendWarps + threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (t >= num_tokens) return;
+  // Two memory round trips: the row's values with the token's layout entries, then its sequence's entries.
+  MainValues v;
+  load_main_values(values + static_cast<int64_t>(t) * d, g, lane, v);
   const int64_t s = token_seq[t], pos = positions[t];
+  const int64_t start = seq_start[s], len = seq_len[s], slot = seq_slot[s];
   // Only a chunk's last W tokens are stored: earlier ones would be overwritten in the same step (and two
   // writers of one ring row would race).
-  if (pos < seq_start[s] + seq_len[s] - window) return;
-  const int64_t slot = seq_slot[s];
+  if (pos < start + len - window) return;
   if (slot < 0 || slot >= num_slots) return;
   uint8_t* dst = ring + (slot * window + pos % window) * g.width;
-  encode_main_entry(values + static_cast<int64_t>(t) * d, dst, g, inv_fp8_max, fp8_floor, lane);
+  encode_main_entry(v, dst, g, inv_fp8_max, fp8_floor, lane);
 }
 
 __global__ void __launch_bounds__(kKvWarps * kWarp) window_gather_fp8_bf16_kernel(
@@ -296,18 +316,18 @@ void window_append(at::Tensor& ring, const at::Tensor& values, const at::Tensor&
   TORCH_CHECK(positions.numel() == num_tokens && token_seq.numel() == num_tokens, "layout/values token mismatch");
   if (num_tokens == 0) return;
   const c10::cuda::CUDAGuard guard(ring.device());
-  const dim3 grid((num_tokens + kKvWarps - 1) / kKvWarps);
+  const dim3 grid((num_tokens + kWindowAppendWarps - 1) / kWindowAppendWarps);
   auto stream = current_stream();
   const int d = static_cast<int>(nope + rope), window = static_cast<int>(ring.size(1));
   const int num_slots = static_cast<int>(ring.size(0));
   if (values.scalar_type() == at::kBFloat16) {
-    window_append_fp8_kernel<__nv_bfloat16><<<grid, kKvWarps * kWarp, 0, stream>>>(
+    window_append_fp8_kernel<__nv_bfloat16><<<grid, kWindowAppendWarps * kWarp, 0, stream>>>(
         ring.data_ptr<uint8_t>(), reinterpret_cast<const __nv_bfloat16*>(values.data_ptr()),
         positions.data_ptr<int64_t>(), token_seq.data_ptr<int64_t>(), seq_slot.data_ptr<int64_t>(),
         seq_start.data_ptr<int64_t>(), seq_len.data_ptr<int64_t>(), static_cast<int>(num_tokens), num_slots, window,
         d, g, static_cast<float>(inv_fp8_max), static_cast<float>(fp8_floor));
   } else {
-    window_append_fp8_kernel<float><<<grid, kKvWarps * kWarp, 0, stream>>>(
+    window_append_fp8_kernel<float><<<grid, kWindowAppendWarps * kWarp, 0, stream>>>(
         ring.data_ptr<uint8_t>(), values.data_ptr<float>(), positions.data_ptr<int64_t>(),
         token_seq.data_ptr<int64_t>(), seq_slot.data_ptr<int64_t>(), seq_start.data_ptr<int64_t>(),
         seq_len.data_ptr<int64_t>(), static_cast<int>(num_tokens), num_slots, window, d, g,

@@ -1,10 +1,15 @@
 // MoE routers (spec §5.1; references in kernels/routing.py).
 //
-//   hash_route_kernel           tid2eid gather + the k chosen experts' dot products + sqrt-softplus + renorm.
-//   router_gemv_f64_kernel      decode batches (T <= 8): fp64 gate logits, threads split D, 4 experts per CTA.
-//   router_gemm_f64_kernel      gate GEMM partials, fp64 accumulation, split over (expert tile, K slice, token tile).
-//   router_topk_kernel          sum of the K-slice partials (or fp32 logits) + sqrt-softplus + bias + top-k
-//                               (ties -> lower id) + renormalise + scale; one warp per token, E <= 512, k <= 16.
+//   hash_route_cluster_kernel   k <= 8: one thread-block cluster of k CTAs per token; CTA j computes the dot product
+//                               of chosen expert j (threads split D, 16-byte loads, one memory round trip), and the
+//                               k scores meet over distributed shared memory for the renormalisation.
+//   hash_route_kernel           k > 8: one CTA per token computes all k dot products.
+//   router_decode_kernel        dense routing, T <= 8, ONE launch: each CTA computes 2 experts' logits and scores for
+//                               every token; the last CTA to finish (a ticket in a caller-owned workspace that the
+//                               kernel leaves at zero) selects each token's top-k with one warp.
+//   router_gemm_f64_kernel      dense routing, 8 < T <= 64: fp64 gate GEMM partials over K slices.
+//   router_topk_kernel          epilogue, one warp per token: logits (sum of the K-slice partials in slice order, or
+//                               fp32 logits) -> sqrt-softplus -> + bias -> top-k (ties -> lower id) -> renormalise.
 //
 // Numerics: the reference accumulates the gate dot products in float64 and rounds the logit once to fp32, then
 // evaluates softplus and sqrt in float64. Products of an fp32 x and a bf16 weight are exact in fp64, so fp64
@@ -12,13 +17,27 @@
 // rounding boundary (both sides round a nearly exact sum). That is the price of bit-identical expert choices:
 // an fp32 or bf16 tensor-core GEMM flips near-tied experts several times per thousand tokens.
 //
+// Top-k: keys (orderable(score + bias) << 32 | ~expert) are distinct, so k rounds of a warp-wide maximum give
+// exactly the reference's stable descending sort (equal scores -> lower expert id, -0 == +0).
+//
 // Invalid ids (mask rule, no host sync): a token id outside [0, vocab) gives ids -1 and NaN weights for the whole
 // row; a tid2eid entry outside [0, E) gives id -1 for that slot and NaN weights for the row. The Python wrapper's
 // validation path (DSV4_KERNEL_CHECKS, on by default outside graph capture) raises before that can be used.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 #include "ops.h"
 
+namespace cg = cooperative_groups;
+
 namespace dsv4 {
+
+constexpr int kMaxTopk = 16;
+constexpr int kMaxExperts = 512;
+constexpr int kRouteThreads = 256;
+constexpr int kMaxClusterTopk = 8;      // portable cluster size
+constexpr int kDecodeMaxTokens = kRouteThreads / kWarp;   // one selecting warp per token in the last CTA
+constexpr int kDecodeExperts = 2;       // experts per CTA: E / 2 CTAs cover the GPU for E = 256
 
 // bf16 -> fp64 with integer ops (normal numbers), avoiding the slow F2F.F64 path; zero/subnormal take the cvt.
 __device__ __forceinline__ double bf16_to_double(uint32_t b16) {
@@ -37,6 +56,25 @@ __device__ __forceinline__ double to_double<__nv_bfloat16>(__nv_bfloat16 v) {
   return bf16_to_double(*reinterpret_cast<uint16_t*>(&v));
 }
 
+// Eight consecutive elements (16- or 32-byte aligned) as fp64.
+template <typename XT>
+__device__ __forceinline__ void load8(const XT* p, double (&v)[8]);
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, double (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, double (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = bf16_to_double(w[i] & 0xFFFFu);
+    v[2 * i + 1] = bf16_to_double(w[i] >> 16);
+  }
+}
+
 // torch.nn.functional.softplus (beta 1, threshold 20) then sqrt, in float64; rounded to fp32 like ref_math.
 __device__ __forceinline__ float sqrt_softplus(float logit) {
   const double x = static_cast<double>(logit);
@@ -44,34 +82,141 @@ __device__ __forceinline__ float sqrt_softplus(float logit) {
   return static_cast<float>(sqrt(sp));
 }
 
+__device__ __forceinline__ uint32_t orderable(float v) {
+  uint32_t u = __float_as_uint(v);
+  if (u == 0x80000000u) u = 0;   // -0 ties with +0, as in the reference's sort
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Selection key of expert e: higher is better; 0 (never a real key: orderable() > 0) marks padding.
+__device__ __forceinline__ unsigned long long route_key(float biased, int e) {
+  return (static_cast<unsigned long long>(orderable(biased)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(e));
+}
+
+__device__ __forceinline__ unsigned long long umax64(unsigned long long a, unsigned long long b) {
+  return a > b ? a : b;
+}
+
+// Lane l's experts l + 32 i: unbiased scores from score_of(e) and their selection keys (0 marks no expert).
+template <int PL, typename ScoreOf>
+__device__ __forceinline__ void lane_keys(int lane, int num_experts, const float* __restrict__ bias,
+                                          ScoreOf score_of, unsigned long long (&key)[PL], float (&score)[PL]) {
+#pragma unroll
+  for (int i = 0; i < PL; ++i) {
+    const int e = lane + kWarp * i;
+    key[i] = 0ull;
+    score[i] = 0.0f;
+    if (e < num_experts) {
+      score[i] = score_of(e);
+      key[i] = route_key(bias != nullptr ? __fadd_rn(score[i], bias[e]) : score[i], e);
+    }
+  }
+}
+
+// One warp picks a token's top-k: lane l holds experts l + 32 i as key[i] (0 = absent) and their unbiased scores.
+// k rounds of a warp maximum; the owner of each winner retires it. Weights: the chosen scores over their fp64 sum
+// (in choice order, as the reference's), times the scale in fp32. Writes weights_row[0, k) and ids_row[0, k).
+template <int PL>
+__device__ __forceinline__ void warp_topk_store(unsigned long long (&key)[PL], const float (&score)[PL], int k,
+                                                float route_scale, float* weights_row, int64_t* ids_row, int lane) {
+  int my_expert = 0;
+  float my_score = 0.0f;
+  for (int r = 0; r < k; ++r) {
+    unsigned long long best = 0ull;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) best = umax64(best, key[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) best = umax64(best, __shfl_xor_sync(0xffffffffu, best, o));
+    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(best));
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {   // keys are distinct: only the owner lane matches
+      if (key[i] == best) {
+        s = score[i];
+        key[i] = 0ull;
+      }
+    }
+    s = __shfl_sync(0xffffffffu, s, e & (kWarp - 1));
+    if (lane == r) {
+      my_expert = e;
+      my_score = s;
+    }
+  }
+  double total = 0.0;
+  for (int j = 0; j < k; ++j) total += static_cast<double>(__shfl_sync(0xffffffffu, my_score, j));
+  if (lane < k) {
+    weights_row[lane] = __fmul_rn(static_cast<float>(static_cast<double>(my_score) / total), route_scale);
+    ids_row[lane] = my_expert;
+  }
+}
+
 // ------------------------------------------------------------------------------------------- hash router
-// One CTA per token: the 256 threads split D (4 contiguous elements each, 16/8-byte loads) for all k experts at
-// once, so a decode token costs two or three memory round trips instead of D/32 dependent ones.
-constexpr int kMaxTopk = 16;
-constexpr int kHashThreads = 256;
-
-template <typename XT>
-__device__ __forceinline__ void load4(const XT* p, double (&v)[4]);
-template <>
-__device__ __forceinline__ void load4<float>(const float* p, double (&v)[4]) {
-  const float4 f = *reinterpret_cast<const float4*>(p);
-  v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
-}
-template <>
-__device__ __forceinline__ void load4<__nv_bfloat16>(const __nv_bfloat16* p, double (&v)[4]) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  v[0] = bf16_to_double(u.x & 0xFFFFu); v[1] = bf16_to_double(u.x >> 16);
-  v[2] = bf16_to_double(u.y & 0xFFFFu); v[3] = bf16_to_double(u.y >> 16);
-}
-
+// Cluster of k CTAs per token (grid k x T, cluster k x 1): CTA j = cluster rank j owns chosen expert j. Each thread
+// takes 8 consecutive elements per step, so D = 4096 costs two 16-byte loads per thread and one round trip.
 template <typename XT, typename IdT>
-__global__ void __launch_bounds__(kHashThreads) hash_route_kernel(
+__global__ void __launch_bounds__(kRouteThreads) hash_route_cluster_kernel(
+    const XT* __restrict__ x, const __nv_bfloat16* __restrict__ w, const IdT* __restrict__ tid2eid,
+    const int64_t* __restrict__ token_ids, float* __restrict__ weights_out, int64_t* __restrict__ ids_out,
+    int dim, int num_experts, int64_t vocab, int k, float route_scale) {
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ double part[kRouteThreads / kWarp];
+  __shared__ float s_score[kMaxClusterTopk];   // every CTA's expert score, pushed here by its owner
+  __shared__ int s_ok[kMaxClusterTopk];        // every CTA's expert id is valid
+  const int j = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t tok = token_ids[t];
+  const bool tok_ok = tok >= 0 && tok < vocab;
+  const int64_t id = tok_ok ? static_cast<int64_t>(tid2eid[tok * k + j]) : -1;
+  const bool id_ok = id >= 0 && id < num_experts;
+  double acc = 0.0;
+  if (id_ok) {
+    const __nv_bfloat16* row = w + id * dim;
+    const XT* xrow = x + static_cast<int64_t>(t) * dim;
+    for (int d = 8 * tid; d < dim; d += 8 * kRouteThreads) {
+      double xv[8], wv[8];
+      load8(xrow + d, xv);
+      load8(row + d, wv);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc = fma(xv[q], wv[q], acc);
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) part[warp] = acc;
+  __syncthreads();
+  // Thread r < k pushes this CTA's score and validity into CTA r's shared memory (remote stores, no round trip);
+  // after the one cluster barrier every CTA reads all k from its own shared memory, so none reads a peer's
+  // memory late and no second barrier is needed before exit.
+  if (tid < k) {
+    double sum = 0.0;
+#pragma unroll
+    for (int i = 0; i < kRouteThreads / kWarp; ++i) sum += part[i];
+    const float score = id_ok ? sqrt_softplus(static_cast<float>(sum)) : 0.0f;
+    *cluster.map_shared_rank(&s_score[j], tid) = score;
+    *cluster.map_shared_rank(&s_ok[j], tid) = id_ok;
+  }
+  cluster.sync();
+  if (tid == 0) {
+    bool row_ok = true;
+    double total = 0.0;
+    for (int r = 0; r < k; ++r) {
+      row_ok = row_ok && s_ok[r];
+      total += static_cast<double>(s_score[r]);
+    }
+    const int64_t o = static_cast<int64_t>(t) * k + j;
+    ids_out[o] = id_ok ? id : -1;
+    weights_out[o] = row_ok ? __fmul_rn(static_cast<float>(static_cast<double>(s_score[j]) / total), route_scale)
+                            : __int_as_float(0x7fc00000);
+  }
+}
+
+// k > 8 (no portable cluster): one CTA per token, the 256 threads split D for all k experts at once.
+template <typename XT, typename IdT>
+__global__ void __launch_bounds__(kRouteThreads) hash_route_kernel(
     const XT* __restrict__ x, const __nv_bfloat16* __restrict__ w, const IdT* __restrict__ tid2eid,
     const int64_t* __restrict__ token_ids, float* __restrict__ weights_out, int64_t* __restrict__ ids_out,
     int dim, int num_experts, int64_t vocab, int k, float route_scale) {
   __shared__ int s_experts[kMaxTopk];
   __shared__ int s_ok;
-  __shared__ double s_part[kHashThreads / kWarp][kMaxTopk];
+  __shared__ double s_part[kRouteThreads / kWarp][kMaxTopk];
   __shared__ float s_score[kMaxTopk];
   const int t = blockIdx.x, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   if (warp == 0) {
@@ -90,26 +235,20 @@ __global__ void __launch_bounds__(kHashThreads) hash_route_kernel(
   }
   __syncthreads();
   if (!s_ok) return;
-  const __nv_bfloat16* rows[kMaxTopk];
-#pragma unroll
-  for (int j = 0; j < kMaxTopk; ++j) rows[j] = w + static_cast<int64_t>(s_experts[j < k ? j : 0]) * dim;
   double acc[kMaxTopk];
 #pragma unroll
   for (int j = 0; j < kMaxTopk; ++j) acc[j] = 0.0;
   const XT* xrow = x + static_cast<int64_t>(t) * dim;
-#pragma unroll 2
-  for (int d = 4 * tid; d < dim; d += 4 * kHashThreads) {
-    double xv[4];
-    load4(xrow + d, xv);   // x converted to fp64 once, reused by the k experts
+  for (int d = 8 * tid; d < dim; d += 8 * kRouteThreads) {
+    double xv[8];
+    load8(xrow + d, xv);   // x converted to fp64 once, reused by the k experts
 #pragma unroll
     for (int j = 0; j < kMaxTopk; ++j) {
       if (j < k) {
-        double wv[4];
-        load4(rows[j] + d, wv);
-        acc[j] = fma(xv[0], wv[0], acc[j]);
-        acc[j] = fma(xv[1], wv[1], acc[j]);
-        acc[j] = fma(xv[2], wv[2], acc[j]);
-        acc[j] = fma(xv[3], wv[3], acc[j]);
+        double wv[8];
+        load8(w + static_cast<int64_t>(s_experts[j]) * dim + d, wv);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[j] = fma(xv[q], wv[q], acc[j]);
       }
     }
   }
@@ -123,7 +262,7 @@ __global__ void __launch_bounds__(kHashThreads) hash_route_kernel(
   __syncthreads();
   if (tid < k) {
     double sum = 0.0;
-    for (int i = 0; i < kHashThreads / kWarp; ++i) sum += s_part[i][tid];
+    for (int i = 0; i < kRouteThreads / kWarp; ++i) sum += s_part[i][tid];
     s_score[tid] = sqrt_softplus(static_cast<float>(sum));
   }
   __syncthreads();
@@ -132,6 +271,79 @@ __global__ void __launch_bounds__(kHashThreads) hash_route_kernel(
     for (int j = 0; j < k; ++j) total += static_cast<double>(s_score[j]);
     weights_out[static_cast<int64_t>(t) * k + tid] =
         __fmul_rn(static_cast<float>(static_cast<double>(s_score[tid]) / total), route_scale);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- decode router
+// T <= 8 in one launch. CTA b owns experts 2b, 2b + 1: its threads split D (8 elements per step) for both experts
+// and every token, a fixed-order block reduction gives the fp32 logit, then the fp64 score goes to `scores` [T, E].
+// The CTA that takes the last ticket (atomicInc wraps the counter back to 0, so the workspace is ready for the
+// next call or graph replay) reads all scores through L2 and runs one selecting warp per token.
+template <typename XT, int PL>
+__global__ void __launch_bounds__(kRouteThreads) router_decode_kernel(
+    const XT* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ bias,
+    float* __restrict__ scores, unsigned int* __restrict__ ticket, float* __restrict__ weights_out,
+    int64_t* __restrict__ ids_out, int num_tokens, int dim, int num_experts, int k, float route_scale) {
+  __shared__ double part[kRouteThreads / kWarp][kDecodeMaxTokens * kDecodeExperts];
+  __shared__ bool s_last;
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int e0 = blockIdx.x * kDecodeExperts;
+  const __nv_bfloat16* rows[kDecodeExperts];
+#pragma unroll
+  for (int i = 0; i < kDecodeExperts; ++i) rows[i] = w + static_cast<int64_t>(min(e0 + i, num_experts - 1)) * dim;
+  double acc[kDecodeMaxTokens][kDecodeExperts];
+#pragma unroll
+  for (int t = 0; t < kDecodeMaxTokens; ++t)
+#pragma unroll
+    for (int i = 0; i < kDecodeExperts; ++i) acc[t][i] = 0.0;
+  for (int d = 8 * tid; d < dim; d += 8 * kRouteThreads) {
+    double wv[kDecodeExperts][8];
+#pragma unroll
+    for (int i = 0; i < kDecodeExperts; ++i) load8(rows[i] + d, wv[i]);
+#pragma unroll
+    for (int t = 0; t < kDecodeMaxTokens; ++t) {
+      if (t < num_tokens) {
+        double xv[8];
+        load8(x + static_cast<int64_t>(t) * dim + d, xv);
+#pragma unroll
+        for (int i = 0; i < kDecodeExperts; ++i)
+#pragma unroll
+          for (int q = 0; q < 8; ++q) acc[t][i] = fma(xv[q], wv[i][q], acc[t][i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kDecodeMaxTokens; ++t) {
+    if (t < num_tokens) {
+#pragma unroll
+      for (int i = 0; i < kDecodeExperts; ++i) {
+        const double v = warp_sum(acc[t][i]);
+        if (lane == 0) part[warp][t * kDecodeExperts + i] = v;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid < num_tokens * kDecodeExperts) {
+    const int t = tid / kDecodeExperts, e = e0 + tid % kDecodeExperts;
+    double sum = 0.0;
+#pragma unroll
+    for (int r = 0; r < kRouteThreads / kWarp; ++r) sum += part[r][tid];
+    if (e < num_experts) scores[static_cast<int64_t>(t) * num_experts + e] = sqrt_softplus(static_cast<float>(sum));
+    __threadfence();   // publish the scores before this CTA's ticket
+  }
+  __syncthreads();
+  if (tid == 0) s_last = atomicInc(ticket, gridDim.x - 1) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (warp < num_tokens) {
+    const int t = warp;
+    unsigned long long key[PL];
+    float score[PL];
+    const float* row = scores + static_cast<int64_t>(t) * num_experts;
+    lane_keys<PL>(lane, num_experts, bias, [&](int e) { return __ldcg(row + e); }, key, score);   // L2: peers' writes
+    warp_topk_store<PL>(key, score, k, route_scale, weights_out + static_cast<int64_t>(t) * k,
+                        ids_out + static_cast<int64_t>(t) * k, lane);
   }
 }
 
@@ -205,122 +417,28 @@ __global__ void __launch_bounds__(256) router_gemm_f64_kernel(const XT* __restri
   }
 }
 
-// ------------------------------------------------------------------------------------------- router GEMV
-// Decode batches of <= 8 tokens: one CTA per 4 experts, the 256 threads split D (4 contiguous elements each) for
-// all tokens, block reduction in a fixed order, fp32 logits out. No tile of zeros multiplied for absent tokens.
-constexpr int kGemvExperts = 4;
-constexpr int kGemvMaxTokens = 8;
-constexpr int kGemvThreads = 256;
-
-template <typename XT>
-__global__ void __launch_bounds__(kGemvThreads) router_gemv_f64_kernel(const XT* __restrict__ x,
-                                                                       const __nv_bfloat16* __restrict__ w,
-                                                                       float* __restrict__ logits, int num_tokens,
-                                                                       int dim, int num_experts) {
-  __shared__ double part[kGemvThreads / kWarp][kGemvMaxTokens * kGemvExperts];
-  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  const int e0 = blockIdx.x * kGemvExperts;
-  const __nv_bfloat16* rows[kGemvExperts];
-#pragma unroll
-  for (int i = 0; i < kGemvExperts; ++i) rows[i] = w + static_cast<int64_t>(min(e0 + i, num_experts - 1)) * dim;
-  double acc[kGemvMaxTokens][kGemvExperts];
-#pragma unroll
-  for (int t = 0; t < kGemvMaxTokens; ++t)
-#pragma unroll
-    for (int i = 0; i < kGemvExperts; ++i) acc[t][i] = 0.0;
-  for (int d = 4 * tid; d < dim; d += 4 * kGemvThreads) {
-    double wv[kGemvExperts][4];
-#pragma unroll
-    for (int i = 0; i < kGemvExperts; ++i) load4(rows[i] + d, wv[i]);
-#pragma unroll
-    for (int t = 0; t < kGemvMaxTokens; ++t) {
-      if (t < num_tokens) {
-        double xv[4];
-        load4(x + static_cast<int64_t>(t) * dim + d, xv);
-#pragma unroll
-        for (int i = 0; i < kGemvExperts; ++i)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[t][i] = fma(xv[q], wv[i][q], acc[t][i]);
-      }
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kGemvMaxTokens; ++t) {
-    if (t < num_tokens) {
-#pragma unroll
-      for (int i = 0; i < kGemvExperts; ++i) {
-        const double v = warp_sum(acc[t][i]);
-        if (lane == 0) part[warp][t * kGemvExperts + i] = v;
-      }
-    }
-  }
-  __syncthreads();
-  if (tid < num_tokens * kGemvExperts) {
-    const int t = tid / kGemvExperts, i = tid % kGemvExperts;
-    double sum = 0.0;
-#pragma unroll
-    for (int r = 0; r < kGemvThreads / kWarp; ++r) sum += part[r][tid];
-    if (e0 + i < num_experts) logits[static_cast<int64_t>(t) * num_experts + e0 + i] = static_cast<float>(sum);
-  }
-}
-
 // ------------------------------------------------------------------------------------------- top-k epilogue
-// One CTA per token: every expert's logit (sum of the K-slice partials in slice order, or the fp32 logit), score,
-// biased key; a bitonic sort of (biased score, lower id first) decides the top-k exactly as the reference's stable
-// descending sort; weights from the unbiased scores.
-constexpr int kTopkThreads = 256;
-constexpr int kMaxExperts = 512;
-
-__device__ __forceinline__ uint32_t orderable(float v) {
-  uint32_t u = __float_as_uint(v);
-  if (u == 0x80000000u) u = 0;   // -0 ties with +0, as in the reference's sort
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__global__ void __launch_bounds__(kTopkThreads) router_topk_kernel(
+// One warp per token (8 per CTA): lane l scores experts l + 32 i from the summed K-slice partials (slice order) or
+// the fp32 logits, then the warp top-k.
+template <int PL>
+__global__ void __launch_bounds__(kRouteThreads) router_topk_kernel(
     const double* __restrict__ partial, const float* __restrict__ logits, int num_slices,
     const float* __restrict__ bias, float* __restrict__ weights_out, int64_t* __restrict__ ids_out, int num_tokens,
     int num_experts, int k, float route_scale) {
-  __shared__ unsigned long long keys[kMaxExperts];
-  __shared__ float scores[kMaxExperts];
-  __shared__ float chosen[kMaxTopk];
-  const int t = blockIdx.x, tid = threadIdx.x;
-  int size = 1;
-  while (size < num_experts) size <<= 1;
-  for (int e = tid; e < size; e += kTopkThreads) {
-    unsigned long long key = 0ull;   // padding sorts last: real keys have orderable() > 0
-    if (e < num_experts) {
-      float logit;
-      if (num_slices == 0) {
-        logit = logits[static_cast<int64_t>(t) * num_experts + e];
-      } else {
-        double sum = 0.0;
-#pragma unroll 8
-        for (int ks = 0; ks < num_slices; ++ks)
-          sum += partial[(static_cast<int64_t>(ks) * num_tokens + t) * num_experts + e];
-        logit = static_cast<float>(sum);
-      }
-      const float score = sqrt_softplus(logit);
-      scores[e] = score;
-      const float v = bias != nullptr ? __fadd_rn(score, bias[e]) : score;
-      key = (static_cast<unsigned long long>(orderable(v)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(e));
-    }
-    keys[e] = key;
-  }
-  __syncthreads();
-  bitonic_sort_desc<kTopkThreads>(keys, size, tid);
-  if (tid < k) {
-    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(keys[tid]));
-    chosen[tid] = scores[e];
-    ids_out[static_cast<int64_t>(t) * k + tid] = e;
-  }
-  __syncthreads();
-  if (tid < k) {
-    double total = 0.0;
-    for (int j = 0; j < k; ++j) total += static_cast<double>(chosen[j]);
-    weights_out[static_cast<int64_t>(t) * k + tid] =
-        __fmul_rn(static_cast<float>(static_cast<double>(chosen[tid]) / total), route_scale);
-  }
+  const int lane = threadIdx.x % kWarp;
+  const int t = blockIdx.x * (kRouteThreads / kWarp) + threadIdx.x / kWarp;
+  if (t >= num_tokens) return;
+  unsigned long long key[PL];
+  float score[PL];
+  lane_keys<PL>(lane, num_experts, bias, [&](int e) {
+    if (num_slices == 0) return sqrt_softplus(logits[static_cast<int64_t>(t) * num_experts + e]);
+    double sum = 0.0;
+    for (int ks = 0; ks < num_slices; ++ks)
+      sum += partial[(static_cast<int64_t>(ks) * num_tokens + t) * num_experts + e];
+    return sqrt_softplus(static_cast<float>(sum));
+  }, key, score);
+  warp_topk_store<PL>(key, score, k, route_scale, weights_out + static_cast<int64_t>(t) * k,
+                      ids_out + static_cast<int64_t>(t) * k, lane);
 }
 
 // ------------------------------------------------------------------------------------------- host
@@ -333,7 +451,16 @@ static void check_router_inputs(const at::Tensor& x, const at::Tensor& gate_weig
   check_dtype(gate_weight, at::kBFloat16, "gate_weight");
   TORCH_CHECK(x.size(1) == gate_weight.size(1), "x has ", x.size(1), " features, gate_weight ", gate_weight.size(1));
   TORCH_CHECK(gate_weight.size(0) <= kMaxExperts, "at most ", kMaxExperts, " experts");
-  TORCH_CHECK(x.size(1) % 4 == 0, "the hidden size must be a multiple of 4, got ", x.size(1));
+  TORCH_CHECK(x.size(1) % 8 == 0, "the hidden size must be a multiple of 8, got ", x.size(1));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(gate_weight.data_ptr()) % 16 == 0,
+              "x and gate_weight must start on a 16-byte boundary");
+}
+
+template <typename F>
+static void dispatch_x(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat) f(float{});
+  else f(__nv_bfloat16{});
 }
 
 std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& tid2eid,
@@ -352,20 +479,42 @@ std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_w
   auto ids = at::empty({num_tokens, k}, x.options().dtype(at::kLong));
   if (num_tokens == 0) return {weights, ids};
   auto stream = current_stream();
+  const int dim = static_cast<int>(x.size(1)), num_experts = static_cast<int>(gate_weight.size(0));
+  const int64_t vocab = tid2eid.size(0);
   auto launch = [&](auto xt, auto idt) {
     using XT = decltype(xt);
     using IdT = decltype(idt);
-    hash_route_kernel<XT, IdT><<<static_cast<unsigned>(num_tokens), kHashThreads, 0, stream>>>(
-        reinterpret_cast<const XT*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr()),
-        tid2eid.data_ptr<IdT>(), token_ids.data_ptr<int64_t>(), weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
-        static_cast<int>(x.size(1)), static_cast<int>(gate_weight.size(0)), tid2eid.size(0), static_cast<int>(k),
-        static_cast<float>(route_scale));
+    const auto* xp = reinterpret_cast<const XT*>(x.data_ptr());
+    const auto* wp = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
+    const auto* table = tid2eid.data_ptr<IdT>();
+    const int64_t* tok = token_ids.data_ptr<int64_t>();
+    float* wout = weights.data_ptr<float>();
+    int64_t* iout = ids.data_ptr<int64_t>();
+    const int kk = static_cast<int>(k);
+    const float scale = static_cast<float>(route_scale);
+    if (k <= kMaxClusterTopk && num_tokens <= 65535) {   // grid.y holds the tokens
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(static_cast<unsigned>(k), static_cast<unsigned>(num_tokens));
+      config.blockDim = dim3(kRouteThreads);
+      config.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = static_cast<unsigned>(k);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, hash_route_cluster_kernel<XT, IdT>, xp, wp, table, tok, wout, iout,
+                                        dim, num_experts, vocab, kk, scale));
+    } else {
+      hash_route_kernel<XT, IdT><<<static_cast<unsigned>(num_tokens), kRouteThreads, 0, stream>>>(
+          xp, wp, table, tok, wout, iout, dim, num_experts, vocab, kk, scale);
+    }
   };
-  const bool x_f32 = x.scalar_type() == at::kFloat, id64 = tid2eid.scalar_type() == at::kLong;
-  if (x_f32 && id64) launch(float{}, int64_t{});
-  else if (x_f32) launch(float{}, int32_t{});
-  else if (id64) launch(__nv_bfloat16{}, int64_t{});
-  else launch(__nv_bfloat16{}, int32_t{});
+  dispatch_x(x, [&](auto xt) {
+    if (tid2eid.scalar_type() == at::kLong) launch(xt, int64_t{});
+    else launch(xt, int32_t{});
+  });
   DSV4_LAUNCH_CHECK();
   return {weights, ids};
 }
@@ -373,9 +522,18 @@ std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_w
 static void launch_topk(const double* partial, const float* logits, int num_slices, const at::Tensor& bias,
                         at::Tensor& weights, at::Tensor& ids, int num_tokens, int num_experts, int k,
                         double route_scale, cudaStream_t stream) {
-  router_topk_kernel<<<static_cast<unsigned>(num_tokens), kTopkThreads, 0, stream>>>(
-      partial, logits, num_slices, bias.defined() ? bias.data_ptr<float>() : nullptr, weights.data_ptr<float>(),
-      ids.data_ptr<int64_t>(), num_tokens, num_experts, k, static_cast<float>(route_scale));
+  const unsigned grid = static_cast<unsigned>((num_tokens + kRouteThreads / kWarp - 1) / (kRouteThreads / kWarp));
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (num_experts <= 8 * kWarp) {
+    router_topk_kernel<8><<<grid, kRouteThreads, 0, stream>>>(partial, logits, num_slices, b, weights.data_ptr<float>(),
+                                                              ids.data_ptr<int64_t>(), num_tokens, num_experts, k,
+                                                              static_cast<float>(route_scale));
+  } else {
+    router_topk_kernel<16><<<grid, kRouteThreads, 0, stream>>>(partial, logits, num_slices, b,
+                                                               weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
+                                                               num_tokens, num_experts, k,
+                                                               static_cast<float>(route_scale));
+  }
   DSV4_LAUNCH_CHECK();
 }
 
@@ -386,10 +544,10 @@ static void check_bias_topk(const at::Tensor& bias, int64_t num_experts, int64_t
   TORCH_CHECK(topk >= 1 && topk <= kMaxTopk && topk <= num_experts, "top-k must be in [1, min(16, E)], got ", topk);
 }
 
-// T <= 8: fp64 GEMV (threads split D) -> fp32 logits -> epilogue. 8 < T <= 64: fp64 GEMM tile partials over K
-// slices -> epilogue (no fp32 logits round trip). Larger T: cuBLAS fp64 GEMM, then the same epilogue.
+// T <= 8: one fused launch (needs the workspace). 8 < T <= 64: fp64 GEMM tile partials over K slices -> epilogue
+// (no fp32 logits round trip). Larger T: cuBLAS fp64 GEMM, then the same epilogue.
 std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& bias,
-                                    int64_t topk, double route_scale) {
+                                    int64_t topk, double route_scale, const std::optional<at::Tensor>& workspace) {
   check_router_inputs(x, gate_weight);
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = gate_weight.size(0);
   check_bias_topk(bias, num_experts, topk);
@@ -398,6 +556,31 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
   auto ids = at::empty({num_tokens, topk}, x.options().dtype(at::kLong));
   if (num_tokens == 0) return {weights, ids};
   auto stream = current_stream();
+  auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
+  if (num_tokens <= kDecodeMaxTokens) {
+    TORCH_CHECK(workspace.has_value() && workspace->defined(),
+                "dense_route: batches of <= ", kDecodeMaxTokens, " tokens need the router workspace");
+    const at::Tensor& ws = *workspace;
+    check_cuda(ws, "workspace");
+    check_dtype(ws, at::kInt, "workspace");
+    TORCH_CHECK(ws.numel() >= 1 && ws.device() == x.device(), "workspace: one int32 on x's device");
+    auto scores = at::empty({num_tokens, num_experts}, x.options().dtype(at::kFloat));
+    const unsigned grid = static_cast<unsigned>((num_experts + kDecodeExperts - 1) / kDecodeExperts);
+    dispatch_x(x, [&](auto xt) {
+      using XT = decltype(xt);
+      auto run = [&](auto kernel) {
+        kernel<<<grid, kRouteThreads, 0, stream>>>(
+            reinterpret_cast<const XT*>(x.data_ptr()), w, bias.data_ptr<float>(), scores.data_ptr<float>(),
+            reinterpret_cast<unsigned int*>(ws.data_ptr<int>()), weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
+            static_cast<int>(num_tokens), static_cast<int>(dim), static_cast<int>(num_experts),
+            static_cast<int>(topk), static_cast<float>(route_scale));
+      };
+      if (num_experts <= 8 * kWarp) run(router_decode_kernel<XT, 8>);
+      else run(router_decode_kernel<XT, 16>);
+    });
+    DSV4_LAUNCH_CHECK();
+    return {weights, ids};
+  }
   if (num_tokens > kGemmTokens) {
     // Prefill sizes: cuBLAS's fp64 GEMM (DMMA tensor cores) outruns the CUDA-core tile below; same function as
     // the reference's torch.matmul(x.double(), w.double().T).float().
@@ -406,41 +589,20 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
                 static_cast<int>(num_experts), static_cast<int>(topk), route_scale, stream);
     return {weights, ids};
   }
-  if (num_tokens <= kGemvMaxTokens) {
-    auto logits = at::empty({num_tokens, num_experts}, x.options().dtype(at::kFloat));
-    const dim3 grid((num_experts + kGemvExperts - 1) / kGemvExperts);
-    auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
-    if (x.scalar_type() == at::kFloat) {
-      router_gemv_f64_kernel<float><<<grid, kGemvThreads, 0, stream>>>(
-          x.data_ptr<float>(), w, logits.data_ptr<float>(), static_cast<int>(num_tokens), static_cast<int>(dim),
-          static_cast<int>(num_experts));
-    } else {
-      router_gemv_f64_kernel<__nv_bfloat16><<<grid, kGemvThreads, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), w, logits.data_ptr<float>(),
-          static_cast<int>(num_tokens), static_cast<int>(dim), static_cast<int>(num_experts));
-    }
-    DSV4_LAUNCH_CHECK();
-    launch_topk(nullptr, logits.data_ptr<float>(), 0, bias, weights, ids, static_cast<int>(num_tokens),
-                static_cast<int>(num_experts), static_cast<int>(topk), route_scale, stream);
-    return {weights, ids};
-  }
   const int64_t sm_count = num_sms();
-  // Split K until the grid covers the GPU (decode sizes); prefill sizes get one slice.
+  // Split K until the grid covers the GPU.
   const int64_t tiles = ((num_experts + kGemmExperts - 1) / kGemmExperts) * ((num_tokens + kGemmTokens - 1) / kGemmTokens);
   int64_t slices = std::max<int64_t>(1, std::min<int64_t>((sm_count + tiles - 1) / tiles, (dim + 127) / 128));
   int64_t k_slice = ((dim + slices - 1) / slices + kGemmK - 1) / kGemmK * kGemmK;
   slices = (dim + k_slice - 1) / k_slice;
   auto partial = at::empty({slices, num_tokens, num_experts}, x.options().dtype(at::kDouble));
   const dim3 grid((num_experts + kGemmExperts - 1) / kGemmExperts, slices, (num_tokens + kGemmTokens - 1) / kGemmTokens);
-  auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
-  if (x.scalar_type() == at::kFloat) {
-    router_gemm_f64_kernel<float><<<grid, 256, 0, stream>>>(x.data_ptr<float>(), w, partial.data_ptr<double>(),
-                                                            num_tokens, dim, num_experts, k_slice);
-  } else {
-    router_gemm_f64_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), w, partial.data_ptr<double>(), num_tokens, dim,
-        num_experts, k_slice);
-  }
+  dispatch_x(x, [&](auto xt) {
+    using XT = decltype(xt);
+    router_gemm_f64_kernel<XT><<<grid, 256, 0, stream>>>(reinterpret_cast<const XT*>(x.data_ptr()), w,
+                                                         partial.data_ptr<double>(), num_tokens, dim, num_experts,
+                                                         k_slice);
+  });
   DSV4_LAUNCH_CHECK();
   launch_topk(partial.data_ptr<double>(), nullptr, static_cast<int>(slices), bias, weights, ids,
               static_cast<int>(num_tokens), static_cast<int>(num_experts), static_cast<int>(topk), route_scale, stream);

@@ -85,6 +85,20 @@ def test_routers_take_bf16_x_and_the_fp32_logits_epilogue():
     assert_weights_close(got_w, ref_w)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts", [16, 256, 512])
+def test_decode_router_is_one_launch_that_leaves_its_workspace_zeroed(experts, x_dtype):
+    """T <= 8 takes the fused kernel (last CTA selects); one workspace serves every call."""
+    ws = cuda_ops.router_workspace(DEV)
+    for t in range(1, 9):
+        x, w, bias, _, _ = router_inputs(t, 4096, experts, 6, 1024, seed=20 + t, x_dtype=x_dtype)
+        ref_w, ref_ids = routing.dense_route(x.float(), w, bias, 6, 1.5)
+        got_w, got_ids = cuda_ops.dense_route(x.to(DEV), w.to(DEV), bias.to(DEV), 6, 1.5, ws)
+        assert torch.equal(got_ids.cpu(), ref_ids)
+        assert_weights_close(got_w, ref_w)
+        assert int(ws.item()) == 0
+
+
 def test_router_ties_go_to_the_lower_expert_and_empty_batches_work():
     _, w, _, tid2eid, _ = router_inputs(1, 128, 16, 6, 1024)
     got_w, got_ids = cuda_ops.dense_route(torch.zeros(3, 128, device=DEV), w.to(DEV), torch.zeros(16, device=DEV),
@@ -326,8 +340,10 @@ def test_kernels_replay_inside_a_cuda_graph():
     a, z = torch.randn(8, 1024, device=DEV), torch.randn(8, 1024, device=DEV)
     nw, freq = torch.ones(512, device=DEV), yarn_freq().to(DEV)
 
+    rws = cuda_ops.router_workspace(DEV)   # self-cleaning, reused
+
     def step():
-        outs = [*cuda_ops.dense_route(x, w, bias, 6, 1.5), *cuda_ops.hash_route(x, w, tid2eid, tokens, 1.5)]
+        outs = [*cuda_ops.dense_route(x, w, bias, 6, 1.5, rws), *cuda_ops.hash_route(x, w, tid2eid, tokens, 1.5)]
         outs += [*cuda_ops.window_gather(ring, codec, kv, layout)]
         cuda_ops.window_append(ring, codec, kv, layout)
         cuda_ops.compress_flush(a, z, state, score, layout, 4, nw, 1e-6, freq, False, pool, codec, torch.bfloat16)
@@ -357,3 +373,4 @@ def test_kernels_replay_inside_a_cuda_graph():
         assert torch.equal(r, e)
     for t, s in zip((ring, state, score, pool), after, strict=True):
         assert torch.equal(t, s)
+    assert not rws.any()   # the decode router leaves its ticket at zero
