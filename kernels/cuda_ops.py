@@ -103,12 +103,10 @@ def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, 
 
     x [T, D] fp32 or bf16 (D % 8 == 0, 16-byte aligned); gate_weight [E, D] bf16 (E <= 512); bias [E] fp32;
     topk <= 16 -> weights [T, k] fp32, ids [T, k] int64, best first. T <= 8: one launch (CTAs of two experts
-    score every token; the last CTA to finish selects), using `workspace` (`router_workspace`; a fresh one is
-    made when None, which costs a memset). 8 < T <= 64: fp64 GEMM partials over K slices, then a warp-per-token
+    score every token; the last CTA to finish selects), using `workspace` (`router_workspace`; None makes a
+    fresh one per call, which costs a memset). 8 < T <= 64: fp64 GEMM partials over K slices, then a warp-per-token
     epilogue; larger T: cuBLAS's fp64 GEMM, then the same epilogue. Same exactness as `hash_route`.
     """
-    if workspace is None and x.shape[0] <= 8:
-        workspace = router_workspace(x.device)
     return tuple(_ext().dense_route(x.contiguous(), gate_weight.contiguous(), bias.contiguous().float(), int(topk),
                                     float(route_scale), workspace))
 

@@ -34,6 +34,25 @@ inline void check_dim(const at::Tensor& t, int64_t n, const char* name) {
 using TensorList = std::initializer_list<const at::Tensor*>;
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Launches `kernel` in thread-block clusters of cluster_x CTAs along x (grid.x a multiple of it), and checks it.
+template <typename... Params, typename... Args>
+inline void launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_x,
+                             cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster_x;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 inline int num_sms() {
   int device = 0, count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));

@@ -111,6 +111,59 @@ __device__ __forceinline__ double softmax_prob(double e, double rinv, double tot
   return __longlong_as_double(static_cast<long long>((bits + 0x10000000ull) & ~0x1FFFFFFFull));
 }
 
+// One channel's value combined over the kGroups threads that share it (group g contributes red[g][ch]); every
+// group gets the result, combined in group order. Callers keep a barrier between this read and the next write
+// of `red`. A no-op for one group.
+template <int kGroups, typename T, typename Op>
+__device__ __forceinline__ T combine_groups(T v, T (&red)[kGroups][kSlab], int grp, int ch, Op op) {
+  if constexpr (kGroups > 1) {
+    red[grp][ch] = v;
+    __syncthreads();
+    v = red[0][ch];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) v = op(v, red[g][ch]);
+  }
+  return v;
+}
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+
+// RMSNorm's 1/rms as the reference rounds it: mean of squares to fp32, + eps in fp32, 1/sqrt in fp64 to fp32.
+__device__ __forceinline__ float rms_rinv(double total_sq, int d, float eps) {
+  const float mean = static_cast<float>(total_sq / static_cast<double>(d));
+  return static_cast<float>(1.0 / sqrt(static_cast<double>(__fadd_rn(mean, eps))));
+}
+
+// RoPE on interleaved pairs: the partner channel c ^ 1 is the neighbouring lane (every lane must call), fp32
+// products and sums rounded one by one (no FMA) as the reference's, then bf16.
+__device__ __forceinline__ float rope_pair(float x, int c, float cs, float sn) {
+  const float other = __shfl_xor_sync(0xffffffffu, x, 1);
+  const float ev = (c % 2 == 0) ? x : other, od = (c % 2 == 0) ? other : x;
+  return (c % 2 == 0) ? bf16_round(__fsub_rn(__fmul_rn(ev, cs), __fmul_rn(od, sn)))
+                      : bf16_round(__fadd_rn(__fmul_rn(ev, sn), __fmul_rn(od, cs)));
+}
+
+// Group grp's share of Hadamard output channel c: sum_j (-1)^popcount(c & j) v_j over its 1/kGroups of the d
+// inputs. Exact in fp64 (bf16 inputs), so any summation order gives the reference's value; four interleaved
+// accumulators for ILP.
+template <int kGroups, typename V>
+__device__ __forceinline__ double hadamard_share(const V* vals, int d, int c, int grp) {
+  double h4[4] = {0.0, 0.0, 0.0, 0.0};
+  const int share = d / kGroups;
+  for (int jj = grp * share; jj < (grp + 1) * share; jj += 4) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const double v = static_cast<double>(vals[jj + u]);
+      h4[u] += (__popc(c & (jj + u)) & 1) ? -v : v;
+    }
+  }
+  return (h4[0] + h4[1]) + (h4[2] + h4[3]);
+}
+
 // One channel's gated softmax pooling over this thread's kPer slots (kGroups threads share a channel and meet in
 // red_sum): fp64 exp against the channel max, fp64 sum, probabilities rounded to fp32 as the reference's
 // softmax(...).float(), exact products, fp64 sum. Returns this thread's partial of the pooled value.
@@ -125,14 +178,7 @@ __device__ __forceinline__ double softmax_pool(const float (&zs)[kPer], const fl
     e[q] = exp(static_cast<double>(zs[q]) - mxd);
     sum += e[q];
   }
-  double total = sum;
-  if constexpr (kGroups > 1) {
-    red_sum[grp][ch] = sum;
-    __syncthreads();
-    total = red_sum[0][ch];
-#pragma unroll
-    for (int g = 1; g < kGroups; ++g) total += red_sum[g][ch];
-  }
+  const double total = combine_groups<kGroups>(sum, red_sum, grp, ch, SumOp{});
   const double rinv = 1.0 / total;
   double acc = 0.0;
 #pragma unroll
@@ -208,30 +254,14 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
   float mx = -INFINITY;
 #pragma unroll
   for (int q = 0; q < kPerGroup; ++q) mx = fmaxf(mx, zs[q]);
-  if constexpr (kGroups > 1) {
-    red_max[grp][ch] = mx;
-    __syncthreads();
-    mx = red_max[0][ch];
-#pragma unroll
-    for (int gg = 1; gg < kGroups; ++gg) mx = fmaxf(mx, red_max[gg][ch]);
-  }
-  double acc = softmax_pool<kPerGroup, kGroups>(zs, as, mx, red_sum, grp, ch);
-  if constexpr (kGroups > 1) {
-    red_acc[grp][ch] = acc;
-    __syncthreads();
-  }
+  mx = combine_groups<kGroups>(mx, red_max, grp, ch, MaxOp{});
+  const double pooled_d = combine_groups<kGroups>(softmax_pool<kPerGroup, kGroups>(zs, as, mx, red_sum, grp, ch),
+                                                  red_acc, grp, ch, SumOp{});
 
   // ---- finish: bf16 round, RMSNorm across the cluster, RoPE; group 0 (warps 0 and 1) holds the slab
   float x = 0.0f;
   if (grp == 0) {
-    double pooled_d = acc;
-    if constexpr (kGroups > 1) {
-      pooled_d = red_acc[0][ch];
-#pragma unroll
-      for (int gg = 1; gg < kGroups; ++gg) pooled_d += red_acc[gg][ch];
-    }
-    const float pooled = static_cast<float>(pooled_d);
-    x = bf16_round(pooled);
+    x = bf16_round(static_cast<float>(pooled_d));
     const double sq = warp_sum(static_cast<double>(x) * static_cast<double>(x));
     if (ch % kWarp == 0) norm_part[ch / kWarp] = sq;
   }
@@ -246,18 +276,12 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
     double total_sq = 0.0;
 #pragma unroll
     for (int r = 0; r < kMaxSlabs; ++r) total_sq += part[r];
-    const float mean = static_cast<float>(total_sq / static_cast<double>(d));
-    const float rinv = static_cast<float>(1.0 / sqrt(static_cast<double>(__fadd_rn(mean, p.eps))));
-    x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rinv)));
+    x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rms_rinv(total_sq, d, p.eps))));
     if (c >= p.nope) {   // RoPE on interleaved pairs; the partner channel is the neighbouring lane
       const float angle = __fmul_rn(static_cast<float>(window_abs * M), inv_f);
       double sd, cd;
       sincos(static_cast<double>(angle), &sd, &cd);
-      const float cs = static_cast<float>(cd), sn = static_cast<float>(sd);
-      const float other = __shfl_xor_sync(0xffffffffu, x, 1);
-      const float ev = (c % 2 == 0) ? x : other, od = (c % 2 == 0) ? other : x;
-      x = (c % 2 == 0) ? bf16_round(__fsub_rn(__fmul_rn(ev, cs), __fmul_rn(od, sn)))
-                       : bf16_round(__fadd_rn(__fmul_rn(ev, sn), __fmul_rn(od, cs)));
+      x = rope_pair(x, c, static_cast<float>(cd), static_cast<float>(sd));
     }   // (c >= nope) is uniform per CTA: nope is a multiple of the 64-channel slab
   }
 
@@ -293,29 +317,9 @@ __device__ void pool_window(const FlushParams& p, const RowSource& rs, int seq, 
     for (int i = threadIdx.x; i < d; i += kFlushThreads)
       full_vals[i] = *cluster.map_shared_rank(&slab_vals[i % kSlab], i / kSlab);
     __syncthreads();
-    // y_c = sum_j (-1)^popcount(c & j) x_j, exact in fp64 (bf16 inputs), so any summation order gives the
-    // reference's value; four interleaved accumulators per thread for ILP, group g takes a 1/G share of j.
-    double h4[4] = {0.0, 0.0, 0.0, 0.0};
-    const int share = d / kGroups;
-    for (int jj = grp * share; jj < (grp + 1) * share; jj += 4) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const double v = static_cast<double>(full_vals[jj + u]);
-        h4[u] += (__popc(c & (jj + u)) & 1) ? -v : v;
-      }
-    }
-    const double h = (h4[0] + h4[1]) + (h4[2] + h4[3]);
-    if constexpr (kGroups > 1) {
-      red_acc[grp][ch] = h;
-      __syncthreads();
-    }
+    const double hs = combine_groups<kGroups>(hadamard_share<kGroups>(full_vals, d, c, grp), red_acc, grp, ch,
+                                              SumOp{});
     if (grp == 0) {
-      double hs = h;
-      if constexpr (kGroups > 1) {
-        hs = red_acc[0][ch];
-#pragma unroll
-        for (int gg = 1; gg < kGroups; ++gg) hs += red_acc[gg][ch];
-      }
       const float y = bf16_round(static_cast<float>(hs * p.hadamard_scale));
       // MXFP4: one 32-block per warp (channels 0..31, 32..63 of the slab)
       const uint32_t code = ue8m0_code(warp_max(fabsf(y)), p.fp4_floor, p.inv_fp4_max);
@@ -524,13 +528,7 @@ __device__ void decode_window(const FlushParams& p, int s, int slab, int peers, 
   float mx = -INFINITY;
 #pragma unroll
   for (int q = 0; q < kPer; ++q) mx = fmaxf(mx, zs[q]);
-  if constexpr (kGroups > 1) {
-    red_max[grp][ch] = mx;
-    __syncthreads();
-    mx = red_max[0][ch];
-#pragma unroll
-    for (int g = 1; g < kGroups; ++g) mx = fmaxf(mx, red_max[g][ch]);
-  }
+  mx = combine_groups<kGroups>(mx, red_max, grp, ch, MaxOp{});
   if constexpr (OVERLAP) {   // state rows 0..m-1 := the window's rows; this thread read rows 0..m-1 of column c
 #pragma unroll
     for (int i = 0; i < M; ++i) {
@@ -552,20 +550,11 @@ __device__ void decode_window(const FlushParams& p, int s, int slab, int peers, 
     cs = static_cast<float>(cd);
     sn = static_cast<float>(sd);
   }
-  if constexpr (kGroups > 1) {
-    red_acc[grp][ch] = acc;
-    __syncthreads();
-  }
+  const double pooled_d = combine_groups<kGroups>(acc, red_acc, grp, ch, SumOp{});
 
   // ---- bf16 round, RMSNorm (partials pushed to every peer, one cluster barrier), RoPE
   float x = 0.0f;
   if (grp == 0) {
-    double pooled_d = acc;
-    if constexpr (kGroups > 1) {
-      pooled_d = red_acc[0][ch];
-#pragma unroll
-      for (int g = 1; g < kGroups; ++g) pooled_d += red_acc[g][ch];
-    }
     x = bf16_round(static_cast<float>(pooled_d));
     const double sq = warp_sum(static_cast<double>(x) * static_cast<double>(x));
     if (lane < peers) *cluster.map_shared_rank(&sq_parts[slab * 2 + ch / kWarp], lane) = sq;
@@ -576,15 +565,8 @@ __device__ void decode_window(const FlushParams& p, int s, int slab, int peers, 
 #pragma unroll
     for (int i = 0; i < 2 * kMaxSlabs; ++i)
       if (i < 2 * peers) total_sq += sq_parts[i];
-    const float mean = static_cast<float>(total_sq / static_cast<double>(d));
-    const float rs = static_cast<float>(1.0 / sqrt(static_cast<double>(__fadd_rn(mean, p.eps))));
-    x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rs)));
-    if (roped) {   // interleaved pairs; the partner channel is the neighbouring lane
-      const float other = __shfl_xor_sync(0xffffffffu, x, 1);
-      const float ev = (c % 2 == 0) ? x : other, od = (c % 2 == 0) ? other : x;
-      x = (c % 2 == 0) ? bf16_round(__fsub_rn(__fmul_rn(ev, cs), __fmul_rn(od, sn)))
-                       : bf16_round(__fadd_rn(__fmul_rn(ev, sn), __fmul_rn(od, cs)));
-    }
+    x = bf16_round(__fmul_rn(wgt, __fmul_rn(x, rms_rinv(total_sq, d, p.eps))));
+    if (roped) x = rope_pair(x, c, cs, sn);
   }
 
   // ---- store
@@ -613,23 +595,8 @@ __device__ void decode_window(const FlushParams& p, int s, int slab, int peers, 
     if (grp == 0)
       for (int r = 0; r < peers; ++r) *cluster.map_shared_rank(&hvals[c], r) = static_cast<double>(x);
     cluster.sync();
-    double h4[4] = {0.0, 0.0, 0.0, 0.0};
-    const int share = d / kGroups;
-    for (int jj = grp * share; jj < (grp + 1) * share; jj += 4) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const double v = hvals[jj + u];
-        h4[u] += (__popc(c & (jj + u)) & 1) ? -v : v;
-      }
-    }
-    double hs = (h4[0] + h4[1]) + (h4[2] + h4[3]);
-    if constexpr (kGroups > 1) {
-      red_acc[grp][ch] = hs;
-      __syncthreads();
-      hs = red_acc[0][ch];
-#pragma unroll
-      for (int g = 1; g < kGroups; ++g) hs += red_acc[g][ch];
-    }
+    const double hs = combine_groups<kGroups>(hadamard_share<kGroups>(hvals, d, c, grp), red_acc, grp, ch,
+                                              SumOp{});
     if (grp == 0) {
       const float y = bf16_round(static_cast<float>(hs * p.hadamard_scale));
       const uint32_t code = ue8m0_code(warp_max(fabsf(y)), p.fp4_floor, p.inv_fp4_max);   // one 32-block per warp
@@ -771,34 +738,24 @@ void compress_flush(const at::Tensor& a, const at::Tensor& z, at::Tensor& state_
   p.hadamard_scale = hadamard_scale;
 
   const c10::cuda::CUDAGuard guard(a.device());
-  cudaLaunchConfig_t config{};
   // Decode (T == S, one token per sequence): the append / pool kernel; needs 16-byte aligned a, z and states.
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool decode = one_item_per_seq && aligned(p.a) && aligned(p.z) && aligned(p.state_kv) &&
                       aligned(p.state_score);
   const int64_t decode_clusters = overlap ? num_seqs : std::min<int64_t>(num_seqs, kHcaDecodeClusters);
-  config.gridDim = dim3(static_cast<unsigned>((decode ? decode_clusters : max_items) * slabs));
-  config.blockDim = dim3(decode ? (overlap ? kDecThreads<4> : kDecThreads<128>)
-                                : kSlab * (overlap ? kGroupsFor<4> : kGroupsFor<128>));
-  config.dynamicSmemBytes = 0;
-  config.stream = current_stream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(slabs);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  cudaError_t err;
+  const dim3 grid(static_cast<unsigned>((decode ? decode_clusters : max_items) * slabs));
+  const dim3 block(decode ? (overlap ? kDecThreads<4> : kDecThreads<128>)
+                          : kSlab * (overlap ? kGroupsFor<4> : kGroupsFor<128>));
+  const auto launch = [&](auto kernel) {
+    launch_clustered(kernel, grid, block, static_cast<unsigned>(slabs), current_stream(), p);
+  };
   if (decode) {
-    if (!overlap) err = cudaLaunchKernelEx(&config, compress_decode_kernel<128, false, false>, p);
-    else if (index_key) err = cudaLaunchKernelEx(&config, compress_decode_kernel<4, true, true>, p);
-    else err = cudaLaunchKernelEx(&config, compress_decode_kernel<4, true, false>, p);
-  } else if (!overlap) err = cudaLaunchKernelEx(&config, compress_flush_kernel<128, false, false>, p);
-  else if (index_key) err = cudaLaunchKernelEx(&config, compress_flush_kernel<4, true, true>, p);
-  else err = cudaLaunchKernelEx(&config, compress_flush_kernel<4, true, false>, p);
-  C10_CUDA_CHECK(err);
-  DSV4_LAUNCH_CHECK();
+    if (!overlap) launch(compress_decode_kernel<128, false, false>);
+    else if (index_key) launch(compress_decode_kernel<4, true, true>);
+    else launch(compress_decode_kernel<4, true, false>);
+  } else if (!overlap) launch(compress_flush_kernel<128, false, false>);
+  else if (index_key) launch(compress_flush_kernel<4, true, true>);
+  else launch(compress_flush_kernel<4, true, false>);
 }
 
 }  // namespace dsv4

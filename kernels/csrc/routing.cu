@@ -493,19 +493,10 @@ std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_w
     const int kk = static_cast<int>(k);
     const float scale = static_cast<float>(route_scale);
     if (k <= kMaxClusterTopk && num_tokens <= 65535) {   // grid.y holds the tokens
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(static_cast<unsigned>(k), static_cast<unsigned>(num_tokens));
-      config.blockDim = dim3(kRouteThreads);
-      config.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = static_cast<unsigned>(k);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, hash_route_cluster_kernel<XT, IdT>, xp, wp, table, tok, wout, iout,
-                                        dim, num_experts, vocab, kk, scale));
+      launch_clustered(hash_route_cluster_kernel<XT, IdT>,
+                       dim3(static_cast<unsigned>(k), static_cast<unsigned>(num_tokens)), dim3(kRouteThreads),
+                       static_cast<unsigned>(k), stream, xp, wp, table, tok, wout, iout, dim, num_experts, vocab, kk,
+                       scale);
     } else {
       hash_route_kernel<XT, IdT><<<static_cast<unsigned>(num_tokens), kRouteThreads, 0, stream>>>(
           xp, wp, table, tok, wout, iout, dim, num_experts, vocab, kk, scale);
@@ -558,9 +549,9 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
   auto stream = current_stream();
   auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
   if (num_tokens <= kDecodeMaxTokens) {
-    TORCH_CHECK(workspace.has_value() && workspace->defined(),
-                "dense_route: batches of <= ", kDecodeMaxTokens, " tokens need the router workspace");
-    const at::Tensor& ws = *workspace;
+    // No workspace given: a zeroed one for this call (one memset more than a caller-held workspace costs).
+    const at::Tensor ws = workspace.has_value() && workspace->defined() ? *workspace
+                                                                        : at::zeros({1}, x.options().dtype(at::kInt));
     check_cuda(ws, "workspace");
     check_dtype(ws, at::kInt, "workspace");
     TORCH_CHECK(ws.numel() >= 1 && ws.device() == x.device(), "workspace: one int32 on x's device");
