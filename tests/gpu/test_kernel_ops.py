@@ -234,12 +234,21 @@ def test_compress_flush_skips_entries_without_a_block():
 
 
 # ---------------------------------------------------------------------------------------------- indexer
-def indexer_case(chunks, heads, topk, num_blocks, max_blocks, seed, duplicate_every=0, tweak=None):
-    g = torch.Generator().manual_seed(seed)
+def indexer_inputs(chunks, heads, num_blocks, max_blocks, g, duplicate_every=0, zero_weights=False):
+    """q [T, H, 128], weights [T, H], pool [num_blocks, 64, 68], layout; zero_weights: every score 0 (one tie)."""
     layout = make_layout(chunks, 256, max_blocks, num_blocks, g)
     pool = mxfp4_key_pool(num_blocks, 64, g, duplicate_every=duplicate_every)
     q = mxfp4_queries(layout.num_tokens, heads, g)
     weights = (torch.randn(layout.num_tokens, heads, generator=g) * heads ** -0.5).bfloat16()
+    if zero_weights:
+        weights.zero_()
+    return q, weights, pool, layout
+
+
+def indexer_case(chunks, heads, topk, num_blocks, max_blocks, seed, duplicate_every=0, tweak=None,
+                 zero_weights=False):
+    g = torch.Generator().manual_seed(seed)
+    q, weights, pool, layout = indexer_inputs(chunks, heads, num_blocks, max_blocks, g, duplicate_every, zero_weights)
     if tweak:
         q, pool = tweak(q, pool, g)
     codec = IndexFp4Codec(128)
@@ -254,6 +263,14 @@ INDEXER_CASES = {   # name: (chunks (slot, start, length), heads, topk, num_bloc
     "prefill-chunk": ([(0, 100, 300), (1, 0, 40)], 64, 512, 8, 4),
     "tiny-heads": ([(0, 300, 5), (1, 0, 64)], 16, 8, 8, 2),
     "heads-32-topk-1024": ([(0, 16000, 2)], 32, 1024, 64, 63),
+    "b1-32k-top512": ([(0, (1 << 17) - 1, 1)], 64, 512, 520, 512),
+    "b1-fewer-than-k": ([(0, 1000, 1)], 64, 512, 8, 8),            # 250 visible < 512
+    "b1-exactly-k": ([(0, 2047, 1)], 64, 512, 40, 33),             # 512 visible
+    "b1-one-entry": ([(0, 3, 1)], 16, 8, 2, 1),
+    "b1-heads32-top1024": ([(0, 40000, 1)], 32, 1024, 160, 157),
+    "b3-mixed": ([(0, 0, 1), (1, 9000, 1), (2, 30000, 1)], 64, 512, 400, 120),   # 0, 2250, 7500 visible
+    "b64-prefill-chunk": ([(0, 16000, 64)], 64, 512, 64, 63),
+    "b64-decode": ([(s, 500 * s + 7, 1) for s in range(64)], 64, 512, 64 * 126, 126),
 }
 
 
@@ -267,6 +284,43 @@ def test_indexer_topk_selects_exactly_what_the_reference_does(case):
 def test_indexer_ties_go_to_the_lower_entry():
     got, ref = indexer_case([(0, 1200, 3)], 64, 64, 8, 5, seed=8, duplicate_every=3)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dup", [2, 3])
+def test_indexer_ties_over_a_long_row_go_to_the_lower_entry(dup):
+    got, ref = indexer_case([(0, 20000, 3)], 64, 512, 80, 80, seed=22, duplicate_every=dup)
+    assert torch.equal(got, ref)
+
+
+def test_indexer_all_scores_equal():
+    """One tie over every entry: the k lowest entries, in order."""
+    got, ref = indexer_case([(0, 30000, 2), (1, 1500, 1)], 64, 512, 240, 118, seed=23, zero_weights=True)
+    assert torch.equal(got, ref)
+    assert torch.equal(got[0], torch.arange(512))
+
+
+def test_indexer_cuda_graph_capture_and_replay():
+    chunks, heads, topk, num_blocks, max_blocks = INDEXER_CASES["b3-mixed"]
+    g = torch.Generator().manual_seed(25)
+    q, weights, pool, layout = indexer_inputs(chunks, heads, num_blocks, max_blocks, g)
+    sq, sw, sp = q.to(DEV), weights.to(DEV), pool.to(DEV)
+    codec = IndexFp4Codec(128)
+    args = (codec, layout_to(layout, DEV), 4, topk, torch.bfloat16)
+    cuda_ops.indexer_topk(sq, sw, sp, *args, validate=False)   # warm-up (build, lazy init)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ops.indexer_topk(sq, sw, sp, *args, validate=False)
+    g = torch.Generator().manual_seed(26)
+    for replay in range(4):
+        q_new = mxfp4_queries(layout.num_tokens, heads, g)
+        w_new = (torch.randn(layout.num_tokens, heads, generator=g) * heads ** -0.5).bfloat16()
+        sq.copy_(q_new)
+        sw.copy_(w_new)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = cache_ops.indexer_topk(q_new, w_new, pool, codec, layout, 4, topk, torch.bfloat16)
+        assert torch.equal(out.cpu(), ref), f"replay {replay}"
 
 
 def test_indexer_fallbacks_wide_keys_and_off_grid_queries_stay_exact():
