@@ -26,8 +26,8 @@ import torch
 from dsv4.kernels.knobs import knobs
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "routing.cu", "kv_store.cu", "compress.cu", "indexer.cu")
-HEADERS = ("common.cuh", "ops.h")
+SOURCES = ("bindings.cpp", "routing.cu", "router_certified.cu", "kv_store.cu", "compress.cu", "indexer.cu")
+HEADERS = ("common.cuh", "routing.cuh", "ops.h")
 CUDA_FLAGS = ("-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills")
 CXX_FLAGS = ("-O3",)
 

@@ -102,13 +102,25 @@ def dense_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, 
     selection only, top-k with ties to the lower expert id, renormalised over the chosen unbiased scores, scaled.
 
     x [T, D] fp32 or bf16 (D % 8 == 0, 16-byte aligned); gate_weight [E, D] bf16 (E <= 512); bias [E] fp32;
-    topk <= 16 -> weights [T, k] fp32, ids [T, k] int64, best first. T <= 8: one launch (CTAs of two experts
-    score every token; the last CTA to finish selects), using `workspace` (`router_workspace`; None makes a
-    fresh one per call, which costs a memset). 8 < T <= 64: fp64 GEMM partials over K slices, then a warp-per-token
-    epilogue; larger T: cuBLAS's fp64 GEMM, then the same epilogue. Same exactness as `hash_route`.
+    topk <= 16 -> weights [T, k] fp32, ids [T, k] int64, best first. bf16 x with 4 < T <= 64 (D % 128 == 0,
+    D <= 8192): the certified path, two launches: a bf16 tensor-core estimate of every logit with a proven error
+    bound, then per token the experts that could be in the top-k (usually exactly k) get exact fp64 logits and the
+    selection. Otherwise T <= 8 (bf16: T <= 4): one launch (CTAs of two experts score every token in fp64; the last
+    CTA to finish selects), using `workspace` (`router_workspace`; None makes a fresh one per call, which costs a
+    memset). fp32 x, 8 < T <= 64: fp64 GEMM partials over K slices, then a warp-per-token epilogue; larger T:
+    cuBLAS's fp64 GEMM, then the same epilogue. Same exactness as `hash_route` on every path.
     """
     return tuple(_ext().dense_route(x.contiguous(), gate_weight.contiguous(), bias.contiguous().float(), int(topk),
                                     float(route_scale), workspace))
+
+
+def router_gate_estimate(x: torch.Tensor, gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The certified router's tensor-core estimate (routing.cu / router_certified.cu), for testing its bound.
+
+    x [T, D] bf16 (T <= 64, D % 128 == 0, D <= 8192), gate_weight [E, D] bf16 -> (logits [T, E] fp32, scale
+    [T, E] fp32 ~ sum_d |x_d w_d|, gamma): |logits - exact| <= gamma * scale / (1 - gamma) must hold everywhere."""
+    logits, scale, gamma = _ext().router_gate_estimate(x.contiguous(), gate_weight.contiguous())
+    return logits, scale, float(gamma)
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor, topk: int, route_scale: float

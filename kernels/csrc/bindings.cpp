@@ -6,6 +6,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dsv4 CUDA kernels (routing, window/compressed KV stores, indexer top-k, KV gather)";
   m.def("hash_route", &dsv4::hash_route, "tid2eid routing with weights from the k chosen experts' scores");
   m.def("dense_route", &dsv4::dense_route, "fp64-accumulated gate GEMM + sqrt-softplus + bias + top-k + renorm");
+  m.def("router_gate_estimate", &dsv4::router_gate_estimate, "tensor-core gate logits with their error scale (tests)");
   m.def("router_topk", &dsv4::router_topk, "router epilogue on fp32 logits");
   m.def("window_append", &dsv4::window_append, "FP8 quantize + ring store of window entries");
   m.def("window_gather", &dsv4::window_gather, "window entries (ring + this step) as a dense bf16 tile");

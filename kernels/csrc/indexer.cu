@@ -3,8 +3,12 @@
 //
 //   indexer_score_mxfp4_kernel<NT>  grid (key chunk, token). Scores I(t, s) = sum_h w_h ReLU(q_h . k_s) for the
 //                                   token's visible keys, written as 16-bit order-preserving keys of the bf16 score.
-//   indexer_select_kernel           one CTA per token: radix select over the 16-bit keys (8 + 8 bits), ties to the
-//                                   lower entry index, bitonic sort of the chosen <= 1024, -1 padding.
+//   indexer_select_cluster_kernel   grid (8, token), one 8-CTA cluster per token, CTA r owns segment r of the row:
+//                                   radix select over the 16-bit keys (12 + 4 bits) with the histograms merged
+//                                   through DSMEM, ties to the lower entry index; the chosen keys above the
+//                                   threshold are ranked by counting (no sort), the tied ones placed by index order.
+//   indexer_select_kernel           the same selection in one CTA per token, bitonic sort of the chosen <= 1024;
+//                                   faster once 8 CTAs per token exceed one wave (B > 16 on H100).
 // The two run back to back in one op; the intermediate is 2 bytes per (token, entry), read from L2.
 //
 // Exactness. In reference numerics q and k are MXFP4 values (e2m1 x 2^e per 32-block), so q_h . k is a sum of
@@ -495,6 +499,297 @@ __global__ void __launch_bounds__(kSelectThreads) indexer_select_kernel(const ui
   }
 }
 
+// ------------------------------------------------------------------------------------------- cluster select
+// One token's row over a cluster of kSelCluster CTAs: CTA r scans only segment r (a multiple of 8 entries, so the
+// 16-byte loads stay aligned), 4096 keys per step, so at 32K entries each pass is one load per thread. Peers'
+// shared memory is only pushed into (stores, adds), never read; each exchange is followed by one cluster barrier
+// (arrive releases the pushes, wait acquires them), the first one split around pass 1 so that its latency hides
+// behind the loads. Nothing is pushed after the last barrier, so a CTA may exit once its own writes are done.
+//   pass 1: local 4096-bin histogram of key >> 4; its nonzero bins (bf16 scores fill a few binades, so a segment
+//           touches ~100 bins) are added into EVERY CTA's merged copy, with the segment's valid count, so that each
+//           CTA finds the threshold bin itself (find_hi_bin) instead of waiting on a leader's broadcast.
+//   pass 2: per segment, the 16 low-bit counts inside that bin and the count of keys above it, pushed to every
+//           CTA: each then knows the threshold key, need_eq, and every segment's counts above / equal to it, so
+//           pass 3 needs no further count exchange.
+//   pass 3: ordered compaction (one block scan per step): the keys above the threshold take consecutive slots in
+//           entry order across the cluster and go, packed, to every CTA; the first need_eq keys equal to it go
+//           straight to out[num_gt + their rank among the equal keys] (they follow every key above it).
+//   rank:   CTA r takes slots [r * m, (r + 1) * m), m = ceil(num_gt / 8), and writes each slot's entry to
+//           out[number of packed keys greater than its own]. Slots are in entry order, so (key << 10 | 1023 - slot)
+//           orders as (key desc, entry asc), distinct and in 32 bits: ranks by counting, no sort.
+constexpr int kSelCluster = 8;                           // portable cluster size
+constexpr int kSelChunk = kSelectThreads * 8;            // keys per CTA step: one 16-byte load per thread
+constexpr int kRankSlots = kMaxTopkSel / kSelCluster;    // slots one CTA ranks, at most
+constexpr int kLoExch = kLoBins + 1;                     // pushed per segment: 16 low-bit counts, keys above bin1
+static_assert(kHiBins == 8 * kSelectThreads, "pass-1 push: 8 bins per thread");
+static_assert(kRankSlots <= 4 * kWarp, "ranking: at most 4 blocks of 32 slots");
+
+// The address of shared variable `p` in CTA `rank` of this cluster; stores and adds through it.
+__device__ __forceinline__ uint32_t dsmem_addr(const void* p, uint32_t rank) {
+  uint32_t a;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;"
+      : "=r"(a)
+      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+  return a;
+}
+__device__ __forceinline__ void dsmem_store(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void dsmem_add(uint32_t addr, uint32_t v) {
+  asm volatile("red.shared::cluster.add.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+// barrier.cluster halves with their default semantics: arrive releases this thread's writes, wait acquires all.
+__device__ __forceinline__ void select_cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void select_cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+__device__ __forceinline__ void select_cluster_sync() {
+  select_cluster_arrive();
+  select_cluster_wait();
+}
+
+// Key j of 8 held as 4 words, low half first.
+__device__ __forceinline__ uint32_t key_of(const uint32_t (&w)[4], int j) {
+  return (w[j / 2] >> (16 * (j % 2))) & 0xFFFFu;
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    indexer_select_cluster_kernel(const uint16_t* __restrict__ keys, const int64_t* __restrict__ positions,
+                                  int64_t* __restrict__ out, int row_stride, int64_t max_entries, int ratio, int topk) {
+  using Scan = cub::BlockScan<uint32_t, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ __align__(16) uint32_t hist[kHiBins];       // this segment
+  __shared__ uint32_t merged[kHiBins];                   // the whole row: every CTA adds its bins in
+  __shared__ __align__(16) uint32_t cand[kMaxTopkSel];   // packed keys above the threshold by slot (pushed); 0 past
+  __shared__ uint32_t cand_idx[kRankSlots];              // entry index of each slot this CTA ranks (pushed)
+  __shared__ uint32_t rank_acc[kRankSlots];
+  __shared__ uint32_t seg_valid[kSelCluster];            // valid keys per segment (pushed)
+  __shared__ uint32_t lo_exch[kSelCluster][kLoExch];     // per segment: low-bit counts in bin1, keys above it (pushed)
+  __shared__ uint32_t lo_hist[kLoBins], my_valid, my_above, above1;
+  __shared__ uint32_t sh_thr, sh_need_eq, sh_num_gt, sh_gt_before, sh_eq_before;
+  __shared__ int bin1;
+  const uint32_t rank = blockIdx.x;   // grid.x is the cluster
+  const int t = blockIdx.y, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t visible = (positions[t] + 1) / ratio;
+  const int64_t n = visible < max_entries ? visible : max_entries;   // entries past the block table: masked
+  const int64_t seg_len = (n + 8 * kSelCluster - 1) / (8 * kSelCluster) * 8;
+  const int64_t seg0 = rank * seg_len < n ? rank * seg_len : n;
+  const int64_t seg1 = seg0 + seg_len < n ? seg0 + seg_len : n;
+  const uint16_t* row = keys + static_cast<int64_t>(t) * row_stride;
+  int64_t* out_row = out + static_cast<int64_t>(t) * topk;
+
+  // 8 keys from i0 as 4 words (low half first), zeros at and past the segment end
+  auto load8 = [&](int64_t i0, uint32_t (&w)[4]) {
+    if (i0 + 8 <= seg1) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + i0);
+      w[0] = v.x;
+      w[1] = v.y;
+      w[2] = v.z;
+      w[3] = v.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t lo = i0 + 2 * j < seg1 ? row[i0 + 2 * j] : 0u;
+        const uint32_t hi = i0 + 2 * j + 1 < seg1 ? row[i0 + 2 * j + 1] : 0u;
+        w[j] = lo | (hi << 16);
+      }
+    }
+  };
+
+  for (int i = tid; i < kHiBins; i += kSelectThreads) hist[i] = merged[i] = 0;
+  for (int i = tid; i < kMaxTopkSel; i += kSelectThreads) cand[i] = 0;   // never greater than a chosen key
+  if (tid < kRankSlots) rank_acc[tid] = 0;
+  if (tid < kLoBins) lo_hist[tid] = 0;
+  if (tid == 0) my_valid = my_above = 0;
+  select_cluster_arrive();   // peers push into this CTA only after every CTA has zeroed (and started)
+  __syncthreads();
+
+  // ---- pass 1: histogram of the high 12 bits of this segment's valid keys; the first step stays in registers
+  uint32_t first[4] = {0u, 0u, 0u, 0u};
+  uint32_t valid = 0;
+  for (int64_t c0 = seg0; c0 < seg1; c0 += kSelChunk) {
+    uint32_t w[4];
+    load8(c0 + tid * 8, w);
+    if (c0 == seg0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) first[j] = w[j];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t k = key_of(w, j);
+      if (k != 0) {
+        atomicAdd(&hist[k >> 4], 1u);
+        ++valid;
+      }
+    }
+  }
+  valid = __reduce_add_sync(0xffffffffu, valid);
+  if (lane == 0 && valid) atomicAdd(&my_valid, valid);
+  __syncthreads();
+  select_cluster_wait();
+  {
+    const uint4 a = reinterpret_cast<const uint4*>(hist)[2 * tid];
+    const uint4 b = reinterpret_cast<const uint4*>(hist)[2 * tid + 1];
+    const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    if ((a.x | a.y | a.z | a.w | b.x | b.y | b.z | b.w) != 0) {   // most threads' 8 bins are all empty
+      for (uint32_t q = 0; q < kSelCluster; ++q) {   // peers in a rotated order: not all on CTA 0 at once
+        const uint32_t dst = dsmem_addr(&merged[8 * tid], (rank + q) % kSelCluster);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (v[j] != 0) dsmem_add(dst + 4 * j, v[j]);
+      }
+    }
+    if (tid < kSelCluster) dsmem_store(dsmem_addr(&seg_valid[rank], tid), my_valid);
+  }
+  select_cluster_sync();
+
+  uint32_t total_valid = 0, valid_before = 0;
+#pragma unroll
+  for (int q = 0; q < kSelCluster; ++q) {
+    total_valid += seg_valid[q];
+    if (q < static_cast<int>(rank)) valid_before += seg_valid[q];
+  }
+  const bool take_all = total_valid <= static_cast<uint32_t>(topk);   // the same in every CTA
+  // take_all: every valid key is "above" threshold 0, and none is taken as equal to it
+  uint32_t thr = 0, need_eq = 0, num_gt = total_valid, gt_before = valid_before, eq_before = 0;
+  if (!take_all) {
+    find_hi_bin<Scan>(merged, topk, scan_tmp, &bin1, &above1);
+    __syncthreads();
+    const uint32_t b1 = static_cast<uint32_t>(bin1);
+    // ---- pass 2: the low 4 bits inside bin1, and the keys above it, in this segment
+    uint32_t above = 0;
+    for (int64_t c0 = seg0; c0 < seg1; c0 += kSelChunk) {
+      uint32_t w[4];
+      if (c0 == seg0) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = first[j];
+      } else {
+        load8(c0 + tid * 8, w);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t k = key_of(w, j);
+        if ((k >> 4) > b1) ++above;
+        else if (k != 0 && (k >> 4) == b1) atomicAdd(&lo_hist[k & 0xFu], 1u);
+      }
+    }
+    above = __reduce_add_sync(0xffffffffu, above);
+    if (lane == 0 && above) atomicAdd(&my_above, above);
+    __syncthreads();
+    if (tid < kSelCluster * kLoExch) {
+      const int q = tid / kLoExch, j = tid % kLoExch;
+      dsmem_store(dsmem_addr(&lo_exch[rank][j], q), j < kLoBins ? lo_hist[j] : my_above);
+    }
+    select_cluster_sync();
+    if (warp == 0) {   // the 16 merged low bins, highest first; then each segment's counts above / at the threshold
+      const uint32_t need = topk - above1;
+      uint32_t cnt = 0;
+      if (lane < kLoBins) {
+#pragma unroll
+        for (int q = 0; q < kSelCluster; ++q) cnt += lo_exch[q][kLoBins - 1 - lane];
+      }
+      uint32_t incl = cnt;
+#pragma unroll
+      for (int o = 1; o < kWarp; o <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const uint32_t hit = __ballot_sync(0xffffffffu, lane < kLoBins && incl - cnt < need && need <= incl);
+      const int src = __ffs(hit) - 1;
+      const uint32_t above2 = __shfl_sync(0xffffffffu, incl - cnt, src);
+      const int b2 = kLoBins - 1 - src;
+      uint32_t gt = 0, eq = 0;
+      if (lane < kSelCluster) {
+        gt = lo_exch[lane][kLoBins];
+        for (int b = b2 + 1; b < kLoBins; ++b) gt += lo_exch[lane][b];
+        eq = lo_exch[lane][b2];
+      }
+      const bool before = lane < static_cast<int>(rank);
+      const uint32_t gt_b = __reduce_add_sync(0xffffffffu, before ? gt : 0u);
+      const uint32_t eq_b = __reduce_add_sync(0xffffffffu, before ? eq : 0u);
+      if (lane == 0) {
+        sh_thr = (b1 << 4) | static_cast<uint32_t>(b2);
+        sh_need_eq = need - above2;
+        sh_num_gt = above1 + above2;
+        sh_gt_before = gt_b;
+        sh_eq_before = eq_b;
+      }
+    }
+    __syncthreads();
+    thr = sh_thr;
+    need_eq = sh_need_eq;
+    num_gt = sh_num_gt;
+    gt_before = sh_gt_before;
+    eq_before = sh_eq_before;
+  }
+  const uint32_t k_eff = take_all ? total_valid : static_cast<uint32_t>(topk);
+  for (int i = static_cast<int>(k_eff + rank * kSelectThreads) + tid; i < topk; i += kSelCluster * kSelectThreads)
+    out_row[i] = -1;
+
+  // ---- pass 3: keys above thr to their slots in every CTA, the first need_eq keys equal to it to out
+  const uint32_t slots_per_cta = (num_gt + kSelCluster - 1) / kSelCluster;
+  uint32_t gt_run = gt_before, eq_run = eq_before;
+  for (int64_t c0 = seg0; c0 < seg1; c0 += kSelChunk) {
+    const int64_t i0 = c0 + tid * 8;
+    uint32_t w[4];
+    if (c0 == seg0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) w[j] = first[j];
+    } else {
+      load8(i0, w);
+    }
+    uint32_t counts = 0;   // (above << 16) | equal; a step's totals are <= 4096
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t k = key_of(w, j);
+      counts += k > thr ? 1u << 16 : (k == thr ? 1u : 0u);
+    }
+    uint32_t before, total;
+    Scan(scan_tmp).ExclusiveSum(counts, before, total);
+    uint32_t slot = gt_run + (before >> 16), eq_rank = eq_run + (before & 0xFFFFu);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t k = key_of(w, j), idx = static_cast<uint32_t>(i0 + j);
+      if (k > thr) {
+        const uint32_t packed = (k << 10) | (kMaxTopkSel - 1 - slot);
+        for (uint32_t q = 0; q < kSelCluster; ++q)
+          dsmem_store(dsmem_addr(&cand[slot], (rank + q) % kSelCluster), packed);
+        const uint32_t owner = slot / slots_per_cta;
+        dsmem_store(dsmem_addr(&cand_idx[slot - owner * slots_per_cta], owner), idx);
+        ++slot;
+      } else if (k == thr) {
+        if (eq_rank < need_eq) out_row[num_gt + eq_rank] = idx;
+        ++eq_rank;
+      }
+    }
+    gt_run += total >> 16;
+    eq_run += total & 0xFFFFu;
+    __syncthreads();   // scan_tmp is reused by the next step
+  }
+  select_cluster_sync();   // every CTA holds every slot
+
+  // ---- rank this CTA's m slots: lane l of warp w counts the slots greater than slot 32 * (w % blocks) + l in
+  //      share w / blocks of all slots (16 / blocks shares); the shares add up in rank_acc
+  const uint32_t r0 = rank * slots_per_cta;
+  const uint32_t m = num_gt > r0 ? min(slots_per_cta, num_gt - r0) : 0u;
+  const uint32_t blocks = m > 2 * kWarp ? 4u : (m > kWarp ? 2u : 1u);
+  const uint32_t item = (warp % blocks) * kWarp + lane;
+  if (item < m) {
+    const uint32_t mine = cand[r0 + item];
+    const uint32_t slices = kSelectThreads / kWarp / blocks, units = (num_gt + 3) / 4;
+    const uint32_t per_slice = (units + slices - 1) / slices, u0 = (warp / blocks) * per_slice;
+    const uint32_t u1 = min(units, u0 + per_slice);
+    uint32_t greater = 0;
+    for (uint32_t u = u0; u < u1; ++u) {   // the whole warp reads the same 16 bytes: a broadcast
+      const uint4 x = reinterpret_cast<const uint4*>(cand)[u];
+      greater += (x.x > mine ? 1u : 0u) + (x.y > mine ? 1u : 0u) + (x.z > mine ? 1u : 0u) + (x.w > mine ? 1u : 0u);
+    }
+    if (greater != 0) atomicAdd(&rank_acc[item], greater);
+  }
+  __syncthreads();
+  if (static_cast<uint32_t>(tid) < m) out_row[rank_acc[tid]] = cand_idx[tid];
+}
+
 // ------------------------------------------------------------------------------------------- host
 at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& weights, const at::Tensor& pool,
                         const at::Tensor& positions, const at::Tensor& token_seq, const at::Tensor& block_table,
@@ -549,10 +844,19 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& weights, const at
     else indexer_score_mxfp4_kernel<2><<<grid1, kIdxThreads, 0, stream>>>(p);
     DSV4_LAUNCH_CHECK();
   }
-  indexer_select_kernel<<<num_tokens, kSelectThreads, 0, stream>>>(
-      p.keys, p.positions, out.data_ptr<int64_t>(), static_cast<int>(row_stride), max_entries,
-      static_cast<int>(ratio), static_cast<int>(topk));
-  DSV4_LAUNCH_CHECK();
+  // Temporary A/B switch (removed after measurement): DSV4_INDEXER_SELECT=single picks the one-CTA select.
+  // Small batches: a cluster per token (8x the CTAs on one row). Once the clusters would exceed one wave, the
+  // one-CTA select is faster (B = 64: 334 vs 358 us on H100, B = 1: 43.2 vs 30.3 us).
+  if (num_tokens * kSelCluster <= sm_count) {
+    launch_clustered(indexer_select_cluster_kernel, dim3(kSelCluster, static_cast<unsigned>(num_tokens)),
+                     dim3(kSelectThreads), kSelCluster, stream, p.keys, p.positions, out.data_ptr<int64_t>(),
+                     static_cast<int>(row_stride), max_entries, static_cast<int>(ratio), static_cast<int>(topk));
+  } else {
+    indexer_select_kernel<<<num_tokens, kSelectThreads, 0, stream>>>(
+        p.keys, p.positions, out.data_ptr<int64_t>(), static_cast<int>(row_stride), max_entries,
+        static_cast<int>(ratio), static_cast<int>(topk));
+    DSV4_LAUNCH_CHECK();
+  }
   return out;
 }
 

@@ -13,6 +13,7 @@ std::vector<at::Tensor> hash_route(const at::Tensor& x, const at::Tensor& gate_w
                                    const at::Tensor& token_ids, double route_scale);
 std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& bias,
                                     int64_t topk, double route_scale, const std::optional<at::Tensor>& workspace);
+std::vector<at::Tensor> router_gate_estimate(const at::Tensor& x, const at::Tensor& gate_weight);   // router_certified.cu
 std::vector<at::Tensor> router_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t topk,
                                     double route_scale);
 

@@ -4,18 +4,20 @@
 //                               of chosen expert j (threads split D, 16-byte loads, one memory round trip), and the
 //                               k scores meet over distributed shared memory for the renormalisation.
 //   hash_route_kernel           k > 8: one CTA per token computes all k dot products.
-//   router_decode_kernel        dense routing, T <= 8, ONE launch: each CTA computes 2 experts' logits and scores for
-//                               every token; the last CTA to finish (a ticket in a caller-owned workspace that the
-//                               kernel leaves at zero) selects each token's top-k with one warp.
-//   router_gemm_f64_kernel      dense routing, 8 < T <= 64: fp64 gate GEMM partials over K slices.
+//   router_decode_kernel        dense routing, T <= 8 (bf16 x: T <= 4), ONE launch: each CTA computes 2 experts'
+//                               logits and scores for every token; the last CTA to finish (a ticket in a caller-owned
+//                               workspace that the kernel leaves at zero) selects each token's top-k with one warp.
+//   (router_certified.cu)       dense routing, bf16 x, 4 < T <= 64: tensor-core estimate with a proven error bound,
+//                               exact fp64 logits only for the experts that could be in the top-k.
+//   router_gemm_f64_kernel      dense routing, fp32 x, 8 < T <= 64: fp64 gate GEMM partials over K slices.
 //   router_topk_kernel          epilogue, one warp per token: logits (sum of the K-slice partials in slice order, or
 //                               fp32 logits) -> sqrt-softplus -> + bias -> top-k (ties -> lower id) -> renormalise.
 //
 // Numerics: the reference accumulates the gate dot products in float64 and rounds the logit once to fp32, then
 // evaluates softplus and sqrt in float64. Products of an fp32 x and a bf16 weight are exact in fp64, so fp64
 // FMA accumulation gives the same fp32 logit unless the fp64 sum lands within ~1e-16 relative of an fp32
-// rounding boundary (both sides round a nearly exact sum). That is the price of bit-identical expert choices:
-// an fp32 or bf16 tensor-core GEMM flips near-tied experts several times per thousand tokens.
+// rounding boundary (both sides round a nearly exact sum). A plain fp32 or bf16 tensor-core GEMM would flip
+// near-tied experts several times per thousand tokens; router_certified.cu uses one only as a certified filter.
 //
 // Top-k: keys (orderable(score + bias) << 32 | ~expert) are distinct, so k rounds of a warp-wide maximum give
 // exactly the reference's stable descending sort (equal scores -> lower expert id, -0 == +0).
@@ -25,130 +27,17 @@
 // validation path (DSV4_KERNEL_CHECKS, on by default outside graph capture) raises before that can be used.
 #include <cooperative_groups.h>
 
-#include "common.cuh"
 #include "ops.h"
+#include "routing.cuh"
 
 namespace cg = cooperative_groups;
 
 namespace dsv4 {
 
-constexpr int kMaxTopk = 16;
-constexpr int kMaxExperts = 512;
-constexpr int kRouteThreads = 256;
 constexpr int kMaxClusterTopk = 8;      // portable cluster size
 constexpr int kDecodeMaxTokens = kRouteThreads / kWarp;   // one selecting warp per token in the last CTA
 constexpr int kDecodeExperts = 2;       // experts per CTA: E / 2 CTAs cover the GPU for E = 256
-
-// bf16 -> fp64 with integer ops (normal numbers), avoiding the slow F2F.F64 path; zero/subnormal take the cvt.
-__device__ __forceinline__ double bf16_to_double(uint32_t b16) {
-  const uint32_t f = b16 << 16;
-  if ((f & 0x7F800000u) == 0u) return static_cast<double>(__uint_as_float(f));
-  const uint32_t hi = (((f & 0x7FFFFFFFu) >> 3) + 0x38000000u) | (f & 0x80000000u);
-  return __hiloint2double(static_cast<int>(hi), 0);
-}
-
-template <typename T>
-__device__ __forceinline__ double to_double(T v);
-template <>
-__device__ __forceinline__ double to_double<float>(float v) { return static_cast<double>(v); }
-template <>
-__device__ __forceinline__ double to_double<__nv_bfloat16>(__nv_bfloat16 v) {
-  return bf16_to_double(*reinterpret_cast<uint16_t*>(&v));
-}
-
-// Eight consecutive elements (16- or 32-byte aligned) as fp64.
-template <typename XT>
-__device__ __forceinline__ void load8(const XT* p, double (&v)[8]);
-template <>
-__device__ __forceinline__ void load8<float>(const float* p, double (&v)[8]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-template <>
-__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, double (&v)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = bf16_to_double(w[i] & 0xFFFFu);
-    v[2 * i + 1] = bf16_to_double(w[i] >> 16);
-  }
-}
-
-// torch.nn.functional.softplus (beta 1, threshold 20) then sqrt, in float64; rounded to fp32 like ref_math.
-__device__ __forceinline__ float sqrt_softplus(float logit) {
-  const double x = static_cast<double>(logit);
-  const double sp = x > 20.0 ? x : log1p(exp(x));
-  return static_cast<float>(sqrt(sp));
-}
-
-__device__ __forceinline__ uint32_t orderable(float v) {
-  uint32_t u = __float_as_uint(v);
-  if (u == 0x80000000u) u = 0;   // -0 ties with +0, as in the reference's sort
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Selection key of expert e: higher is better; 0 (never a real key: orderable() > 0) marks padding.
-__device__ __forceinline__ unsigned long long route_key(float biased, int e) {
-  return (static_cast<unsigned long long>(orderable(biased)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(e));
-}
-
-__device__ __forceinline__ unsigned long long umax64(unsigned long long a, unsigned long long b) {
-  return a > b ? a : b;
-}
-
-// Lane l's experts l + 32 i: unbiased scores from score_of(e) and their selection keys (0 marks no expert).
-template <int PL, typename ScoreOf>
-__device__ __forceinline__ void lane_keys(int lane, int num_experts, const float* __restrict__ bias,
-                                          ScoreOf score_of, unsigned long long (&key)[PL], float (&score)[PL]) {
-#pragma unroll
-  for (int i = 0; i < PL; ++i) {
-    const int e = lane + kWarp * i;
-    key[i] = 0ull;
-    score[i] = 0.0f;
-    if (e < num_experts) {
-      score[i] = score_of(e);
-      key[i] = route_key(bias != nullptr ? __fadd_rn(score[i], bias[e]) : score[i], e);
-    }
-  }
-}
-
-// One warp picks a token's top-k: lane l holds experts l + 32 i as key[i] (0 = absent) and their unbiased scores.
-// k rounds of a warp maximum; the owner of each winner retires it. Weights: the chosen scores over their fp64 sum
-// (in choice order, as the reference's), times the scale in fp32. Writes weights_row[0, k) and ids_row[0, k).
-template <int PL>
-__device__ __forceinline__ void warp_topk_store(unsigned long long (&key)[PL], const float (&score)[PL], int k,
-                                                float route_scale, float* weights_row, int64_t* ids_row, int lane) {
-  int my_expert = 0;
-  float my_score = 0.0f;
-  for (int r = 0; r < k; ++r) {
-    unsigned long long best = 0ull;
-#pragma unroll
-    for (int i = 0; i < PL; ++i) best = umax64(best, key[i]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) best = umax64(best, __shfl_xor_sync(0xffffffffu, best, o));
-    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(best));
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < PL; ++i) {   // keys are distinct: only the owner lane matches
-      if (key[i] == best) {
-        s = score[i];
-        key[i] = 0ull;
-      }
-    }
-    s = __shfl_sync(0xffffffffu, s, e & (kWarp - 1));
-    if (lane == r) {
-      my_expert = e;
-      my_score = s;
-    }
-  }
-  double total = 0.0;
-  for (int j = 0; j < k; ++j) total += static_cast<double>(__shfl_sync(0xffffffffu, my_score, j));
-  if (lane < k) {
-    weights_row[lane] = __fmul_rn(static_cast<float>(static_cast<double>(my_score) / total), route_scale);
-    ids_row[lane] = my_expert;
-  }
-}
+constexpr int kDecodePreferredTokens = 4;   // up to here the fp64 decode kernel beats the certified path
 
 // ------------------------------------------------------------------------------------------- hash router
 // Cluster of k CTAs per token (grid k x T, cluster k x 1): CTA j = cluster rank j owns chosen expert j. Each thread
@@ -548,6 +437,12 @@ std::vector<at::Tensor> dense_route(const at::Tensor& x, const at::Tensor& gate_
   if (num_tokens == 0) return {weights, ids};
   auto stream = current_stream();
   auto w = reinterpret_cast<const __nv_bfloat16*>(gate_weight.data_ptr());
+  // bf16 x: the certified tensor-core path, except for the smallest batches, where the one-launch fp64 kernel's
+  // latency is lower (H100 graph nodes: T = 1 8.9 vs 12.5 us; T = 8 15.8 vs 13.4 us; T = 64 25.6 us vs 56.6 us
+  // for the fp64 GEMM tile).
+  if (num_tokens > kDecodePreferredTokens &&
+      certified_dense_route(x, gate_weight, bias, topk, route_scale, weights, ids))
+    return {weights, ids};
   if (num_tokens <= kDecodeMaxTokens) {
     // No workspace given: a zeroed one for this call (one memset more than a caller-held workspace costs).
     const at::Tensor ws = workspace.has_value() && workspace->defined() ? *workspace

@@ -85,10 +85,68 @@ def test_routers_take_bf16_x_and_the_fp32_logits_epilogue():
     assert_weights_close(got_w, ref_w)
 
 
+def hard_gate(kind: str, t: int, d: int, e: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 x [t, d], gate [e, d] and bias [e] that stress the certified router's bound and its k-th boundary."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g)
+    w = torch.randn(e, d, generator=g) * d ** -0.5 * 4
+    bias = torch.randn(e, generator=g) * 0.1
+    if kind == "cancel":          # two huge products per logit that cancel: the bound is wide, many candidates
+        x[:, 0], x[:, 1] = 3e4, -3e4
+        w[:, 0] = w[:, 1] = torch.randn(e, generator=g)
+    elif kind == "range":         # elements spread over 2^-30 .. 2^30
+        x = x * torch.exp2(torch.randint(-30, 31, (t, d), generator=g).float())
+        w = w * torch.exp2(torch.randint(-30, 31, (e, d), generator=g).float())
+    elif kind == "ties":          # duplicated rows and biases: exact ties, decided by the lower expert id
+        w[1::2] = w[0::2]
+        bias[1::2] = bias[0::2]
+    elif kind == "near":          # rows one bf16 ulp apart in one element: near ties
+        w = w.bfloat16().float()
+        w[1::2] = w[0::2]
+        w[1::2, 5] = (w[0::2, 5].bfloat16().view(torch.int16) + 1).view(torch.bfloat16).float()
+        bias[1::2] = bias[0::2]
+    elif kind == "padding":       # all-zero rows (graph padding) beside real ones
+        x[::2] = 0
+    return x.bfloat16(), w.bfloat16(), bias
+
+
+HARD_KINDS = ["random", "cancel", "range", "ties", "near", "padding"]
+
+
+@pytest.mark.parametrize("kind", HARD_KINDS)
+@pytest.mark.parametrize("shape", [(1, 4096, 256), (9, 4096, 256), (64, 4096, 256), (33, 7168, 384), (5, 128, 512)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_certified_router_estimate_is_within_its_bound(kind, shape):
+    """The certificate rests on |L~ - L| <= gamma * A / (1 - gamma) for the tensor-core estimate L~: check it
+    against the exact (fp64) logits, with the slack it leaves reported."""
+    t, d, e = shape
+    x, w, _ = hard_gate(kind, t, d, e, seed=t + e)
+    logits, scale, gamma = cuda_ops.router_gate_estimate(x.to(DEV), w.to(DEV))
+    exact = x.double() @ w.double().T
+    err = (logits.cpu().double() - exact).abs()
+    bound = gamma * scale.cpu().double() / (1 - gamma) + 2.0 ** -100
+    assert bool((err <= bound).all()), f"worst err/bound {float((err / bound).max()):.3f}"
+    print(f"{kind} {shape}: gamma {gamma:.2e}, worst err/bound {float((err / bound).max()):.4f}")
+
+
+@pytest.mark.parametrize("kind", HARD_KINDS)
+@pytest.mark.parametrize("shape", [(1, 4096, 256, 6), (8, 4096, 256, 6), (9, 4096, 256, 6), (64, 4096, 256, 6),
+                                   (33, 7168, 384, 6), (5, 128, 512, 16), (17, 256, 16, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_certified_router_matches_reference_on_hard_inputs(kind, shape):
+    t, d, e, k = shape
+    x, w, bias = hard_gate(kind, t, d, e, seed=7 * t + e)
+    ref_w, ref_ids = routing.dense_route(x.float(), w, bias, k, 1.5)
+    got_w, got_ids = cuda_ops.dense_route(x.to(DEV), w.to(DEV), bias.to(DEV), k, 1.5)
+    assert torch.equal(got_ids.cpu(), ref_ids)
+    assert_weights_close(got_w, ref_w)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts", [16, 256, 512])
 def test_decode_router_is_one_launch_that_leaves_its_workspace_zeroed(experts, x_dtype):
-    """T <= 8 takes the fused kernel (last CTA selects); one workspace serves every call."""
+    """T <= 8 (bf16 x: T <= 4, then the certified path) takes the fused kernel (last CTA selects); one workspace
+    serves every call."""
     ws = cuda_ops.router_workspace(DEV)
     for t in range(1, 9):
         x, w, bias, _, _ = router_inputs(t, 4096, experts, 6, 1024, seed=20 + t, x_dtype=x_dtype)
