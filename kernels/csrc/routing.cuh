@@ -11,29 +11,13 @@ constexpr int kMaxExperts = 512;
 constexpr int kRouteThreads = 256;
 
 // bf16 -> fp64 with integer ops for finite normal numbers, avoiding the slow F2F.F64 path: the fp64 high word is
-// sign | (exponent + 1023 - 127) << 20 | mantissa << 13. Zero, subnormals, inf and NaN take the cvt.
+// sign | (exponent + 1023 - 127) << 20 | mantissa << 13. Zero, subnormals, inf and NaN (biased exponent 0 or 255:
+// one unsigned compare after the shift below) take the cvt.
 __device__ __forceinline__ double bf16_to_double(uint32_t b16) {
   const uint32_t f = b16 << 16;
-  const uint32_t exponent = f & 0x7F800000u;
-  if (exponent == 0u || exponent == 0x7F800000u) return static_cast<double>(__uint_as_float(f));
+  if ((f & 0x7F800000u) - 0x00800000u >= 0x7F000000u) return static_cast<double>(__uint_as_float(f));
   const uint32_t hi = (((f & 0x7FFFFFFFu) >> 3) + 0x38000000u) | (f & 0x80000000u);
   return __hiloint2double(static_cast<int>(hi), 0);
-}
-
-// The two bf16 of a 32-bit word, both finite and normal (the caller checked), as fp64 high words.
-__device__ __forceinline__ double bf16_lo_to_double_normal(uint32_t w) {
-  return __hiloint2double(static_cast<int>((((w & 0x7FFFu) << 13) + 0x38000000u) | ((w & 0x8000u) << 16)), 0);
-}
-__device__ __forceinline__ double bf16_hi_to_double_normal(uint32_t w) {
-  return __hiloint2double(static_cast<int>((((w >> 3) & 0x0FFFE000u) + 0x38000000u) | (w & 0x80000000u)), 0);
-}
-
-// True if any of the eight bf16 in u is zero, subnormal, inf or NaN (exponent field all 0s or all 1s).
-__device__ __forceinline__ bool any_special_bf16(const uint4& u) {
-  const uint32_t m = 0x7F807F80u;
-  const uint32_t e0 = u.x & m, e1 = u.y & m, e2 = u.z & m, e3 = u.w & m;
-  return (__vcmpeq2(e0, 0u) | __vcmpeq2(e1, 0u) | __vcmpeq2(e2, 0u) | __vcmpeq2(e3, 0u) | __vcmpeq2(e0, m) |
-          __vcmpeq2(e1, m) | __vcmpeq2(e2, m) | __vcmpeq2(e3, m)) != 0u;
 }
 
 template <typename T>
@@ -57,18 +41,10 @@ template <>
 __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, double (&v)[8]) {
   const uint4 u = *reinterpret_cast<const uint4*>(p);
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-  if (any_special_bf16(u)) {   // rare: one exact path per element
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = bf16_to_double(w[i] & 0xFFFFu);
-      v[2 * i + 1] = bf16_to_double(w[i] >> 16);
-    }
-    return;
-  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    v[2 * i] = bf16_lo_to_double_normal(w[i]);
-    v[2 * i + 1] = bf16_hi_to_double_normal(w[i]);
+    v[2 * i] = bf16_to_double(w[i] & 0xFFFFu);
+    v[2 * i + 1] = bf16_to_double(w[i] >> 16);
   }
 }
 
