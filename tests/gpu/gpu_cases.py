@@ -10,7 +10,21 @@ import torch
 
 from dsv4.kernels import quant
 from dsv4.kernels.cache_ops import BatchLayout
-from dsv4.kernels.kv_format import IndexFp4Codec
+from dsv4.kernels.kv_format import IndexFp4Codec, MainFp8Codec
+from dsv4.model.layers import rope_inv_freq
+
+FLUSH_CASES = {   # compressor flush cases, name: (ratio, d, rotate, codec)
+    "csa-main-512": (4, 512, False, MainFp8Codec(448, 64)),
+    "csa-index-128": (4, 128, True, IndexFp4Codec(128)),
+    "hca-main-512": (128, 512, False, MainFp8Codec(448, 64)),
+    "csa-main-tiny-128": (4, 128, False, MainFp8Codec(64, 64)),
+    "hca-main-tiny-128": (128, 128, False, MainFp8Codec(64, 64)),
+}
+
+
+def yarn_freq() -> torch.Tensor:
+    """V4's YaRN RoPE frequencies for the 64 rope dims."""
+    return rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0))
 
 
 def make_layout(chunks: Sequence[tuple[int, int, int]], block_size: int, max_blocks: int, num_blocks: int,

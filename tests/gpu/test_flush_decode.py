@@ -9,27 +9,14 @@ import zlib
 
 import pytest
 import torch
-from gpu_cases import layout_to, make_layout, scaled_normal
+from gpu_cases import FLUSH_CASES, layout_to, make_layout, scaled_normal, yarn_freq
 
 from dsv4.kernels import cache_ops, cuda_ops
-from dsv4.kernels.kv_format import IndexFp4Codec, MainFp8Codec
-from dsv4.model.layers import rope_inv_freq
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 BLOCK = 256
 
-CODECS = {   # name: (ratio, d, rotate, codec)
-    "csa-main-512": (4, 512, False, MainFp8Codec(448, 64)),
-    "csa-index-128": (4, 128, True, IndexFp4Codec(128)),
-    "hca-main-512": (128, 512, False, MainFp8Codec(448, 64)),
-    "csa-main-128": (4, 128, False, MainFp8Codec(64, 64)),
-    "hca-main-128": (128, 128, False, MainFp8Codec(64, 64)),
-}
-
-
-def yarn_freq() -> torch.Tensor:
-    return rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0))
 
 
 def starts_for(mode: str, ratio: int, b: int, g: torch.Generator) -> list[int]:
@@ -47,7 +34,7 @@ def starts_for(mode: str, ratio: int, b: int, g: torch.Generator) -> list[int]:
 
 
 def build(case: str, mode: str, b: int, seed: int):
-    ratio, d, rotate, codec = CODECS[case]
+    ratio, d, rotate, codec = FLUSH_CASES[case]
     coff = 2 if ratio == 4 else 1
     g = torch.Generator().manual_seed(seed)
     starts = starts_for(mode, ratio, b, g)
@@ -116,9 +103,9 @@ def assert_same(got, ref):
 
 @pytest.mark.parametrize("b", [1, 7, 128, 300])
 @pytest.mark.parametrize("mode", ["none", "some", "all", "fresh"])
-@pytest.mark.parametrize("case", list(CODECS))
+@pytest.mark.parametrize("case", list(FLUSH_CASES))
 def test_decode_flush_equals_the_reference(case, mode, b):
-    if mode == "fresh" and CODECS[case][0] != 4:
+    if mode == "fresh" and FLUSH_CASES[case][0] != 4:
         pytest.skip("fresh states matter for CSA's previous-window half")
     args = build(case, mode, b, seed=zlib.crc32(f"{case}/{mode}/{b}".encode()) % 1000)
     assert_same(run_kernel(*args), reference(*args))

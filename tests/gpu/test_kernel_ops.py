@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_cases import layout_to, make_layout, mxfp4_key_pool, mxfp4_queries, scaled_normal
+from gpu_cases import FLUSH_CASES, layout_to, make_layout, mxfp4_key_pool, mxfp4_queries, scaled_normal, yarn_freq
 
 from dsv4.kernels import cache_ops, cuda_ops, ops, quant, routing
 from dsv4.kernels.kv_format import IndexFp4Codec, MainFp8Codec
-from dsv4.model.layers import rope_inv_freq
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-
-
-def yarn_freq() -> torch.Tensor:
-    return rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -221,13 +216,6 @@ def test_window_gather_equals_the_reference(geometry):
 
 
 # ---------------------------------------------------------------------------------------------- flush
-FLUSH_CASES = {   # name: (ratio, d, rotate, codec)
-    "csa-main-512": (4, 512, False, MainFp8Codec(448, 64)),
-    "csa-index-128": (4, 128, True, IndexFp4Codec(128)),
-    "hca-main-512": (128, 512, False, MainFp8Codec(448, 64)),
-    "csa-main-tiny-128": (4, 128, False, MainFp8Codec(64, 64)),
-    "hca-main-tiny-128": (128, 128, False, MainFp8Codec(64, 64)),
-}
 # Steps of (slot, length) per sequence; starts follow from the previous steps. Decode tokens, prefill chunks of
 # every residue, a long chunk, sequences joining late.
 FLUSH_STEPS = [
