@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dsv4.cluster.config import DEFAULT_PORT, SchedulerConfig, ServeConfig
+from dsv4.cluster.config import DEFAULT_PORT, NUMERICS, SchedulerConfig, ServeConfig, default_numerics
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
@@ -50,9 +50,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     model_dir = args.model or str(ensure_default_model())
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_prefill_chunk=args.max_prefill_chunk)
-    return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=args.numerics, device=device,
+    numerics = args.numerics or default_numerics(device)
+    return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=numerics, device=device,
                        kv_cache_bytes=int(args.kv_cache_gib * 2**30), max_model_len=args.max_model_len,
-                       scheduler=scheduler, seed=args.seed, **_server_options(args))
+                       scheduler=scheduler, seed=args.seed, enforce_eager=args.enforce_eager, **_server_options(args))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -101,7 +102,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: a tiny synthetic model, created on first run)")
     p.add_argument("--workers", type=int, help="worker actors (default: one per GPU, or 2 on CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--numerics", choices=("reference", "exact-fp32"), default="reference")
+    p.add_argument("--numerics", choices=NUMERICS, default=None,
+                   help="fast (default on GPUs), reference (default on CPUs: the exact oracle) or exact-fp32")
     p.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per worker in GiB (default 0.25)")
     p.add_argument("--max-model-len", type=int, default=0, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
@@ -111,6 +113,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-chunk", type=int, default=defaults.max_prefill_chunk,
                    help="prompt tokens of one request per step")
     p.add_argument("--seed", type=int, default=0, help="base seed for requests that bring none")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (fast numerics capture decode graphs)")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

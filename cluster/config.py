@@ -6,6 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 
 DEFAULT_PORT = 50051
+NUMERICS = ("reference", "exact-fp32", "fast")   # dsv4.model.numerics.NumericsMode (cluster imports no model code)
+
+
+def default_numerics(device: str) -> str:
+    """`fast` on GPUs (what serving is for), `reference` on CPUs (the exact oracle)."""
+    return "fast" if device == "cuda" else "reference"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +41,13 @@ class ServeConfig:
     max_model_len: int = 0                 # 0: the model's max_position_embeddings
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     seed: int = 0                          # base of the per-request sampling seeds when a request has none
+    enforce_eager: bool = False            # no CUDA graphs (fast numerics on GPUs capture decode graphs)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.numerics not in ("reference", "exact-fp32"):
-            raise ValueError(f"numerics must be 'reference' or 'exact-fp32', got {self.numerics!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {self.numerics!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not 0 <= self.port < 65536:

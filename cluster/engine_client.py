@@ -22,7 +22,7 @@ class ModelInfo:
     bos_token_id: int
     eos_token_ids: tuple[int, ...]
     num_workers: int
-    numerics: str                   # "reference" or "exact-fp32"
+    numerics: str                   # "reference", "exact-fp32" or "fast"
     num_hidden_layers: int
     num_routed_experts: int
     num_experts_per_tok: int

@@ -3,7 +3,8 @@
 q = RoPE(headnorm(W_qb · RMSNorm(W_qa x))); one shared KV head kv = RoPE(RMSNorm(W_kv x)) used as key and value
 (K = V); each query attends to its window (positions t-127..t) plus compressed entries (all visible ones for HCA,
 the indexer's top-k for CSA) with a per-head sink; the output's rope dims are rotated back by -t, then the grouped
-output projection wo_a (per head group) and wo_b.
+output projection wo_a (per head group) and wo_b. The window entries are appended to the ring after attention
+(a chunk's own entries are read from this step's kv).
 """
 
 from __future__ import annotations
@@ -11,25 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import ops, quant
-from dsv4.kernels.cache_ops import BatchLayout
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import CSA_RATIO, ModelConfig
 from dsv4.model.indexer import Indexer
 from dsv4.model.kv_cache import ATTN, CompressorGeometry
-from dsv4.model.layers import Linear, RMSNorm, WeightFormat, apply_rope, head_rms_normalize, rope_for_layer
+from dsv4.model.layers import Linear, RMSNorm, WeightFormat, rope_for_layer
 from dsv4.model.numerics import Numerics
-
-
-def visible_entries(layout: BatchLayout, ratio: int) -> torch.Tensor:
-    """Every compressed entry each token may see (entry w is visible to t iff w*m + m - 1 <= t): [T, E], -1 pad.
-    E comes from the block table's shape (what the blocks can hold), so no device value sets a shape: no host
-    synchronisation, and CUDA graphs can capture it."""
-    width = layout.block_table.shape[1] * (layout.block_size // ratio)
-    visible = (layout.positions + 1) // ratio
-    entries = torch.arange(width, device=visible.device)[None, :].expand(visible.shape[0], -1)
-    return torch.where(entries < visible[:, None], entries, -1)
 
 
 class Attention(nn.Module):
@@ -63,28 +52,18 @@ class Attention(nn.Module):
         store = batch.storage.layer(self.layer_id)
         qr = self.q_norm(num.act(self.wq_a(x, num)), num)                                  # [T, q_lora]
         q = num.act(self.wq_b(qr, num)).view(-1, self.n_heads, self.head_dim)
-        q = apply_rope(head_rms_normalize(q, self.eps, num), pos, self.rope_inv_freq)
-        kv = apply_rope(self.kv_norm(num.act(self.wkv(x, num)), num), pos, self.rope_inv_freq)  # [T, d]
-        if num.simulate_quant:   # the window entries as their FP8 storage will give them back
-            kv = quant.fake_quant_kv(kv, self.rope_dim)
+        q = num.math.head_norm_rope(q, pos, self.rope_inv_freq, self.eps)
+        # the window entries as their FP8 storage will give them back
+        kv = num.math.kv_entry(num.act(self.wkv(x, num)), self.kv_norm.weight, self.eps, pos, self.rope_inv_freq,
+                               self.rope_dim)                                               # [T, d]
         chosen = self.indexer(x, qr, batch) if self.indexer is not None else None
         if self.compressor is not None:
             self.compressor(x, batch)
-        keys, valid = ops.window_gather(store.window, store.window_codec, kv, batch.layout)
-        if self.ratio:
-            entries = chosen if chosen is not None else visible_entries(batch.layout, self.ratio)
-            main = store.compressors[ATTN]
-            extra, extra_valid = ops.gather_entries(main.pool, main.codec, batch.layout, entries, self.ratio)
-            keys, valid = torch.cat([keys, extra.to(keys.dtype)], dim=1), torch.cat([valid, extra_valid], dim=1)
-        o = ops.sparse_attention(q, keys, valid, self.attn_sink, num.act_dtype)
-        ops.window_append(store.window, store.window_codec, kv, batch.layout)
-        o = apply_rope(o, pos, self.rope_inv_freq, inverse=True)
+        o = num.attention.attend(q, kv, store, batch.layout, self.ratio, chosen, self.attn_sink, self.rope_inv_freq)
+        num.attention.window_append(store.window, store.window_codec, kv, batch.layout)
         return self._project_out(o, num)
 
     def _project_out(self, o: torch.Tensor, num: Numerics) -> torch.Tensor:
         """Grouped output projection: group g's heads (H/g * d wide) through rows g*r..(g+1)*r of wo_a, then wo_b."""
-        t = o.shape[0]
-        grouped = num.act(o).reshape(t, self.n_groups, -1).double()                           # [T, g, H/g*d]
-        w = self.wo_a.dense_weight().view(self.n_groups, self.o_lora_rank, -1).double()      # [g, r, H/g*d]
-        z = num.act(torch.einsum("tgk,grk->tgr", grouped, w).float())
+        z = num.linear.grouped(self.wo_a, o.reshape(o.shape[0], self.n_groups, -1), self.n_groups)   # [T, g, r]
         return num.act(self.wo_b(z.flatten(1), num))

@@ -27,6 +27,29 @@ class Chunk:
     token_ids: Sequence[int] | torch.Tensor
 
 
+def check_chunks(storage: KVStorage, chunks: Sequence[Chunk], vocab_size: int | None = None) -> None:
+    """The host-side checks of a step's chunks (the device code masks instead of checking): ValueError naming the
+    chunk and what is wrong. With vocab_size, token ids are checked too."""
+    if not chunks:
+        raise ValueError("a forward batch needs at least one chunk")
+    for s, chunk in enumerate(chunks):
+        n = len(chunk.token_ids)
+        if n == 0 or chunk.start < 0:
+            raise ValueError(f"chunk {s}: needs >= 1 token and start >= 0 (got {n} tokens, start {chunk.start})")
+        if not 0 <= chunk.slot < storage.num_slots:
+            raise ValueError(f"chunk {s}: slot {chunk.slot} outside [0, {storage.num_slots})")
+        if len(chunk.block_table) < storage.blocks_for(chunk.start + n):
+            raise ValueError(f"chunk {s}: {len(chunk.block_table)} blocks cannot hold positions up to "
+                             f"{chunk.start + n} (block_size {storage.block_size})")
+        if vocab_size is not None:
+            ids = chunk.token_ids.tolist() if isinstance(chunk.token_ids, torch.Tensor) else chunk.token_ids
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                bad = next(i for i in ids if not 0 <= i < vocab_size)
+                raise ValueError(f"chunk {s}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len({c.slot for c in chunks}) != len(chunks):
+        raise ValueError("a sequence (slot) may appear only once per forward batch")
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardBatch:
     token_ids: torch.Tensor    # [T] int64, chunks concatenated in order
@@ -37,22 +60,8 @@ class ForwardBatch:
     @classmethod
     def build(cls, storage: KVStorage, chunks: Sequence[Chunk], numerics: Numerics) -> ForwardBatch:
         device = storage.layers[0].window.device
-        if not chunks:
-            raise ValueError("a forward batch needs at least one chunk")
-        ids = []
-        for s, chunk in enumerate(chunks):
-            tokens = torch.as_tensor(chunk.token_ids, dtype=torch.int64).flatten()
-            n = tokens.numel()
-            if n == 0 or chunk.start < 0:
-                raise ValueError(f"chunk {s}: needs >= 1 token and start >= 0 (got {n} tokens, start {chunk.start})")
-            if not 0 <= chunk.slot < storage.num_slots:
-                raise ValueError(f"chunk {s}: slot {chunk.slot} outside [0, {storage.num_slots})")
-            if len(chunk.block_table) < storage.blocks_for(chunk.start + n):
-                raise ValueError(f"chunk {s}: {len(chunk.block_table)} blocks cannot hold positions up to "
-                                 f"{chunk.start + n} (block_size {storage.block_size})")
-            ids.append(tokens)
-        if len({c.slot for c in chunks}) != len(chunks):
-            raise ValueError("a sequence (slot) may appear only once per forward batch")
+        check_chunks(storage, chunks)
+        ids = [torch.as_tensor(c.token_ids, dtype=torch.int64).flatten() for c in chunks]
         layout = BatchLayout.from_chunks([(c.slot, c.start, t.numel(), c.block_table) for c, t in zip(chunks, ids,
                                                                                                        strict=True)],
                                          storage.block_size, device)

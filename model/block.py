@@ -9,7 +9,7 @@ from dsv4.model.attention import Attention
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import Linear, RMSNorm, WeightFormat
-from dsv4.model.mhc import HcParams, hc_head, hc_post, hc_pre
+from dsv4.model.mhc import HcParams
 from dsv4.model.moe import MoE
 from dsv4.model.numerics import Numerics
 
@@ -40,10 +40,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x: [T, hc, D] residual streams -> [T, hc, D]."""
         num = batch.numerics
-        h, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc, num)
-        x = hc_post(self.attn(self.attn_norm(h, num), batch), x, post, comb, num)
-        h, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc, num)
-        return hc_post(self.ffn(self.ffn_norm(h, num), batch.token_ids, num), x, post, comb, num)
+        h, post, comb = num.mhc.pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc)
+        x = num.mhc.post(self.attn(self.attn_norm(h, num), batch), x, post, comb)
+        h, post, comb = num.mhc.pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc)
+        return num.mhc.post(self.ffn(self.ffn_norm(h, num), batch.token_ids, num), x, post, comb)
 
 
 class MTPBlock(Block):
@@ -71,5 +71,5 @@ class MTPBlock(Block):
 
     def collapse(self, streams: torch.Tensor, numerics: Numerics) -> torch.Tensor:
         """[T, hc, D] -> normed [T, D], ready for the shared head."""
-        collapsed = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc, numerics)
+        collapsed = numerics.mhc.head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc)
         return self.norm(collapsed, numerics)

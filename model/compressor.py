@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import ops
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.config import ModelConfig
 from dsv4.model.kv_cache import INDEX, CompressorGeometry
@@ -36,12 +35,11 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> None:
         """x: [T, D] attention input. Stores every entry completed by these tokens in the cache."""
         num = batch.numerics
-        a = self.wkv(x.float(), num)                                                  # [T, coff*d] fp32
-        z = self.wgate(x.float(), num) + self.ape[batch.positions % self.geometry.ratio]
+        a = self.wkv(x, num).float()                                                  # [T, coff*d] fp32
+        z = self.wgate(x, num).float() + self.ape[batch.positions % self.geometry.ratio]
         store = batch.storage.layer(self.layer_id).compressors[self.name]
         # Indexer keys are Hadamard-rotated before MXFP4 quantization; without quantization the rotation of q
         # and k cancels in q.k, so exact-fp32 skips it.
         rotate = self.name == INDEX and num.simulate_quant
-        ops.compress_flush(a, z, store.state_kv, store.state_score, batch.layout, self.geometry.ratio,
-                                 self.norm.weight, self.norm.eps, self.rope_inv_freq, rotate, store.pool,
-                                 store.codec, num.act_dtype)
+        num.compressor.flush(a, z, store.state_kv, store.state_score, batch.layout, self.geometry.ratio,
+                             self.norm.weight, self.norm.eps, self.rope_inv_freq, rotate, store.pool, store.codec)

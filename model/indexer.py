@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import ops, quant
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import CSA_RATIO, ModelConfig
 from dsv4.model.kv_cache import INDEX, CompressorGeometry
-from dsv4.model.layers import Linear, WeightFormat, apply_rope
+from dsv4.model.layers import Linear, WeightFormat
 
 
 class Indexer(nn.Module):
@@ -35,12 +34,9 @@ class Indexer(nn.Module):
         """x [T, D] attention input, qr [T, q_lora] q-LoRA activation -> chosen entries [T, index_topk], -1 pad."""
         num = batch.numerics
         q = num.act(self.wq_b(qr, num)).view(-1, self.n_heads, self.head_dim)
-        q = apply_rope(q, batch.positions, self.rope_inv_freq)
-        if num.simulate_quant:
-            q = quant.fake_quant_fp4(quant.hadamard_rotate(q))
+        q = num.indexer.query(q, batch.positions, self.rope_inv_freq)     # RoPE (+ Hadamard, MXFP4)
         self.compressor(x, batch)
         scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
         weights = num.act(num.act(self.weights_proj(x, num)).float() * scale)
         store = batch.storage.layer(self.layer_id).compressors[INDEX]
-        return ops.indexer_topk(q, weights, store.pool, store.codec, batch.layout, CSA_RATIO, self.topk,
-                                      num.act_dtype)
+        return num.indexer.topk(q, weights, store.pool, store.codec, batch.layout, CSA_RATIO, self.topk)

@@ -1,8 +1,9 @@
 """Building blocks: quantization-aware linear layers, RMSNorm, and the two RoPE variants (spec §2.6, §3.2, §5.3).
 
 Parameters are registered under the checkpoint's names (`weight`, `scale`) in the checkpoint's dtypes, so a
-state dict of this model *is* an official checkpoint shard. The fp32 compute copy of a quantized weight is
-derived once, lazily, and never saved.
+state dict of this model *is* an official checkpoint shard. The math is the numerics' (`Numerics.linear`,
+`Numerics.math`); the reference's fp32 compute copy of a quantized weight is derived once, lazily, and never
+saved (the fast numerics read the stored formats instead).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from dsv4.kernels import quant
-from dsv4.kernels.ref_math import apply_rope, matmul, rms_norm, rsqrt
+from dsv4.kernels.ref_math import apply_rope
 from dsv4.model.config import ModelConfig
 from dsv4.model.numerics import Numerics
 
@@ -33,10 +34,10 @@ class WeightFormat(str, enum.Enum):
 class Linear(nn.Module):
     """y = x W^T, with W stored as in the checkpoint.
 
-    compute: "quantized" linears (FP8/FP4 weights) quantize x per 128 to FP8 in reference mode, as the official
-    `linear()` does before `fp8_gemm`/`fp4_gemm`; "bf16" linears round x and W to bf16 (the official bf16
-    `F.linear`); "fp32" linears upcast both (compressor projections, router, head). Outputs are fp32; the caller
-    rounds to the dtype the reference produces.
+    compute: "quantized" linears (FP8/FP4 weights) quantize x per 128 to FP8 (reference and fast numerics), as the
+    official `linear()` does before `fp8_gemm`/`fp4_gemm`; "bf16" linears round x and W to bf16 (the official bf16
+    `F.linear`); "fp32" linears compute in fp32 (compressor projections). The result is fp32 or already in the
+    activation dtype (the numerics decide); the caller rounds to the dtype the reference produces.
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, compute: str | None = None):
@@ -67,11 +68,7 @@ class Linear(nn.Module):
         return self._dense
 
     def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
-        if self.compute == "quantized" and numerics.simulate_quant:
-            x = quant.fake_quant_fp8(x.float(), quant.ACT_BLOCK)
-        elif self.compute == "bf16":
-            x = numerics.act(x)
-        return matmul(x, self.dense_weight())
+        return numerics.linear(self, x)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt.value}, compute={self.compute}"
@@ -86,17 +83,7 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim, dtype=torch.bfloat16))
 
     def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
-        return numerics.act(rms_norm(x, self.weight, self.eps))
-
-
-def head_rms_normalize(q: torch.Tensor, eps: float, numerics: Numerics) -> torch.Tensor:
-    """Per-head q normalisation without weight. The official code does it in bf16 arithmetic, op by op."""
-    if not numerics.simulate_quant:
-        return rms_norm(q, None, eps)
-    q = q.bfloat16()
-    mean = q.square().double().mean(-1, keepdim=True).to(torch.bfloat16)          # bf16 .mean: wide accumulation
-    inv = rsqrt((mean.float() + eps).bfloat16().float()).bfloat16()                # bf16 add, then bf16 rsqrt
-    return (q.float() * inv.float()).bfloat16()
+        return numerics.math.rms_norm(x, self.weight, self.eps)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -134,5 +121,4 @@ def rope_for_layer(config: ModelConfig, compress_ratio: int) -> torch.Tensor:
                           float(rs.beta_slow)))
 
 
-__all__ = ["Linear", "RMSNorm", "WeightFormat", "apply_rope", "head_rms_normalize", "rope_for_layer",
-           "rope_inv_freq"]
+__all__ = ["Linear", "RMSNorm", "WeightFormat", "apply_rope", "rope_for_layer", "rope_inv_freq"]

@@ -5,17 +5,20 @@ runs, then writes back `X'_k = post_k * f + sum_j comb[j, k] * X_j` (comb is dou
 note the transpose: output stream k mixes input streams j with weight comb[j][k]).
 
 The parameters (`hc_attn_fn`, `hc_attn_base`, `hc_attn_scale`, ... and the head's `hc_head_*`) belong to the
-owning module under their checkpoint names; these functions take them explicitly.
+owning module under their checkpoint names; these functions take them explicitly. They are the reference math
+(float64 accumulation); the `fast` numerics have their own kernels (`dsv4.kernels.fast.mhc`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from dsv4.kernels.ref_math import matmul, rms_norm, sigmoid, softmax
-from dsv4.model.numerics import Numerics
+
+Rounding = Callable[[torch.Tensor], torch.Tensor]   # fp32 -> the activation dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,22 +55,22 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams,
-           numerics: Numerics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           act: Rounding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, hc, D] -> (collapsed sub-layer input [T, D], post [T, hc], comb [T, hc, hc])."""
     pre, post, comb = sinkhorn_split(_mixes(x, fn, p), scale, base, p)
-    return numerics.act(_weighted_streams(pre, x)), post, comb
+    return act(_weighted_streams(pre, x)), post, comb
 
 
-def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, numerics: Numerics
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, act: Rounding
             ) -> torch.Tensor:
     """f [T, D] sub-layer output, residual [T, hc, D] -> new streams [T, hc, D] (fp32 math, one rounding)."""
     mixed = (comb.double().unsqueeze(-1) * residual.double().unsqueeze(-2)).sum(dim=1)         # [T, hc, D]
     y = post.double().unsqueeze(-1) * f.double().unsqueeze(-2) + mixed
-    return numerics.act(y.float())
+    return act(y.float())
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams,
-            numerics: Numerics) -> torch.Tensor:
+            act: Rounding) -> torch.Tensor:
     """Final hc -> 1 collapse before the output norm: sigmoid weights only, no Sinkhorn (spec §2.4)."""
     pre = sigmoid(_mixes(x, fn, p) * scale + base) + p.hc_eps
-    return numerics.act(_weighted_streams(pre, x))
+    return act(_weighted_streams(pre, x))

@@ -12,12 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsv4.kernels.ref_math import matmul
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.block import Block, MTPBlock, _hc_buffers, hc_params
 from dsv4.model.config import ModelConfig
 from dsv4.model.layers import RMSNorm
-from dsv4.model.mhc import hc_head
 from dsv4.model.numerics import Numerics
 
 
@@ -33,11 +31,7 @@ class Embedding(nn.Module):
         self.register_buffer("weight", torch.empty(vocab_size, dim, dtype=torch.bfloat16))
 
     def forward(self, token_ids: torch.Tensor, numerics: Numerics) -> torch.Tensor:
-        vocab = self.weight.shape[0]
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
-            bad = token_ids[(token_ids < 0) | (token_ids >= vocab)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        return numerics.act(self.weight[token_ids].float())
+        return numerics.math.embed(self.weight, token_ids)
 
 
 class Head(nn.Module):
@@ -47,8 +41,8 @@ class Head(nn.Module):
         super().__init__()
         self.register_buffer("weight", torch.empty(vocab_size, dim, dtype=torch.bfloat16))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return matmul(h.float(), self.weight)
+    def forward(self, h: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        return numerics.linear.logits(h, self.weight)
 
 
 class Transformer(nn.Module):
@@ -68,8 +62,8 @@ class Transformer(nn.Module):
 
     def logits(self, streams: torch.Tensor, numerics: Numerics) -> torch.Tensor:
         """[L, hc, D] final streams -> [L, vocab] fp32 logits (fp32 head, as the official `ParallelHead`)."""
-        h = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc, numerics)
-        return self.head(self.norm(h, numerics))
+        h = numerics.mhc.head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc)
+        return self.head(self.norm(h, numerics), numerics)
 
     def forward(self, batch: ForwardBatch, logits_rows: torch.Tensor | None = None) -> ForwardOutput:
         """logits_rows: rows of the flat batch to compute logits for (default: each chunk's last token)."""
@@ -89,4 +83,4 @@ class Transformer(nn.Module):
         block = self.mtp[depth]
         out = block(streams, self.embed(next_batch.token_ids, num), next_batch)
         rows = next_batch.last_rows() if logits_rows is None else logits_rows
-        return ForwardOutput(self.head(block.collapse(out[rows], num)), out)
+        return ForwardOutput(self.head(block.collapse(out[rows], num), num), out)

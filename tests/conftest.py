@@ -1,7 +1,11 @@
-"""Shared fixtures: synthetic checkpoints written once per session, and GPU-tier skipping."""
+"""Shared fixtures: synthetic checkpoints written once per session, GPU-tier skipping, and Triton's interpreter for
+the fast kernels on machines without a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +15,22 @@ from dsv4.model.checkpoint import load_model
 from dsv4.model.config import preset
 from dsv4.model.synthetic import write_checkpoint
 
+# Without a GPU the fast path's Triton kernels run in Triton's CPU interpreter (chosen before any kernel module is
+# imported: the fast ops import theirs on first use), with the simulator fixes of tests/triton_interpreter.py.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, str(Path(__file__).parent))
+    import triton_interpreter
+
+    triton_interpreter.patch()
+
 
 def pytest_collection_modifyitems(config, items):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
+        if "triton" in item.keywords and not HAS_TRITON:
+            item.add_marker(pytest.mark.skip(reason="needs the triton package (Linux x86-64)"))
         if "gpu" in item.keywords and gpus < 1:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "multigpu" in item.keywords and gpus < 2:

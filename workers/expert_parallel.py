@@ -2,9 +2,9 @@
 pair to the expert's owner and the output back, by all-to-all over torch.distributed (NCCL on GPU, gloo on CPU).
 
 Every worker calls every MoE layer's exchange in the same order every step, with zero pairs if it has no tokens
-(`idle_pass`): an all-to-all needs all ranks. The expert math is batch-invariant, and outputs come back to the
-token's own worker, which sums them in ascending expert id as the single-process model does, so the result is
-bit-identical to running all experts locally.
+(`idle_pass`): an all-to-all needs all ranks. Outputs come back to the token's own worker, which combines them
+as the single-process model does (`Numerics.experts.combine`); with the batch-invariant reference expert math
+the result is bit-identical to running all experts locally.
 
 Payloads travel as raw bytes (a bf16 tensor viewed as uint8): gloo has no bf16 all-to-all.
 """
@@ -39,7 +39,8 @@ class ExpertParallel:
         self.owner = torch.tensor(list(owner), dtype=torch.int64)
         self.rank, self.world_size, self.group = rank, world_size, group
         self.model = model
-        self.expert_counts = torch.zeros(len(owner), dtype=torch.int64)   # pairs routed by this worker's tokens
+        # pairs routed by this worker's tokens, counted on the device
+        self.expert_counts = torch.zeros(len(owner), dtype=torch.int64, device=model.embed.weight.device)
         for layer in self._moe_layers():
             layer.expert_runner = self
 
@@ -48,10 +49,10 @@ class ExpertParallel:
 
     def __call__(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                  numerics: Numerics) -> torch.Tensor:
-        """Per-slot expert outputs [T, k, D] (fp32 of the activation dtype) for this worker's tokens."""
+        """The routed sum [T, D] fp32 for this worker's tokens; serves the pairs other workers send here."""
         num_tokens, k = indices.shape
         experts = indices.flatten()
-        self.expert_counts += torch.bincount(experts.cpu(), minlength=self.owner.numel())
+        count_pairs(self.expert_counts, indices)
         dest = self.owner.to(experts.device)[experts]
         order = torch.sort(dest, stable=True).indices                       # pairs grouped by destination rank
         # the counts travel on the payload's device (NCCL moves device tensors only)
@@ -63,14 +64,12 @@ class ExpertParallel:
         rows = _exchange(x[token_of_pair], send, recv, self.group)
         pair_expert = _exchange(experts[order], send, recv, self.group)
         pair_weight = _exchange(weights.flatten()[order].float(), send, recv, self.group)
-        out = torch.zeros(rows.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
-        for expert_id in pair_expert.unique().tolist():
-            mine = (pair_expert == expert_id).nonzero().flatten()
-            out[mine] = moe.experts[str(expert_id)](rows[mine], numerics, pair_weight[mine, None])
+        out = numerics.experts.run_pairs(moe, rows, torch.arange(rows.shape[0], device=rows.device),
+                                         moe.local_ids(pair_expert), pair_weight, numerics)
         back = _exchange(out, recv, send, self.group)                       # outputs return to their tokens
-        result = torch.empty(num_tokens * k, x.shape[-1], dtype=x.dtype, device=x.device)
+        result = torch.empty(num_tokens * k, x.shape[-1], dtype=back.dtype, device=x.device)
         result[order] = back
-        return result.view(num_tokens, k, x.shape[-1]).float()
+        return numerics.experts.combine(result, indices)
 
     def idle_pass(self, numerics: Numerics) -> None:
         """A step with no tokens on this worker: serve the other workers' pairs in every MoE layer."""
@@ -87,17 +86,24 @@ class ExpertParallel:
         return counts
 
 
+def count_pairs(counts: torch.Tensor, ids: torch.Tensor) -> None:
+    """counts[e] += pairs routed to expert e, on the device (no host synchronisation; -1 ids are not counted)."""
+    flat = ids.flatten()
+    counts.index_add_(0, flat.clamp(min=0), (flat >= 0).to(counts.dtype))
+
+
 class LocalExperts:
     """The single-worker counterpart of `ExpertParallel`: every expert is local; counts routed pairs."""
 
     def __init__(self, model: Transformer):
-        self.expert_counts = torch.zeros(model.config.n_routed_experts, dtype=torch.int64)
+        self.expert_counts = torch.zeros(model.config.n_routed_experts, dtype=torch.int64,
+                                         device=model.embed.weight.device)
         for block in model.layers:
             block.ffn.expert_runner = self
 
     def __call__(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                  numerics: Numerics) -> torch.Tensor:
-        self.expert_counts += torch.bincount(indices.flatten().cpu(), minlength=self.expert_counts.numel())
+        count_pairs(self.expert_counts, indices)
         return run_local_experts(moe, x, weights, indices, numerics)
 
     def idle_pass(self, numerics: Numerics) -> None:

@@ -5,41 +5,120 @@ The scheduler (or a test) decides which tokens of which sequences run, and reser
 `dsv4.cache.manager.KVCacheManager` beforehand; the runner only executes. A chunk that starts at position 0 is
 a new sequence (or one restarted after preemption): its slot is reset first, so nothing of the slot's previous
 sequence can reach it.
+
+Inputs go through persistent buffers (`InputBatch`). With CUDA graphs (fast numerics on a GPU), decode steps of
+up to the largest captured batch size replay a graph captured at start-up for the smallest size that fits,
+padded with the runner's spare slot; prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dsv4.model.batch import Chunk, ForwardBatch
+from dsv4.model.batch import Chunk, ForwardBatch, check_chunks
 from dsv4.model.kv_cache import KVStorage
 from dsv4.model.numerics import Numerics
 from dsv4.model.transformer import Transformer
+from dsv4.workers.input_batch import InputBatch
+
+DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
 @dataclass(frozen=True, slots=True)
-class SequenceStep:
-    """One sequence's tokens in a step: positions start .. start+len(token_ids)-1."""
+class RunnerConfig:
+    max_num_seqs: int              # sequences per step (the scheduler's slots)
+    max_num_tokens: int            # tokens per step
+    max_table_width: int           # blocks per sequence (max_model_len / block_size)
+    graph_sizes: tuple[int, ...]   # decode batch sizes to capture; () = eager only
 
-    slot: int
-    block_table: Sequence[int]
-    start: int
-    token_ids: Sequence[int]
+    def __post_init__(self) -> None:
+        if min(self.max_num_seqs, self.max_num_tokens, self.max_table_width) < 1:
+            raise ValueError(f"runner limits must be positive: {self}")
+        if any(b < 1 or b > min(self.max_num_seqs, self.max_num_tokens) for b in self.graph_sizes):
+            raise ValueError(f"graph sizes {self.graph_sizes} must lie in [1, max_num_seqs={self.max_num_seqs}]")
+
+
+def graph_sizes_up_to(max_num_seqs: int) -> tuple[int, ...]:
+    """The captured decode batch sizes: the default ladder up to max_num_seqs, and max_num_seqs itself."""
+    return tuple(sorted({b for b in DEFAULT_GRAPH_SIZES if b < max_num_seqs} | {max_num_seqs}))
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor           # [B, vocab] fp32, the graph's output buffer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, storage: KVStorage, numerics: Numerics):
+    def __init__(self, model: Transformer, storage: KVStorage, numerics: Numerics,
+                 config: RunnerConfig | None = None):
+        """With graphs, `storage` must hold one slot more than `config.max_num_seqs`: the padding slot."""
         self.model, self.storage, self.numerics = model, storage, numerics
+        device = storage.layers[0].window.device
+        self.config = config or RunnerConfig(storage.num_slots, 8192, max(storage.num_blocks, 1), ())
+        if self.config.graph_sizes and storage.num_slots <= self.config.max_num_seqs:
+            raise ValueError(f"CUDA graphs need a padding slot: storage has {storage.num_slots} slots for "
+                             f"max_num_seqs={self.config.max_num_seqs}")
+        self.pad_slot = storage.num_slots - 1
+        self.inputs = InputBatch(self.config.max_num_tokens, max(self.config.max_num_seqs, *self.config.graph_sizes,
+                                                                 1),
+                                 self.config.max_table_width, self.pad_slot, storage.block_size, device)
+        self.graphs: dict[int, _Graph] = {}
+        numerics.prepare(model)
 
+    # ------------------------------------------------------------------------------------------ steps
     @torch.inference_mode()
-    def step(self, seqs: Sequence[SequenceStep]) -> torch.Tensor:
-        """Run one step; returns the next-token logits after each sequence's last token, [len(seqs), vocab]."""
-        for s in seqs:
-            if s.start == 0:
-                self.storage.reset_slot(s.slot)
-        batch = ForwardBatch.build(self.storage, [Chunk(s.slot, s.block_table, s.start, s.token_ids) for s in seqs],
-                                   self.numerics)
-        return self.model(batch).logits
+    def step(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """Run one step; returns the next-token logits after each chunk's last token, [len(chunks), vocab] fp32, on
+        the device."""
+        check_chunks(self.storage, chunks, self.model.config.vocab_size)
+        for c in chunks:
+            if c.start == 0:
+                self.storage.reset_slot(c.slot)
+        graph_size = self._graph_size(chunks)
+        if graph_size is not None:
+            self.inputs.fill(chunks, self.inputs.shape_for(chunks, graph_size, self.config.max_table_width))
+            entry = self.graphs[graph_size]
+            entry.graph.replay()
+            return entry.logits[:len(chunks)]
+        token_ids, layout = self.inputs.fill(chunks, self.inputs.shape_for(chunks))
+        return self.model(ForwardBatch(token_ids, layout, self.storage, self.numerics)).logits
+
+    def _graph_size(self, chunks: Sequence[Chunk]) -> int | None:
+        """The smallest captured batch size holding this step, if it is all decode tokens."""
+        if not self.graphs or any(len(c.token_ids) != 1 for c in chunks):
+            return None
+        fits = [b for b in self.graphs if b >= len(chunks)]
+        return min(fits) if fits else None
+
+    # ------------------------------------------------------------------------------------------ CUDA graphs
+    @torch.inference_mode()
+    def capture_graphs(self, progress=None) -> dict[str, float]:
+        """Capture one decode graph per configured batch size, largest first, into one memory pool. Each graph is
+        warmed up eagerly first (kernel compilation, workspaces). Returns seconds and bytes spent."""
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
+        pool = torch.cuda.graph_pool_handle()
+        for size in sorted(self.config.graph_sizes, reverse=True):
+            shape = self.inputs.shape_for([], size, self.config.max_table_width)
+            token_ids, layout = self.inputs.fill([], shape)
+            batch = ForwardBatch(token_ids, layout, self.storage, self.numerics)
+            rows = self.inputs.rows[:size]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model(batch, logits_rows=rows)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model(batch, logits_rows=rows).logits
+            self.graphs[size] = _Graph(graph, logits)
+            if progress:
+                progress(f"captured the decode graph for batch {size}")
+        torch.cuda.synchronize()
+        return {"seconds": time.perf_counter() - start,
+                "bytes": float(free_before - torch.cuda.mem_get_info()[0])}

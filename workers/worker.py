@@ -21,11 +21,12 @@ from dsv4.cache.spec import plan_cache
 from dsv4.cluster.config import ServeConfig
 from dsv4.cluster.messages import WorkerInfo, WorkerPlan, WorkerResult
 from dsv4.cluster.request import SamplingParams
+from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
-from dsv4.model.numerics import Numerics
+from dsv4.model.numerics import Numerics, NumericsMode
 from dsv4.workers.expert_parallel import ExpertParallel, LocalExperts
-from dsv4.workers.model_runner import ModelRunner, SequenceStep
-from dsv4.workers.sampler import SampleSpec, sample_row
+from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
+from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample
 
 
 @dataclass
@@ -70,15 +71,28 @@ class Worker:
         local = tuple(e for e, r in enumerate(self.owner) if r == self.rank)
         self.model = load_model(self.config.model_dir, expert_ids=list(local), device=self.device,
                                 progress=lambda m: print(f"[worker {self.rank}] {m}", flush=True))
-        plan = plan_cache(self.model.config, self.numerics, self.config.kv_cache_bytes,
-                          self.config.scheduler.max_num_seqs, self.config.block_size)
+        sched = self.config.scheduler
+        # CUDA graphs (fast numerics on a GPU) pad decode batches with a spare slot the scheduler never sees
+        use_graphs = (self.device.type == "cuda" and self.numerics.mode is NumericsMode.FAST
+                      and not self.config.enforce_eager)
+        spare = 1 if use_graphs else 0
+        plan = plan_cache(self.model.config, self.numerics, self.config.kv_cache_bytes, sched.max_num_seqs + spare,
+                          self.config.block_size)
         storage = allocate_pools(self.model.config, self.numerics, plan, self.device)
-        self.runner = ModelRunner(self.model, storage, self.numerics)
+        max_len = self.config.max_model_len or self.model.config.max_position_embeddings
+        runner_config = RunnerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,
+                                     min(-(-max_len // plan.block_size), max(plan.num_blocks, 1)),
+                                     graph_sizes_up_to(sched.max_num_seqs) if use_graphs else ())
+        self.runner = ModelRunner(self.model, storage, self.numerics, runner_config)
         self.experts = (ExpertParallel(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
                         else LocalExperts(self.model))
+        if use_graphs and self.world_size == 1:   # expert parallelism with graphs needs the fixed-capacity exchange
+            stats = self.runner.capture_graphs(lambda m: print(f"[worker {self.rank}] {m}", flush=True))
+            print(f"[worker {self.rank}] CUDA graphs: {len(self.runner.graphs)} decode sizes in "
+                  f"{stats['seconds']:.1f} s, {stats['bytes'] / 2**20:.0f} MiB", flush=True)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return WorkerInfo(self.rank, plan.num_slots, plan.num_blocks, plan.block_size, plan.bytes_per_token, name,
-                          local)
+        return WorkerInfo(self.rank, plan.num_slots - spare, plan.num_blocks, plan.block_size, plan.bytes_per_token,
+                          name, local)
 
     # ------------------------------------------------------------------------------------------ steps
     def execute(self, plan: WorkerPlan) -> WorkerResult:
@@ -88,7 +102,7 @@ class Worker:
         for new in plan.new_requests:
             self.sequences[new.request_id] = _Sequence(list(new.token_ids), new.slot, new.sampling, new.seed,
                                                        new.num_prior_outputs)
-        steps = []
+        chunks = []
         for chunk in plan.chunks:
             seq = self.sequences[chunk.request_id]
             seq.blocks.extend(chunk.new_block_ids)
@@ -96,18 +110,27 @@ class Worker:
             if end > len(seq.tokens):
                 raise AssertionError(f"request {chunk.request_id}: asked to run up to token {end}, "
                                      f"have {len(seq.tokens)}")
-            steps.append(SequenceStep(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
+            chunks.append(Chunk(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
         sampled = []
-        if steps:
-            logits = self.runner.step(steps).float().cpu()   # one device-to-host copy for the whole step
-            for chunk, row in zip(plan.chunks, logits, strict=True):
+        if chunks:
+            logits = self.runner.step(chunks)
+            rows, specs = [], []
+            for i, chunk in enumerate(plan.chunks):
                 seq = self.sequences[chunk.request_id]
                 seq.num_computed += chunk.num_tokens
-                if seq.num_computed == len(seq.tokens):
-                    token = sample_row(row, SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
+                if seq.num_computed == len(seq.tokens):   # the chunk reached the end: sample the next token
+                    rows.append(i)
+                    specs.append(SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
+            if rows:
+                with torch.inference_mode():
+                    picked = logits[torch.tensor(rows, device=logits.device)]
+                    tokens = sample(picked, SamplingBatch(specs, logits.device)).tolist()   # the step's one sync
+                for i, token in zip(rows, tokens, strict=True):
+                    request_id = plan.chunks[i].request_id
+                    seq = self.sequences[request_id]
                     seq.tokens.append(token)
                     seq.num_outputs += 1
-                    sampled.append((chunk.request_id, token))
+                    sampled.append((request_id, token))
         else:   # no tokens here: still serve the other workers' pairs in every MoE layer
             with torch.inference_mode():
                 self.experts.idle_pass(self.numerics)

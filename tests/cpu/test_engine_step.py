@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from dsv4.cache.manager import KVCacheManager
+from dsv4.model.batch import Chunk
 from dsv4.model.generate import forward_logits
 from dsv4.model.kv_cache import KVStorage
 from dsv4.model.numerics import Numerics
-from dsv4.workers.model_runner import ModelRunner, SequenceStep
+from dsv4.workers.model_runner import ModelRunner
 
 
 @dataclass
@@ -51,7 +52,7 @@ def serve(model, numerics, seqs, num_slots, num_blocks, rng):
             plan.append((s, n))
         max_running = max(max_running, len(plan))
         if plan:
-            steps = [SequenceStep(manager.get(s.seq_id).slot, manager.get(s.seq_id).blocks, s.fed,
+            steps = [Chunk(manager.get(s.seq_id).slot, manager.get(s.seq_id).blocks, s.fed,
                                   s.tokens[s.fed:s.fed + n]) for s, n in plan]
             for (s, n), row in zip(plan, runner.step(steps), strict=True):
                 s.fed += n
@@ -92,12 +93,12 @@ def test_a_reused_slot_carries_nothing_over(tiny_model):
     runner = ModelRunner(tiny_model, KVStorage(tiny_model.config, numerics, 1, 4), numerics)
     long = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     seq = manager.admit("long", len(long))
-    runner.step([SequenceStep(seq.slot, seq.blocks, 0, long)])
+    runner.step([Chunk(seq.slot, seq.blocks, 0, long)])
     manager.release("long")
     short = [5, 9]
     seq = manager.admit("short", 3)
-    first = runner.step([SequenceStep(seq.slot, seq.blocks, 0, short)])
+    first = runner.step([Chunk(seq.slot, seq.blocks, 0, short)])
     nxt = int(first[0].argmax())
-    second = runner.step([SequenceStep(seq.slot, seq.blocks, 2, [nxt])])
+    second = runner.step([Chunk(seq.slot, seq.blocks, 2, [nxt])])
     alone = forward_logits(tiny_model, short + [nxt], numerics)
     assert torch.equal(first[0], alone[1]) and torch.equal(second[0], alone[2])

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from dsv4.cache.manager import KVCacheManager
+from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
 from dsv4.model.kv_cache import KVStorage
 from dsv4.model.numerics import Numerics
-from dsv4.workers.model_runner import ModelRunner, SequenceStep
+from dsv4.workers.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
 
@@ -36,7 +37,7 @@ def serve(model, numerics, prompts, max_new, seed, num_slots=4, num_blocks=24):
             n = rng.randint(1, len(tokens[i]) - fed[i])
             assert manager.reserve(str(i), fed[i] + n)
             plan.append((i, n))
-        steps = [SequenceStep(manager.get(str(i)).slot, manager.get(str(i)).blocks, fed[i],
+        steps = [Chunk(manager.get(str(i)).slot, manager.get(str(i)).blocks, fed[i],
                               tokens[i][fed[i]:fed[i] + n]) for i, n in plan]
         for (i, n), row in zip(plan, runner.step(steps), strict=True):
             fed[i] += n
