@@ -163,7 +163,7 @@ def quantize_weight_fp8(w: torch.Tensor, block: int = WEIGHT_BLOCK) -> tuple[tor
     """[N, K] fp32 -> (float8_e4m3fn [N, K], float8_e8m0fnu [ceil(N/128), ceil(K/128)]), as in official checkpoints."""
     n, k = w.shape
     nb, kb = -(-n // block), -(-k // block)
-    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
+    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float()
     tiles = padded.view(nb, block, kb, block)
     scale = ue8m0_scale(tiles.abs().amax(dim=(1, 3)), FP8_MAX, FP8_AMAX_FLOOR)          # [nb, kb]

@@ -5,6 +5,10 @@ and dtypes cannot drift from what the loader expects. Random weights are drawn a
 O(1) through the network, then genuinely quantized: FP8 e4m3 with UE8M0 128x128 scales, FP4 e2m1 experts packed
 two per byte (low nibble first) with UE8M0 1x32 scales. Each tensor's values depend only on (seed, name), so
 shard boundaries do not change them. Shards are written one at a time: memory stays bounded by the shard size.
+
+`synthetic_model` builds the same kind of model directly in a device's memory, without a checkpoint (a V4-Flash
+checkpoint is ~150 GB): the same initialisers and quantizers, drawn from device generators (so the values differ
+from the CPU writer's, their statistics do not).
 """
 
 from __future__ import annotations
@@ -26,20 +30,20 @@ from dsv4.model.tokenizer_file import write_tokenizer_files
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+def _generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def _normal(shape: tuple[int, ...], std: float, g: torch.Generator, mean: float = 0.0) -> torch.Tensor:
-    return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
+    return torch.randn(shape, generator=g, dtype=torch.float32, device=g.device) * std + mean
 
 
 def _random_value(name: str, spec: torch.Tensor, config: ModelConfig, g: torch.Generator) -> torch.Tensor:
     """fp32 (or int64) values for one tensor, scaled by what the tensor does."""
     shape, leaf = tuple(spec.shape), name.rsplit(".", 1)[-1]
     if leaf == "tid2eid":   # each token's k hash-routed experts: distinct, uniformly spread
-        return torch.rand(shape[0], config.n_routed_experts, generator=g).argsort(dim=1)[:, :shape[1]]
+        return torch.rand(shape[0], config.n_routed_experts, generator=g, device=g.device).argsort(dim=1)[:, :shape[1]]
     if name.endswith("norm.weight"):
         return _normal(shape, 0.1, g, mean=1.0)
     if leaf.endswith("_fn"):             # mHC mixes of an RMS-normalised [hc*D] input: O(0.5) logits
@@ -59,16 +63,18 @@ def _random_value(name: str, spec: torch.Tensor, config: ModelConfig, g: torch.G
     raise ValueError(f"no synthetic initialiser for tensor {name} {list(shape)}")
 
 
-def synthetic_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in the official layout and dtypes, in state-dict order."""
+def synthetic_tensors(config: ModelConfig, seed: int, expert_ids: list[int] | None = None,
+                      device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in the official layout and dtypes, in state-dict order (only the held experts' when
+    `expert_ids` is given), generated on `device`."""
     from dsv4.model.transformer import Transformer
 
     with torch.device("meta"):
-        schema = Transformer(config).state_dict()
+        schema = Transformer(config, expert_ids).state_dict()
     for name, spec in schema.items():
         if name.endswith(".scale") and name[:-len(".scale")] + ".weight" in schema:
             continue   # emitted together with its weight
-        g = _generator(seed, name)
+        g = _generator(seed, name, device)
         if spec.dtype == torch.float8_e4m3fn:
             width = spec.shape[1]
             yield from zip((name, name[:-len("weight")] + "scale"),
@@ -79,6 +85,26 @@ def synthetic_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, tor
             yield from zip((name, name[:-len("weight")] + "scale"), quant.quantize_weight_fp4(w), strict=True)
         else:
             yield name, _random_value(name, spec, config, g).to(spec.dtype)
+
+
+def synthetic_model(config: ModelConfig, device: torch.device | str, seed: int = 0,
+                    expert_ids: list[int] | None = None, progress: Progress | None = print_progress):
+    """A `Transformer` with synthetic weights in the checkpoint formats, generated directly on `device`."""
+    from dsv4.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config, expert_ids)
+    state, total, last = {}, 0, 0
+    for name, tensor in synthetic_tensors(config, seed, expert_ids, device):
+        state[name] = tensor
+        total += tensor.numel() * tensor.element_size()
+        if progress and total - last >= 4 << 30:
+            progress(f"synthetic weights: {total / 2**30:.1f} GiB on {device}")
+            last = total
+    model.load_state_dict(state, strict=True, assign=True)
+    if progress:
+        progress(f"synthetic weights: {total / 2**30:.1f} GiB on {device}, done")
+    return model.to(device)      # the derived (non-persistent) tables were built on the CPU
 
 
 def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0,

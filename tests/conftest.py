@@ -17,10 +17,10 @@ from dsv4.model.synthetic import write_checkpoint
 
 # Without a GPU the fast path's Triton kernels run in Triton's CPU interpreter (chosen before any kernel module is
 # imported: the fast ops import theirs on first use), with the simulator fixes of tests/triton_interpreter.py.
+sys.path.insert(0, str(Path(__file__).parent))     # helpers shared by the test tiers (numerics_compare, ...)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(Path(__file__).parent))
     import triton_interpreter
 
     triton_interpreter.patch()

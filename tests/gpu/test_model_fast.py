@@ -1,0 +1,66 @@
+"""`fast` numerics on the GPU (the Triton kernels) against the `reference` oracle, teacher-forced over 4096
+positions, on the small preset (with transformers-bf16 against the same oracle as the yardstick, where the
+installed transformers has DeepseekV4) and on a 2-layer V4-Flash-width config (one CSA and one HCA layer, hash
+and score routed, 64 of the 256 experts held; bounds only). Prints every number."""
+
+import pytest
+import torch
+from numerics_compare import logit_distance
+
+from dsv4.model.checkpoint import load_model
+from dsv4.model.config import preset
+from dsv4.model.generate import forward_logits
+from dsv4.model.numerics import Numerics
+from dsv4.model.synthetic import synthetic_model, write_checkpoint
+
+pytestmark = pytest.mark.gpu
+REFERENCE, FAST = Numerics.parse("reference"), Numerics.parse("fast")
+POSITIONS, CHUNK = 4096, 1024
+
+
+def teacher_forced(model, ids):
+    with torch.inference_mode():
+        ref = forward_logits(model, ids, REFERENCE, [CHUNK] * (POSITIONS // CHUNK))
+        FAST.prepare(model)
+        fast = forward_logits(model, ids, FAST, [CHUNK] * (POSITIONS // CHUNK))
+    return ref, fast
+
+
+def transformers_bf16(checkpoint, ids):
+    try:
+        import transformers
+        from transformers import DeepseekV4ForCausalLM
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    hf = DeepseekV4ForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval().cuda()
+    with torch.no_grad():
+        return hf(ids[None].cuda()).logits[0].float()
+
+
+def test_small_preset_fast_is_closer_to_the_reference_than_transformers_bf16(tmp_path):
+    checkpoint = write_checkpoint(preset("small").replace(max_position_embeddings=POSITIONS + 1), tmp_path, seed=3,
+                                  progress=None)
+    model = load_model(checkpoint, progress=None, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (POSITIONS,), generator=torch.Generator().manual_seed(9))
+    ref, fast = teacher_forced(model, ids)
+    ours = logit_distance(ref, fast)
+    print(f"\nsmall: fast vs reference: {ours}")
+    hf_logits = transformers_bf16(checkpoint, ids)
+    if hf_logits is not None:
+        hf = logit_distance(ref, hf_logits)
+        print(f"small: transformers-bf16 vs reference: {hf}")
+        assert ours.rel_l2 <= hf.rel_l2 and ours.kl <= hf.kl and ours.top1 >= hf.top1, (ours, hf)
+    assert ours.rel_l2 < 3e-2 and ours.top1 > 0.95, ours
+
+
+def test_flash_width_fast_against_reference():
+    c = preset("v4-flash")
+    config = c.replace(num_hidden_layers=2, num_hash_layers=1, compress_ratios=(4, 128, 0),
+                       max_position_embeddings=POSITIONS + 1)
+    model = synthetic_model(config, "cuda", seed=3, expert_ids=list(range(64)), progress=None)
+    ids = torch.randint(0, config.vocab_size, (POSITIONS,), generator=torch.Generator().manual_seed(9))
+    ref, fast = teacher_forced(model, ids)
+    ours = logit_distance(ref, fast)
+    print(f"\nV4-Flash width, 2 layers: fast vs reference: {ours}")
+    assert ours.rel_l2 < 3e-2 and ours.top1 > 0.95, ours
