@@ -6,9 +6,12 @@ two things wrong that our kernels rely on:
 - downcasts (fp32 -> bf16 / e4m3 / e5m2) add the first dropped bit instead of rounding to nearest even, and a
   carry out of the mantissa is lost (1.9777 -> e4m3 gives 1.0 instead of 2.0);
 - `tl.dot` on bf16 operands multiplies their raw uint16 storage as integers.
+And with numpy >= 2.4 a third: scalars are 1-element arrays whose `__index__` calls int(array), which numpy
+rejects, so loops with bounds computed at run time (`range(lo, hi)` on tensors) fail.
 `patch()` replaces the converter with torch's (round-to-nearest-even, which is what the GPU's cvt.rn does; fp8
-targets saturate to the format's finite range like cvt.rn.satfinite) and upcasts bf16/fp8 dot operands to fp32
-exactly. Both are fixes of the simulator only: kernels run unchanged on the GPU.
+targets saturate to the format's finite range like cvt.rn.satfinite), upcasts bf16/fp8 dot operands to fp32
+exactly, and makes `__index__` take the element. All are fixes of the simulator only: kernels run unchanged on
+the GPU.
 """
 
 from __future__ import annotations
@@ -89,3 +92,10 @@ def patch() -> None:
     _ORIGINAL["convert"] = interp._convert_float
     interp._convert_float = _convert_float
     interp.InterpreterBuilder.create_dot = _create_dot
+    patch_tensor = _ORIGINAL["patch_tensor"] = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched

@@ -24,7 +24,7 @@ from dsv4.cluster.request import SamplingParams
 from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
 from dsv4.model.numerics import Numerics, NumericsMode
-from dsv4.workers.expert_parallel import ExpertParallel, LocalExperts
+from dsv4.workers.expert_parallel import ExpertParallel, FixedCapacityExpertParallel, LocalExperts
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample
 
@@ -84,10 +84,13 @@ class Worker:
                                      min(-(-max_len // plan.block_size), max(plan.num_blocks, 1)),
                                      graph_sizes_up_to(sched.max_num_seqs) if use_graphs else ())
         self.runner = ModelRunner(self.model, storage, self.numerics, runner_config)
-        self.experts = (ExpertParallel(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
+        fast = self.numerics.mode is NumericsMode.FAST
+        exchange = FixedCapacityExpertParallel if fast else ExpertParallel
+        self.experts = (exchange(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
                         else LocalExperts(self.model))
-        if use_graphs and self.world_size == 1:   # expert parallelism with graphs needs the fixed-capacity exchange
-            stats = self.runner.capture_graphs(lambda m: print(f"[worker {self.rank}] {m}", flush=True))
+        if use_graphs:
+            sizer = self.experts.set_capacity if isinstance(self.experts, FixedCapacityExpertParallel) else None
+            stats = self.runner.capture_graphs(lambda m: print(f"[worker {self.rank}] {m}", flush=True), sizer)
             print(f"[worker {self.rank}] CUDA graphs: {len(self.runner.graphs)} decode sizes in "
                   f"{stats['seconds']:.1f} s, {stats['bytes'] / 2**20:.0f} MiB", flush=True)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -112,8 +115,12 @@ class Worker:
                                      f"have {len(seq.tokens)}")
             chunks.append(Chunk(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
         sampled = []
-        if chunks:
-            logits = self.runner.step(chunks)
+        pad_to = None
+        if isinstance(self.experts, FixedCapacityExpertParallel):   # every worker sizes the exchange alike
+            pad_to = self.runner.graph_size_for(plan.max_worker_tokens) if plan.all_decode else None
+            self.experts.set_capacity(pad_to or plan.max_worker_tokens)
+        if chunks or pad_to is not None:
+            logits = self.runner.step(chunks, pad_to)
             rows, specs = [], []
             for i, chunk in enumerate(plan.chunks):
                 seq = self.sequences[chunk.request_id]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU machine's checks and benchmarks, in stages, each with a time limit, logs under $OUT:
+#   bash benchmarks/device_suite.sh kernel-tests kernel-bench model-tests engine-quick engine gpu-tests
+# Run from the repository root with .devbundle and .whl carried (benchmarks/device_env.sh sets up the paths).
+set -uo pipefail
+source benchmarks/device_env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
+export DSV4_KERNEL_CACHE=/tmp/dsv4-kernels TRITON_CACHE_DIR=/tmp/triton-cache
+run() {   # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc"; tail -n 25 "$OUT/$name.log"
+}
+for stage in "$@"; do
+  case $stage in
+    kernel-tests) run kernel-tests 330 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/gpu/test_fast_linear.py \
+        tests/gpu/test_fast_moe.py tests/gpu/test_fast_attention.py tests/gpu/test_fast_indexer.py \
+        tests/gpu/test_fast_compressor.py tests/gpu/test_fast_router.py tests/gpu/test_fast_mhc.py \
+        tests/gpu/test_fast_norm.py tests/gpu/test_sampler_device.py ;;
+    kernel-tests-all) run kernel-tests-all 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_fast_*.py \
+        tests/gpu/test_sampler_device.py ;;
+    kernel-bench) run kernel-bench 300 python3 benchmarks/fast_kernels.py --out "$OUT" ;;
+    model-tests) run model-tests 300 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_model_fast.py \
+        tests/gpu/test_runner_graphs.py ;;
+    engine-quick) run engine-quick 300 python3 benchmarks/engine.py --layers 4 --batches 1,64 --long-context 0 \
+        --prefill 2048 --reference-layers 0 --hf-layers 0 --out "$OUT" ;;
+    engine) run engine 540 python3 benchmarks/engine.py --out "$OUT" ;;
+    gpu-tests) run gpu-tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

@@ -1,0 +1,166 @@
+"""Benchmark cases of the fast routed experts (`dsv4.kernels.fast.moe`): one EP-4 rank of V4-Flash (E = 64 local
+experts of D = 4096, I = 2048, FP4, top-6), tokens routed uniformly at random to 6 distinct local experts.
+
+Targets (H200, graph nodes, fast-path issue): the decode-shaped grouped MoE (dispatch + GEMM 1 with the SwiGLU +
+GEMM 2; combine listed apart) >= 70 % of the HBM floor at >= 64 tokens and <= 2x the floor at 1 token, the floor
+being (bytes of the distinct experts touched + x and y) / ~4.2 TB/s. 4096 tokens is tensor-core bound (no floor
+target; the notes give its FLOPs). Variants beside the default: the bf16 MMA (mma_fp8=False), dispatch alone, the
+shared expert as one FP8 expert. The reference column times the PyTorch twin on the same GPU.
+
+    python benchmarks/fast_cases_moe.py [--only "T=64"]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from harness import DEV, Case, gen, run_cases
+
+from dsv4.kernels import quant
+from dsv4.kernels.fast import _moe_triton, moe
+
+HBM_BPS, FP8_PEAK = 4.2e12, 1.27e15
+E, D, INTER, TOPK, LIMIT = 64, 4096, 2048, 6, 10.0
+TOKENS = (1, 8, 64, 256, 4096)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def fp4_experts(seed: int) -> moe.ExpertWeights:
+    g = gen(seed)
+
+    def one(n: int, k: int):
+        w = torch.randint(-128, 128, (n, k // 2), generator=g, device=DEV, dtype=torch.int8)
+        s = torch.randint(115, 121, (n, k // 32), generator=g, device=DEV, dtype=torch.uint8)
+        return w, s.view(torch.float8_e8m0fnu)
+
+    return moe.stack_experts([(*one(INTER, D), *one(INTER, D), *one(D, INTER)) for _ in range(E)], "fp4")
+
+
+def routed(num_tokens: int, num_experts: int, seed: int):
+    g = gen(seed)
+    experts = torch.rand(num_tokens, num_experts, generator=g, device=DEV).argsort(dim=1)[:, :TOPK]
+    pair_row = torch.arange(num_tokens * TOPK, device=DEV) // TOPK
+    pair_weight = torch.rand(num_tokens * TOPK, generator=g, device=DEV) * 0.5
+    return pair_row, experts.flatten().to(torch.int32), pair_weight
+
+
+def expert_bytes(ex: moe.ExpertWeights) -> int:
+    return sum(t[0].numel() * t.element_size() for t in (ex.w13, ex.s13, ex.w2, ex.s2) if t is not None)
+
+
+def accuracy(y, x, pair_row, pair_expert, pair_weight, ex, limit=LIMIT, max_pairs: int = 192) -> str:
+    """Relative L2 error against float64 on the first pairs (y's own bf16 rounding: ~1.6e-3)."""
+    pairs = torch.arange(min(max_pairs, pair_expert.shape[0]), device=DEV)
+    err_num, err_den = 0.0, 0.0
+    for e in pair_expert[pairs].unique().tolist():
+        mine = pairs[pair_expert[pairs] == e]
+        w13 = quant.dequantize_weight_fp4(ex.w13[e], ex.s13[e]).double() if ex.fmt == "fp4" else \
+            quant.dequantize_weight_fp8(ex.w13[e], ex.s13[e]).double()
+        w2 = quant.dequantize_weight_fp4(ex.w2[e], ex.s2[e]).double() if ex.fmt == "fp4" else \
+            quant.dequantize_weight_fp8(ex.w2[e], ex.s2[e]).double()
+        u = quant.fake_quant_fp8(x[pair_row[mine]].float(), 128)
+        gu = (u.double() @ w13.t()).float().bfloat16().double()
+        inter = ex.inter_size
+        gate, up = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
+        h = (pair_weight[mine, None].double() * torch.nn.functional.silu(gate) * up).float().bfloat16()
+        ref = quant.fake_quant_fp8(h.float(), 128).double() @ w2.t()
+        err_num += float((y[mine].double() - ref).square().sum())
+        err_den += float(ref.square().sum())
+    err = (err_num / err_den) ** 0.5
+    return f"rel {err:.1e}" + ("" if err <= 6e-3 else " FAIL")
+
+
+# ---------------------------------------------------------------------------------------------- cases
+def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: bool = True) -> Case:
+    x = torch.randn(num_tokens, D, generator=gen(num_tokens), device=DEV).bfloat16()
+    pair_row, pair_expert, pair_weight = routed(num_tokens, ex.num_experts, num_tokens + 1)
+    num_pairs = pair_expert.shape[0]
+    touched = int(pair_expert.unique().numel())
+    moved = touched * expert_bytes(ex) + num_tokens * D * 2 + num_pairs * D * 2
+    floor_us = moved / HBM_BPS * 1e6
+    bm = moe.block_m_for(num_pairs, ex.num_experts)
+
+    def run():
+        return _moe_triton.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm, mma_fp8=mma_fp8)
+
+    if num_tokens == 1:
+        target, graph_us = f"<= 2x floor graph ({2 * floor_us:.1f} us)", 2 * floor_us
+    elif num_tokens in (64, 256):
+        target, graph_us = f">= 70% floor graph ({floor_us / 0.7:.1f} us)", floor_us / 0.7
+    else:
+        target, graph_us = "-", None
+    flops = 2 * num_pairs * 3 * D * INTER
+    return Case(f"fast expert_forward {ex.fmt}{label}", f"T={num_tokens}, E={ex.num_experts}, {touched} touched",
+                run, lambda: moe._twin_expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm),
+                lambda: accuracy(run(), x, pair_row, pair_expert, pair_weight, ex), moved, target, None, graph_us,
+                ref_reps=1, notes=f"{flops / 1e9:.0f} GFLOP ({flops / FP8_PEAK * 1e6:.0f} us at the FP8 peak)")
+
+
+def combine_case(num_tokens: int) -> Case:
+    y = torch.randn(num_tokens * TOPK, D, generator=gen(5), device=DEV).bfloat16()
+    def reference():
+        return y.float().view(num_tokens, TOPK, D).sum(1)
+
+    def check():
+        return f"max|diff| {float((moe.combine_pairs(y, TOPK) - reference()).abs().max()):.1e}"
+
+    return Case("fast combine_pairs", f"T={num_tokens} x 6 slots", lambda: moe.combine_pairs(y, TOPK), reference,
+                check, y.numel() * 2 + num_tokens * D * 4, "-")
+
+
+def dispatch_case(num_tokens: int) -> Case:
+    _, pair_expert, _ = routed(num_tokens, E, 6)
+    bm = moe.block_m_for(pair_expert.shape[0], E)
+
+    def check():
+        got = _moe_triton.dispatch(pair_expert, E, bm)[1]
+        return "exact" if torch.equal(got, moe.dispatch_pairs(pair_expert, E, bm).block_bucket) else "MISMATCH"
+
+    return Case("fast moe dispatch (alone)", f"T={num_tokens}, E={E}", lambda: _moe_triton.dispatch(pair_expert, E, bm),
+                lambda: moe.dispatch_pairs(pair_expert, E, bm), check, pair_expert.numel() * 8, "-")
+
+
+def shared_case(num_tokens: int) -> Case:
+    """The shared expert (FP8, 4096 -> 2048 -> 4096) as one expert of the fused pipeline, every token weight 1."""
+    g = gen(7)
+
+    def one(n: int, k: int):
+        w = torch.randn(n, k, generator=g, device=DEV).mul(32).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return w, torch.randint(112, 118, (n // 128, k // 128), generator=g, device=DEV,
+                                dtype=torch.uint8).view(torch.float8_e8m0fnu)
+
+    ex = moe.stack_experts([(*one(INTER, D), *one(INTER, D), *one(D, INTER))], "fp8")
+    x = torch.randn(num_tokens, D, generator=g, device=DEV).bfloat16()
+    pair_row = torch.arange(num_tokens, device=DEV)
+    pair_expert = torch.zeros(num_tokens, dtype=torch.int32, device=DEV)
+    pair_weight = torch.ones(num_tokens, device=DEV)
+    moved = expert_bytes(ex) + num_tokens * D * 4
+    floor_us = moved / HBM_BPS * 1e6
+
+    def run():
+        return moe.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT)
+
+    return Case("fast expert_forward fp8 (shared expert, E=1)", f"T={num_tokens}", run,
+                lambda: moe._twin_expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT,
+                                                 moe.block_m_for(num_tokens, 1)),
+                lambda: accuracy(run(), x, pair_row, pair_expert, pair_weight, ex), moved,
+                f">= 60% floor graph ({(1 + floor_us) / 0.6:.1f} us)", None, (1 + floor_us) / 0.6, ref_reps=3)
+
+
+def cases() -> list[Case]:
+    ex = fp4_experts(0)
+    out = [moe_case(ex, t) for t in TOKENS]
+    out.append(moe_case(ex, 64, " (bf16 MMA)", mma_fp8=False))
+    out += [dispatch_case(t) for t in (64, 4096)]
+    out += [combine_case(t) for t in (64, 4096)]
+    out += [shared_case(t) for t in (1, 64)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cases("fast-moe", [cases], argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Triton kernels of `dsv4.kernels.fast.moe` (imported on first use; the math is documented there).
+
+Pipeline of `expert_forward` (every launch's grid from (P, E, BLOCK_M) and the weight shapes only):
+1. dispatch: pairs grouped by bucket (local expert 0..E-1, bucket E = off-rank pairs) into rows padded to BLOCK_M
+   per bucket: `sorted_pair` [max_blocks * BLOCK_M] (row -> pair), `block_bucket` [max_blocks] (-1 = unused),
+   `bucket_start` / `bucket_count` (first row, pairs). max_blocks = P // BLOCK_M + min(E + 1, P) bounds the
+   blocks any routing can need. One program when P is small (decode), else count -> offsets -> scatter.
+2. GEMM 1 over w13 (gate rows 0..I-1, up rows I..2I-1): the x rows gathered and FP8-quantized per 128 in the
+   operand load; FP4 weights unpacked to e4m3 in registers (exact: e2m1 * 2^-6 is an e4m3 value; the 2^6 goes
+   into the scale), 32-deep FP8 dots (one FP4 scale each) promoted into fp32 with s_w, then s_x per 128; clamped
+   SwiGLU and the routing weight in the epilogue -> h = bf16(w * silu(min(g, L)) * clamp(v, -L, L)) per row.
+3. GEMM 2 over w2 on h (quantized per 128 in its operand load) -> y rows scattered to the pairs' order; blocks of
+   the off-rank bucket write zero rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.fast._linear_triton import act_scale, e8m0_to_fp32, num_sms, to_e4m3
+
+FMT_CODES = {"fp4": 0, "fp8": 1, "bf16": 2}
+QB, SUB = tl.constexpr(128), tl.constexpr(32)   # activation quantization block; K depth of one FP4-scale dot
+DISPATCH_SUBS = 8                # sub-chunks per dispatch program (one program when P fits one chunk)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+@triton.jit
+def _buckets(pair_expert_ptr, offs, P, E):
+    """Bucket of each pair: its expert if local (0..E-1), else E; lanes past P get no bucket (a huge id)."""
+    e = tl.load(pair_expert_ptr + offs, mask=offs < P, other=-1)
+    bucket = tl.where((e >= 0) & (e < E), e, E)
+    return tl.where(offs < P, bucket, 1 << 30)
+
+
+@triton.jit
+def _onehot(bucket, NB_PAD: tl.constexpr):
+    return (bucket[:, None] == tl.arange(0, NB_PAD)[None, :]).to(tl.int32)       # [SUB_P, NB_PAD]
+
+
+@triton.jit
+def _count_range(pair_expert_ptr, lo, hi, P, E, SUB_P: tl.constexpr, NB_PAD: tl.constexpr):
+    counts = tl.zeros((NB_PAD,), dtype=tl.int32)
+    for s0 in range(lo, hi, SUB_P):
+        counts += tl.sum(_onehot(_buckets(pair_expert_ptr, s0 + tl.arange(0, SUB_P), P, E), NB_PAD), axis=0)
+    return counts
+
+
+@triton.jit
+def _scatter_range(pair_expert_ptr, sorted_pair_ptr, base, lo, hi, P, E, SUB_P: tl.constexpr,
+                   NB_PAD: tl.constexpr):
+    """Pairs lo..hi-1 to their rows: base[bucket] + their rank among the range's pairs of that bucket (stable)."""
+    for s0 in range(lo, hi, SUB_P):
+        offs = s0 + tl.arange(0, SUB_P)
+        hot = _onehot(_buckets(pair_expert_ptr, offs, P, E), NB_PAD)
+        before = tl.cumsum(hot, axis=0) - hot + base[None, :]                     # rows taken before each pair
+        dest = tl.sum(hot * before, axis=1)
+        tl.store(sorted_pair_ptr + dest, offs, mask=offs < P)
+        base += tl.sum(hot, axis=0)
+
+
+@triton.jit
+def _block_table(block_bucket_ptr, start, padded, num_blocks, NB, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+                 NB_PAD: tl.constexpr):
+    """Block b's bucket = the number of buckets ending at or before its first row (-1 past the last bucket)."""
+    ends = start + padded
+    for b0 in range(0, num_blocks, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        bucket = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(block_bucket_ptr + b, tl.where(bucket < NB, bucket, -1), mask=b < num_blocks)
+
+
+@triton.jit
+def _bucket_layout(counts, bucket_start_ptr, bucket_count_ptr, BLOCK_M: tl.constexpr, NB_PAD: tl.constexpr):
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.cumsum(padded, axis=0) - padded
+    idx = tl.arange(0, NB_PAD)
+    tl.store(bucket_start_ptr + idx, start)
+    tl.store(bucket_count_ptr + idx, counts)
+    return start, padded
+
+
+@triton.jit(do_not_specialize=["P", "num_blocks"])
+def _dispatch_single_kernel(pair_expert_ptr, sorted_pair_ptr, block_bucket_ptr, bucket_start_ptr, bucket_count_ptr,
+                            P, E, num_blocks, BLOCK_M: tl.constexpr, SUB_P: tl.constexpr, NB_PAD: tl.constexpr,
+                            BLOCK_B: tl.constexpr):
+    counts = _count_range(pair_expert_ptr, 0, P, P, E, SUB_P, NB_PAD)
+    start, padded = _bucket_layout(counts, bucket_start_ptr, bucket_count_ptr, BLOCK_M, NB_PAD)
+    _block_table(block_bucket_ptr, start, padded, num_blocks, E + 1, BLOCK_M, BLOCK_B, NB_PAD)
+    _scatter_range(pair_expert_ptr, sorted_pair_ptr, start, 0, P, P, E, SUB_P, NB_PAD)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _dispatch_count_kernel(pair_expert_ptr, chunk_counts_ptr, P, E, SUB_P: tl.constexpr, NB_PAD: tl.constexpr,
+                           CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    counts = _count_range(pair_expert_ptr, c * CHUNK, c * CHUNK + CHUNK, P, E, SUB_P, NB_PAD)
+    tl.store(chunk_counts_ptr + c * NB_PAD + tl.arange(0, NB_PAD), counts)
+
+
+@triton.jit(do_not_specialize=["num_chunks", "num_blocks"])
+def _dispatch_offsets_kernel(chunk_counts_ptr, chunk_base_ptr, block_bucket_ptr, bucket_start_ptr, bucket_count_ptr,
+                             num_chunks, E, num_blocks, BLOCK_M: tl.constexpr, NB_PAD: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    idx = tl.arange(0, NB_PAD)
+    counts = tl.zeros((NB_PAD,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        tile = tl.load(chunk_counts_ptr + c[:, None] * NB_PAD + idx[None, :], mask=(c < num_chunks)[:, None], other=0)
+        counts += tl.sum(tile, axis=0)
+    start, padded = _bucket_layout(counts, bucket_start_ptr, bucket_count_ptr, BLOCK_M, NB_PAD)
+    _block_table(block_bucket_ptr, start, padded, num_blocks, E + 1, BLOCK_M, BLOCK_B, NB_PAD)
+    running = start
+    for c0 in range(0, num_chunks, BLOCK_C):       # each chunk's first row per bucket: exclusive prefix over chunks
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = (c < num_chunks)[:, None]
+        tile = tl.load(chunk_counts_ptr + c[:, None] * NB_PAD + idx[None, :], mask=ok, other=0)
+        tl.store(chunk_base_ptr + c[:, None] * NB_PAD + idx[None, :], tl.cumsum(tile, axis=0) - tile + running[None, :],
+                 mask=ok)
+        running += tl.sum(tile, axis=0)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _dispatch_scatter_kernel(pair_expert_ptr, chunk_base_ptr, sorted_pair_ptr, P, E, SUB_P: tl.constexpr,
+                             NB_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    base = tl.load(chunk_base_ptr + c * NB_PAD + tl.arange(0, NB_PAD))
+    _scatter_range(pair_expert_ptr, sorted_pair_ptr, base, c * CHUNK, c * CHUNK + CHUNK, P, E, SUB_P, NB_PAD)
+
+
+# ---------------------------------------------------------------------------------------------- grouped GEMMs
+@triton.jit
+def _fp4_to_e4m3(byt, USE_ASM: tl.constexpr):
+    """Packed FP4 bytes (uint8, element 2k low nibble, 2k+1 high) -> (e4m3 of the low, of the high nibbles).
+
+    e2m1 s|ee|m becomes e4m3 s|0ee|m00: value e2m1 * 2^-6 exactly (the e2m1 subnormal 0.5 lands on the e4m3
+    subnormal 2^-7). On the GPU four bytes per 32-bit register in one asm block (~7 integer ops per 8 values)."""
+    if USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 a, b, c, d;
+            shl.b32 a, $2, 4;
+            and.b32 a, a, 0x80808080;
+            shl.b32 b, $2, 2;
+            and.b32 b, b, 0x1C1C1C1C;
+            shr.b32 c, $2, 2;
+            and.b32 c, c, 0x1C1C1C1C;
+            and.b32 d, $2, 0x80808080;
+            or.b32 $0, a, b;
+            or.b32 $1, c, d;
+            }
+            """,
+            constraints="=r,=r,r", args=[byt], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+    else:
+        lo = ((byt & 0x08) << 4) | ((byt & 0x07) << 2)
+        hi = (byt & 0x80) | ((byt >> 2) & 0x1C)
+    return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _sub_dot(blk, q, w_rows, s_rows, col0, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """blk [BN, BM] += (W[rows, col0:col0+32] . q^T) * s_w[rows] for one 32-deep sub-block. w_rows / s_rows: the
+    rows' weight and scale-row pointers (uint8 bytes for FP4, e4m3 for FP8, bf16 for bf16)."""
+    if FMT == 0:
+        byt = tl.load(w_rows[:, None] + (col0 // 2 + tl.arange(0, SUB // 2))[None, :], mask=n_ok[:, None], other=0)
+        lo, hi = _fp4_to_e4m3(byt, USE_ASM)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, SUB))
+        s_w = e8m0_to_fp32(tl.load(s_rows + col0 // SUB, mask=n_ok, other=0)) * 64.0
+    elif FMT == 1:
+        w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
+        s_w = e8m0_to_fp32(tl.load(s_rows + col0 // QB, mask=n_ok, other=0))
+    else:
+        w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
+        s_w = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if MMA_FP8 and FMT != 2:
+        part = tl.dot(w, tl.trans(q))
+    else:          # e4m3 values widen exactly to bf16
+        part = tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
+    return blk + part * s_w[:, None]
+
+
+@triton.jit
+def _quant_subs(a_ptrs, k0, m_ok, FMT: tl.constexpr):
+    """One 128-block of the A rows as four 32-wide operands, FP8-quantized per row (bf16 as is for FMT 2)."""
+    cols = tl.arange(0, SUB)
+    a0 = tl.load(a_ptrs + (k0 + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    a1 = tl.load(a_ptrs + (k0 + SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    a2 = tl.load(a_ptrs + (k0 + 2 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    a3 = tl.load(a_ptrs + (k0 + 3 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if FMT == 2:
+        scale = tl.full((a0.shape[0],), 1.0, tl.float32)
+        q0, q1, q2, q3 = a0.to(tl.bfloat16), a1.to(tl.bfloat16), a2.to(tl.bfloat16), a3.to(tl.bfloat16)
+    else:
+        amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
+                          tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
+        scale, inv = act_scale(amax)
+        inv = inv[:, None]
+        q0, q1, q2, q3 = to_e4m3(a0 * inv), to_e4m3(a1 * inv), to_e4m3(a2 * inv), to_e4m3(a3 * inv)
+    return q0, q1, q2, q3, scale
+
+
+@triton.jit
+def _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr,
+               USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    q0, q1, q2, q3, s_a = _quant_subs(a_ptrs, k0, m_ok, FMT)
+    blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    blk = _sub_dot(blk, q0, w_rows, s_rows, k0, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
+    blk = _sub_dot(blk, q1, w_rows, s_rows, k0 + SUB, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
+    blk = _sub_dot(blk, q2, w_rows, s_rows, k0 + 2 * SUB, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
+    blk = _sub_dot(blk, q3, w_rows, s_rows, k0 + 3 * SUB, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
+    return acc + blk * s_a[None, :]
+
+
+@triton.jit
+def _row_ptrs(w_ptr, s_ptr, expert, rows, stride_we, stride_wn, stride_se, stride_sn, FMT: tl.constexpr):
+    w_rows = w_ptr + expert * stride_we + rows.to(tl.int64) * stride_wn
+    if FMT == 1:
+        s_rows = s_ptr + expert * stride_se + (rows // QB) * stride_sn
+    else:
+        s_rows = s_ptr + expert * stride_se + rows.to(tl.int64) * stride_sn
+    return w_rows, s_rows
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr,
+                     bucket_start_ptr, bucket_count_ptr, w_ptr, s_ptr, out_ptr,
+                     num_experts, K, N, stride_we, stride_wn, stride_se, stride_sn, limit,
+                     GATED: tl.constexpr, FMT: tl.constexpr, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # GATED (GEMM 1): A = x rows of the block's pairs, weight rows n (gate) and N + n (up) -> h rows [block rows, N].
+    # Else (GEMM 2): A = h rows of the block, weight rows n -> y rows of the block's pairs [P, N].
+    b = tl.program_id(0)
+    bucket = tl.load(block_bucket_ptr + b)
+    if bucket < 0:
+        return
+    row0 = b * BLOCK_M
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < tl.load(bucket_start_ptr + bucket) + tl.load(bucket_count_ptr + bucket) - row0
+    pair = tl.load(sorted_pair_ptr + row0 + m, mask=m_ok, other=0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    if bucket == num_experts:      # off-rank pairs: zero rows of y
+        if not GATED:
+            tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None],
+                     tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+        return
+    if GATED:
+        a_rows = tl.load(pair_row_ptr + pair, mask=m_ok, other=0).to(tl.int64)
+    else:
+        a_rows = (row0 + m).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a
+    expert = bucket.to(tl.int64)
+    w_rows, s_rows = _row_ptrs(w_ptr, s_ptr, expert, n, stride_we, stride_wn, stride_se, stride_sn, FMT)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if GATED:
+        w_rows2, s_rows2 = _row_ptrs(w_ptr, s_ptr, expert, N + n, stride_we, stride_wn, stride_se, stride_sn, FMT)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(0, K // QB):
+        k0 = kb * QB
+        acc = _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_M, BLOCK_N)
+        if GATED:
+            acc2 = _block_dot(acc2, a_ptrs, k0, m_ok, w_rows2, s_rows2, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_M,
+                              BLOCK_N)
+    mask = n_ok[:, None] & m_ok[None, :]
+    if GATED:
+        # Reference order: bf16 GEMM outputs, clamps, silu(g) * v in fp32, then the routing weight.
+        g = tl.minimum(acc.to(tl.bfloat16).to(tl.float32), limit)
+        v = tl.clamp(acc2.to(tl.bfloat16).to(tl.float32), -limit, limit)
+        route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
+        h = route[None, :] * (g * tl.sigmoid(g) * v)
+        tl.store(out_ptr + (row0 + m).to(tl.int64)[None, :] * N + n[:, None], h.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, D, k, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in range(k):               # slot order, fp32
+        acc += tl.load(y_ptr + (t * k + j) * D + d, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + d, acc, mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def dispatch(pair_expert: torch.Tensor, num_experts: int, block_m: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pair_expert int32 [P] (P >= 1) -> (sorted_pair int32 [max_blocks * BM] (padding rows unwritten),
+    block_bucket int32 [max_blocks], bucket_start int32 [NB_PAD], bucket_count int32 [NB_PAD]); see the module doc."""
+    num_pairs = pair_expert.shape[0]
+    dev = pair_expert.device
+    nb = num_experts + 1
+    nb_pad = triton.next_power_of_2(nb)
+    sub = max(16, min(256, 8192 // nb_pad))
+    block_b = max(16, 4096 // nb_pad)
+    num_blocks = num_pairs // block_m + min(nb, num_pairs)
+    sorted_pair = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    block_bucket = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    bucket_start = torch.empty(nb_pad, dtype=torch.int32, device=dev)
+    bucket_count = torch.empty(nb_pad, dtype=torch.int32, device=dev)
+    warps = 4 if sub * nb_pad <= 4096 else 8
+    chunk = sub * DISPATCH_SUBS
+    if num_pairs <= chunk:
+        _dispatch_single_kernel[(1,)](pair_expert, sorted_pair, block_bucket, bucket_start, bucket_count, num_pairs,
+                                      num_experts, num_blocks, BLOCK_M=block_m, SUB_P=sub, NB_PAD=nb_pad,
+                                      BLOCK_B=block_b, num_warps=warps)
+        return sorted_pair, block_bucket, bucket_start, bucket_count
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    chunk_counts = torch.empty(num_chunks, nb_pad, dtype=torch.int32, device=dev)
+    chunk_base = torch.empty(num_chunks, nb_pad, dtype=torch.int32, device=dev)
+    _dispatch_count_kernel[(num_chunks,)](pair_expert, chunk_counts, num_pairs, num_experts, SUB_P=sub,
+                                          NB_PAD=nb_pad, CHUNK=chunk, num_warps=warps)
+    _dispatch_offsets_kernel[(1,)](chunk_counts, chunk_base, block_bucket, bucket_start, bucket_count, num_chunks,
+                                   num_experts, num_blocks, BLOCK_M=block_m, NB_PAD=nb_pad,
+                                   BLOCK_C=max(1, 4096 // nb_pad), BLOCK_B=block_b, num_warps=8)
+    _dispatch_scatter_kernel[(num_chunks,)](pair_expert, chunk_base, sorted_pair, num_pairs, num_experts, SUB_P=sub,
+                                            NB_PAD=nb_pad, CHUNK=chunk, num_warps=warps)
+    return sorted_pair, block_bucket, bucket_start, bucket_count
+
+
+def _weight_args(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> tuple:
+    w_arg = w.view(torch.uint8) if fmt == "fp4" else w
+    s_arg = s.view(torch.uint8) if s is not None else w_arg
+    s_strides = (s.stride(0), s.stride(1)) if s is not None else (0, 0)
+    return w_arg, s_arg, w.stride(0), w.stride(1), *s_strides
+
+
+def _gemm_tiles(num_blocks: int, n: int, block_m: int, gated: bool, device: torch.device) -> tuple[int, int]:
+    """(weight rows per program, warps). 128 rows cost the fewest instructions per weight element (ptxas, sm_90:
+    ~4.6 per element in GEMM 1 at 16 rows per block, ~5.9 at 64 weight rows); 64 when 128 would leave fewer than
+    ~2 programs per SM (1-token decode). 8 warps where 4 would not fit the accumulators in registers."""
+    block_n = 128 if num_blocks * triton.cdiv(n, 128) >= 2 * num_sms(device) else 64
+    if gated:
+        warps = 4 if block_m == 16 else 8
+    else:
+        warps = 8 if block_m == 64 else 4
+    return block_n, warps
+
+
+def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor,
+                   experts, swiglu_limit: float, block_m: int, mma_fp8: bool = True, block_n: int | None = None
+                   ) -> torch.Tensor:
+    """The fused pipeline (module doc) -> y bf16 [P, D] in pair order. x [R, D] bf16 contiguous; pair_row int32
+    or int64 [P]; pair_expert int32 [P]; pair_weight fp32 [P]; experts an `ExpertWeights`; block_m rows per
+    expert block (`moe.block_m_for`). mma_fp8 False widens both operands to bf16 (exact too) for a bf16 MMA.
+    block_n forces GEMM 1's weight rows per program (tests)."""
+    num_pairs = pair_expert.shape[0]
+    d, inter, num_experts = experts.hidden_size, experts.inter_size, experts.num_experts
+    y = torch.empty(num_pairs, d, dtype=torch.bfloat16, device=x.device)
+    if num_pairs == 0:
+        return y
+    bm = block_m
+    sorted_pair, block_bucket, bucket_start, bucket_count = dispatch(pair_expert, num_experts, bm)
+    num_blocks = block_bucket.shape[0]
+    h = torch.empty(num_blocks * bm, inter, dtype=torch.bfloat16, device=x.device)
+    fmt, use_asm = FMT_CODES[experts.fmt], x.is_cuda
+    bn1, warps1 = _gemm_tiles(num_blocks, inter, bm, True, x.device)
+    bn2, warps2 = _gemm_tiles(num_blocks, d, bm, False, x.device)
+    bn1 = block_n or bn1
+    common = (pair_row, pair_weight, sorted_pair, block_bucket, bucket_start, bucket_count)
+    w13, s13, *strides13 = _weight_args(experts.w13, experts.s13, experts.fmt)
+    w2, s2, *strides2 = _weight_args(experts.w2, experts.s2, experts.fmt)
+    flags = dict(FMT=fmt, MMA_FP8=mma_fp8, USE_ASM=use_asm, BLOCK_M=bm, num_stages=4)
+    _moe_gemm_kernel[(num_blocks, triton.cdiv(inter, bn1))](
+        x, x.stride(0), *common, w13, s13, h, num_experts, d, inter, *strides13, float(swiglu_limit),
+        GATED=True, BLOCK_N=bn1, num_warps=warps1, **flags)
+    _moe_gemm_kernel[(num_blocks, triton.cdiv(d, bn2))](
+        h, h.stride(0), *common, w2, s2, y, num_experts, inter, d, *strides2, float(swiglu_limit),
+        GATED=False, BLOCK_N=bn2, num_warps=warps2, **flags)
+    return y
+
+
+def combine_pairs(y: torch.Tensor, k: int) -> torch.Tensor:
+    """y [T*k, D] bf16 -> [T, D] fp32: per token the sum of its k slots in slot order."""
+    num_tokens, d = y.shape[0] // k, y.shape[1]
+    out = torch.empty(num_tokens, d, dtype=torch.float32, device=y.device)
+    if num_tokens:
+        block_d = min(1024, triton.next_power_of_2(d))
+        _combine_kernel[(num_tokens, triton.cdiv(d, block_d))](y, out, d, k, BLOCK_D=block_d, num_warps=4)
+    return out
