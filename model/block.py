@@ -41,8 +41,8 @@ class Block(nn.Module):
         """x: [T, hc, D] residual streams -> [T, hc, D]."""
         num = batch.numerics
         h, post, comb = num.mhc.pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc)
-        x = num.mhc.post(self.attn(self.attn_norm(h, num), batch), x, post, comb)
-        h, post, comb = num.mhc.pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc)
+        x, h, post, comb = num.mhc.post_pre(self.attn(self.attn_norm(h, num), batch), x, post, comb,
+                                            self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc)
         return num.mhc.post(self.ffn(self.ffn_norm(h, num), batch.token_ids, num), x, post, comb)
 
 

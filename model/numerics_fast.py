@@ -198,6 +198,13 @@ class FastMhc:
     def post(self, f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         return mhc.hc_post(f, residual, post, comb)
 
+    def post_pre(self, f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                 fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused: the post kernel also computes the next site's mixes from the streams it writes."""
+        return mhc.hc_post_pre(f, residual, post, comb, fn, scale, base, p.hc_mult, p.sinkhorn_iters, p.hc_eps,
+                               p.norm_eps)
+
     def head(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams
              ) -> torch.Tensor:
         return mhc.hc_head(x, fn, scale, base, p.hc_eps, p.norm_eps)

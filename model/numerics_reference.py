@@ -198,6 +198,13 @@ class ReferenceMhc(_Family):
     def post(self, f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         return hc_post(f, residual, post, comb, self.act)
 
+    def post_pre(self, f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                 fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sub-layer's post mix, then the next one's pre mix: (streams, h, post, comb)."""
+        streams = self.post(f, residual, post, comb)
+        return (streams, *self.pre(streams, fn, scale, base, p))
+
     def head(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, p: HcParams
              ) -> torch.Tensor:
         return hc_head(x, fn, scale, base, p, self.act)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from dsv4.kernels.fast._triton_math import sincos
 from dsv4.kernels.kv_format import MainFp8Codec
 
 LOG2E = 1.4426950408889634
@@ -154,7 +154,7 @@ def _online_update(q, keys, ok, row_max, row_sum, acc, qk_scale):
 
 @triton.jit
 def _inverse_rope(o, pos, freq_ptr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                  NUM_FREQ: tl.constexpr, ACCURATE_TRIG: tl.constexpr):
+                  NUM_FREQ: tl.constexpr):
     """Rotate the last 2*NUM_FREQ dims of o [ROWS, D_PAD] fp32, pairs (2i, 2i+1), by -pos*inv_freq[i] (fp32
     angle and cos/sin, as ref_math.apply_rope)."""
     a, b = tl.split(tl.reshape(o, (ROWS, D_PAD // 2, 2)))
@@ -163,10 +163,7 @@ def _inverse_rope(o, pos, freq_ptr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, 
     is_rope = (k >= 0) & (i < HEAD_DIM // 2)
     freq = tl.load(freq_ptr + tl.where(is_rope, k, 0), mask=is_rope, other=0.0)
     angle = pos.to(tl.float32) * freq
-    if ACCURATE_TRIG:   # libdevice: full range reduction (angles reach 1e6 rad); the interpreter has no libdevice
-        cos, sin = libdevice.cos(angle), libdevice.sin(angle)
-    else:
-        cos, sin = tl.cos(angle), tl.sin(angle)
+    sin, cos = sincos(angle)   # fp32 with an exact range reduction (angles reach 1e6 rad), no libdevice fp64
     ra = tl.where(is_rope[None, :], a * cos[None, :] + b * sin[None, :], a)
     rb = tl.where(is_rope[None, :], b * cos[None, :] - a * sin[None, :], b)
     return tl.reshape(tl.join(ra, rb), (ROWS, D_PAD))
@@ -174,13 +171,12 @@ def _inverse_rope(o, pos, freq_ptr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, 
 
 @triton.jit
 def _finish_and_store(acc, row_max, row_sum, t, pos, heads, head_ok, num_heads, sink_ptr, freq_ptr, o_ptr,
-                      ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_FREQ: tl.constexpr,
-                      ACCURATE_TRIG: tl.constexpr):
+                      ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_FREQ: tl.constexpr):
     """o = acc / (row_sum + exp(sink - max)), inverse RoPE, one bf16 rounding, store rows `heads` of token t."""
     sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
     o = acc / (row_sum + tl.exp2(sink * _LOG2E - row_max))[:, None]
-    if NUM_FREQ > 0:
-        o = _inverse_rope(o, pos, freq_ptr, ROWS, HEAD_DIM, D_PAD, NUM_FREQ, ACCURATE_TRIG)
+    if NUM_FREQ > 0:   # the reference rounds to bf16 before and after the rotation: so does this (see attention.py)
+        o = _inverse_rope(o.to(tl.bfloat16).to(tl.float32), pos, freq_ptr, ROWS, HEAD_DIM, D_PAD, NUM_FREQ)
     cols = tl.arange(0, D_PAD)
     tl.store(o_ptr + (t * num_heads + heads)[:, None] * HEAD_DIM + cols[None, :], o.to(tl.bfloat16),
              mask=head_ok[:, None] & (cols < HEAD_DIM)[None, :])
@@ -198,7 +194,7 @@ def _sparse_attn_kernel(
         HEAD_DIM: tl.constexpr, NOPE: tl.constexpr, D_PAD: tl.constexpr, ROPE_BYTES: tl.constexpr,
         NUM_FREQ: tl.constexpr, WINDOW: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr,
         ENTRIES_PER_BLOCK: tl.constexpr, HAS_LIST: tl.constexpr, H_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, ACCURATE_TRIG: tl.constexpr):
+        NUM_SPLITS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     split = tl.program_id(2)
@@ -246,7 +242,7 @@ def _sparse_attn_kernel(
 
     if NUM_SPLITS == 1:
         _finish_and_store(acc, row_max, row_sum, t, pos, heads, head_ok, num_heads, sink_ptr, freq_ptr, o_ptr,
-                          H_BLOCK, HEAD_DIM, D_PAD, NUM_FREQ, ACCURATE_TRIG)
+                          H_BLOCK, HEAD_DIM, D_PAD, NUM_FREQ)
     else:
         row = (t * NUM_SPLITS + split) * num_heads + heads                       # [H_BLOCK] partial rows
         tl.store(part_acc_ptr + row[:, None] * D_PAD + cols[None, :], acc, mask=head_ok[:, None])
@@ -257,7 +253,7 @@ def _sparse_attn_kernel(
 @triton.jit
 def _combine_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, freq_ptr, positions_ptr, o_ptr, num_heads,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_FREQ: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    S_PAD: tl.constexpr, H_BLOCK: tl.constexpr, ACCURATE_TRIG: tl.constexpr):
+                    S_PAD: tl.constexpr, H_BLOCK: tl.constexpr):
     """Merge the splits of token t, heads of block pid(1): global max, rescaled sums and accumulators, sink."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
@@ -277,7 +273,7 @@ def _combine_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, freq_ptr, po
         acc += weight[:, None] * tl.load(part_acc_ptr + row[:, None] * D_PAD + cols[None, :],
                                          mask=head_ok[:, None], other=0.0)
     _finish_and_store(acc, row_max, row_sum, t, pos, heads, head_ok, num_heads, sink_ptr, freq_ptr, o_ptr,
-                      H_BLOCK, HEAD_DIM, D_PAD, NUM_FREQ, ACCURATE_TRIG)
+                      H_BLOCK, HEAD_DIM, D_PAD, NUM_FREQ)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -347,7 +343,6 @@ def launches(q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, pool: torch.
         part_acc = torch.empty(num_tokens, splits, num_heads, d_pad, dtype=torch.float32, device=q.device)
         part_m = torch.empty(num_tokens, splits, num_heads, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-    accurate = q.is_cuda
     main = Launch(
         _sparse_attn_kernel, (num_tokens, triton.cdiv(num_heads, plan.h_block), splits),
         (q.contiguous(), kv.contiguous(), ring, ring.view(torch.bfloat16), pool, pool.view(torch.bfloat16), entries,
@@ -357,7 +352,7 @@ def launches(q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, pool: torch.
         dict(HEAD_DIM=head_dim, NOPE=codec.nope_dim, D_PAD=d_pad, ROPE_BYTES=2 * codec.rope_dim, NUM_FREQ=num_freq,
              WINDOW=ring.shape[1], WIDTH=codec.width, RATIO=ratio,
              ENTRIES_PER_BLOCK=layout.block_size // ratio if ratio else 1, HAS_LIST=has_list, H_BLOCK=plan.h_block,
-             BLOCK_N=plan.n_block, NUM_SPLITS=splits, ACCURATE_TRIG=accurate),
+             BLOCK_N=plan.n_block, NUM_SPLITS=splits),
         dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
     if splits == 1:
         return o, [main]
@@ -366,7 +361,7 @@ def launches(q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, pool: torch.
         _combine_kernel, (num_tokens, triton.cdiv(num_heads, combine_heads), 1),
         (part_acc, part_m, part_l, sink, freq, layout.positions, o, num_heads),
         dict(HEAD_DIM=head_dim, D_PAD=d_pad, NUM_FREQ=num_freq, NUM_SPLITS=splits,
-             S_PAD=triton.next_power_of_2(splits), H_BLOCK=combine_heads, ACCURATE_TRIG=accurate),
+             S_PAD=triton.next_power_of_2(splits), H_BLOCK=combine_heads),
         dict(num_warps=4))
     return o, [main, combine]
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 # fp32 sin/cos shared by every fast RoPE (q, kv, indexer, compressor): exact Cody-Waite reduction, Cephes
 # polynomials, no float64 (libdevice's sinf/cosf multiply in float64 for large arguments; angles reach ~1e6 rad).
-from dsv4.kernels.fast._indexer_triton import sincos
+from dsv4.kernels.fast._triton_math import sincos
 
 FP8_MAX = 448.0
 FP8_AMAX_FLOOR = 1e-4
@@ -93,7 +93,22 @@ def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, freq_ptr, out_ptr, H, d, nope, inv_
     r_off = row[:, None, None] + pair[None, :, :]
     r_mask = hmask[:, None, None] & (pair >= 0)[None, :, :]
     a, b = tl.split(tl.load(x_ptr + r_off, mask=r_mask, other=0.0).to(tl.float32))
-    if NORM:
+    if NORM and not HAS_WEIGHT:
+        # the per-head q norm as the official code computes it, op by op in bf16 (the fast path is judged against
+        # that function: in fp32 it differs by a bf16 ulp, which the attention softmax amplifies): bf16 squares,
+        # their mean rounded to bf16, + eps in bf16, rsqrt in bf16, the product in bf16
+        sq = (tl.sum((xn * xn).to(tl.bfloat16).to(tl.float32), axis=1)
+              + tl.sum((a * a).to(tl.bfloat16).to(tl.float32) + (b * b).to(tl.bfloat16).to(tl.float32), axis=1))
+        mean = (sq * inv_d).to(tl.bfloat16).to(tl.float32)
+        inv_rms = tl.div_rn(1.0, tl.sqrt_rn((mean + eps).to(tl.bfloat16).to(tl.float32)))
+        inv_rms = inv_rms.to(tl.bfloat16).to(tl.float32)
+        xn = xn * inv_rms[:, None]
+        a = a * inv_rms[:, None]
+        b = b * inv_rms[:, None]
+        xn = xn.to(tl.bfloat16).to(tl.float32)
+        a = a.to(tl.bfloat16).to(tl.float32)
+        b = b.to(tl.bfloat16).to(tl.float32)
+    elif NORM:
         inv_rms = tl.math.rsqrt((tl.sum(xn * xn, axis=1) + tl.sum(a * a + b * b, axis=1)) * inv_d + eps)
         xn = xn * inv_rms[:, None]
         a = a * inv_rms[:, None]

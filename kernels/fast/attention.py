@@ -76,8 +76,8 @@ def _sparse_attention_twin(q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor
             extra, extra_valid = _compressed_keys(pool, codec, layout, ratio, entries, rows)
             keys, valid = torch.cat([keys, extra], dim=1), torch.cat([valid, extra_valid], dim=1)
         out = _attend(q[rows], keys, valid, sink)
-        if inv_freq is not None:
-            out = _inverse_rope(out, layout.positions[rows], inv_freq)
+        if inv_freq is not None:   # rounded to bf16 before and after the rotation, as the reference
+            out = _inverse_rope(out.to(torch.bfloat16).float(), layout.positions[rows], inv_freq)
         o[rows] = out.to(torch.bfloat16)
     return o
 

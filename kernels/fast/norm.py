@@ -86,12 +86,22 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inver
 
 
 def head_norm_rope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-head unweighted RMSNorm (fp32, rounded to bf16) then RoPE: q [T, H, d] bf16 -> [T, H, d] bf16."""
+    """Per-head unweighted RMSNorm then RoPE: q [T, H, d] bf16 -> [T, H, d] bf16. The norm rounds where the
+    official code does (it runs in bf16 op by op: squares, their mean, + eps, rsqrt, the product; the sums in
+    fp32), because a bf16-ulp difference in q is amplified by the attention softmax."""
     if q.is_cuda:
         from dsv4.kernels.fast import _norm_triton
 
         return _norm_triton.norm_rope(q, positions, inv_freq, norm=True, eps=eps)
-    return _rope_twin(_rms_norm_twin(q, None, eps), positions, inv_freq, False)
+    return _rope_twin(_head_norm_twin(q, eps), positions, inv_freq, False)
+
+
+def _head_norm_twin(q: torch.Tensor, eps: float) -> torch.Tensor:
+    bf = torch.bfloat16
+    sq = q.bfloat16().square().float()                                           # bf16 squares
+    mean = sq.mean(-1, keepdim=True).to(bf).float()
+    inv = torch.rsqrt((mean + eps).to(bf).float()).to(bf).float()
+    return (q.float() * inv).to(bf)
 
 
 def kv_entry(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,

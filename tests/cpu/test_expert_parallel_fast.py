@@ -16,7 +16,7 @@ from dsv4.model.numerics import Numerics
 from dsv4.workers.expert_parallel import FixedCapacityExpertParallel, LocalExperts
 
 FAST = Numerics.parse("fast")
-WORLD = 2
+WORLD, PREFILL = 2, 22
 
 
 def make_hot(model, expert: int) -> None:
@@ -31,13 +31,18 @@ def make_hot(model, expert: int) -> None:
             gate.bias[expert] = 1e4
 
 
-def forward(model, tokens, start_steps):
-    """Prefill then two decode tokens; the logits of all of them [n, vocab]."""
+def steps(tokens, prefill):
+    """(start, chunk) of each step: a prefill, then one decode token at a time."""
+    return [(0, tokens[:prefill])] + [(i, tokens[i:i + 1]) for i in range(prefill, len(tokens))]
+
+
+def forward(model, tokens, prefill, before_step=lambda num_tokens: None):
+    """The logits [n, vocab] of every position, fed as `steps`."""
     caches = StaticCaches(model, FAST, len(tokens) + 4)
-    out = [model(caches.batch([caches.chunk(0, 0, tokens[:start_steps])]),
-                 logits_rows=torch.arange(start_steps)).logits]
-    for i in range(start_steps, len(tokens)):
-        out.append(model(caches.batch([caches.chunk(0, i, tokens[i:i + 1])])).logits)
+    out = []
+    for start, chunk in steps(tokens, prefill):
+        before_step(len(chunk))
+        out.append(model(caches.batch([caches.chunk(0, start, chunk)]), logits_rows=torch.arange(len(chunk))).logits)
     return torch.cat(out)
 
 
@@ -55,11 +60,10 @@ def worker(rank, checkpoint, port, hot, tokens, results):
         exchange = FixedCapacityExpertParallel(model, owner, rank, WORLD)
         with torch.inference_mode():
             if rank == 0:
-                exchange.set_capacity(len(tokens))
-                results[rank] = forward(model, tokens, len(tokens) - 2)
-            else:   # no tokens: serve rank 0's pairs in every layer of each of its steps (prefill + 2 decodes)
-                for steps in (len(tokens) - 2, 1, 1):
-                    exchange.set_capacity(steps)
+                results[rank] = forward(model, tokens, PREFILL, exchange.set_capacity)
+            else:   # no tokens: serve rank 0's pairs in every layer of each of its steps
+                for _, chunk in steps(tokens, PREFILL):
+                    exchange.set_capacity(len(chunk))   # the largest worker's tokens: the same on every rank
                     exchange.idle_pass(FAST)
     finally:
         dist.destroy_process_group()
@@ -80,7 +84,7 @@ def test_fixed_capacity_exchange_equals_single_process_fast(tiny_checkpoint, hot
     FAST.prepare(single)
     LocalExperts(single)
     with torch.inference_mode():
-        expected = forward(single, tokens, len(tokens) - 2)
+        expected = forward(single, tokens, PREFILL)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with mp.Manager() as manager:
         results = manager.dict()
