@@ -17,16 +17,14 @@ run() {   # name, seconds, command...
 }
 for stage in "$@"; do
   case $stage in
-    kernel-tests) run kernel-tests 330 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/gpu/test_fast_linear.py \
-        tests/gpu/test_fast_moe.py tests/gpu/test_fast_attention.py tests/gpu/test_fast_indexer.py \
-        tests/gpu/test_fast_compressor.py tests/gpu/test_fast_router.py tests/gpu/test_fast_mhc.py \
-        tests/gpu/test_fast_norm.py tests/gpu/test_sampler_device.py ;;
-    kernel-tests-all) run kernel-tests-all 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_fast_*.py \
-        tests/gpu/test_sampler_device.py ;;
+    kernel-tests) run kernel-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 -rf \
+        tests/gpu/test_fast_linear_gpu.py tests/gpu/test_fast_moe_gpu.py tests/gpu/test_fast_attention_gpu.py \
+        tests/gpu/test_fast_indexer_gpu.py tests/gpu/test_fast_compressor_gpu.py tests/gpu/test_fast_router_gpu.py \
+        tests/gpu/test_fast_mhc_gpu.py tests/gpu/test_fast_norm_gpu.py tests/gpu/test_sampler_device.py ;;
     kernel-bench) run kernel-bench 300 python3 benchmarks/fast_kernels.py --out "$OUT" ;;
-    model-tests) run model-tests 300 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_model_fast.py \
+    model-tests) run model-tests 280 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_model_fast_gpu.py \
         tests/gpu/test_runner_graphs.py ;;
-    engine-quick) run engine-quick 300 python3 benchmarks/engine.py --layers 4 --batches 1,64 --long-context 0 \
+    engine-quick) run engine-quick 200 python3 benchmarks/engine.py --layers 4 --batches 1,64 --long-context 0 \
         --prefill 2048 --reference-layers 0 --hf-layers 0 --out "$OUT" ;;
     engine) run engine 540 python3 benchmarks/engine.py --out "$OUT" ;;
     gpu-tests) run gpu-tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu ;;
