@@ -39,6 +39,13 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(host=args.host, port=args.port, served_model_name=args.served_model_name or "")
 
 
+def kv_cache_bytes(gib: float | None, device: str) -> int:
+    """--kv-cache-gib: given, that many bytes; absent, sized from the GPU's memory (0) or 256 MiB on CPUs."""
+    if gib is not None:
+        return int(gib * 2**30)
+    return 0 if device == "cuda" else 256 << 20
+
+
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """Resolve defaults that need the machine: the model (tiny default, written on first run) and devices.
     Used by `serve` and `batch`, whose engine options are the same (`_add_engine_options`)."""
@@ -52,7 +59,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                                 max_prefill_chunk=args.max_prefill_chunk)
     numerics = args.numerics or default_numerics(device)
     return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=numerics, device=device,
-                       kv_cache_bytes=int(args.kv_cache_gib * 2**30), max_model_len=args.max_model_len,
+                       kv_cache_bytes=kv_cache_bytes(args.kv_cache_gib, device),
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                        scheduler=scheduler, seed=args.seed, enforce_eager=args.enforce_eager, **_server_options(args))
 
 
@@ -104,7 +112,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--numerics", choices=NUMERICS, default=None,
                    help="fast (default on GPUs), reference (default on CPUs: the exact oracle) or exact-fp32")
-    p.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per worker in GiB (default 0.25)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache per worker in GiB (default: what --gpu-memory-utilization leaves on a GPU, "
+                        "0.25 on CPUs)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of each GPU's memory to use: weights, activations, CUDA graphs, KV cache (0.9)")
     p.add_argument("--max-model-len", type=int, default=0, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
                    help="running sequences per worker")

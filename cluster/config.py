@@ -36,7 +36,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     served_model_name: str = ""            # default: the model directory's name
-    kv_cache_bytes: int = 256 << 20        # per worker, for the paged KV blocks and the slots
+    kv_cache_bytes: int = 256 << 20        # per worker, for the paged KV blocks and the slots; 0 = size from the
+                                           # GPU's memory (CUDA only): gpu_memory_utilization of it, less weights,
+                                           # activations and CUDA graphs
+    gpu_memory_utilization: float = 0.9    # fraction of each GPU's memory dsv4 may use (vLLM's convention)
     block_size: int = 256                  # positions per KV block
     max_model_len: int = 0                 # 0: the model's max_position_embeddings
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
@@ -52,5 +55,9 @@ class ServeConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.kv_cache_bytes <= 0 or self.block_size <= 0 or self.max_model_len < 0:
-            raise ValueError("kv_cache_bytes and block_size must be positive, max_model_len >= 0")
+        if self.kv_cache_bytes < 0 or self.block_size <= 0 or self.max_model_len < 0:
+            raise ValueError("kv_cache_bytes must be >= 0, block_size positive, max_model_len >= 0")
+        if self.kv_cache_bytes == 0 and self.device != "cuda":
+            raise ValueError("kv_cache_bytes 0 (size the cache from GPU memory) needs device 'cuda'")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

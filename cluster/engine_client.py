@@ -27,6 +27,8 @@ class ModelInfo:
     num_routed_experts: int
     num_experts_per_tok: int
     hidden_size: int
+    kv_cache_tokens: int = 0        # positions of context all workers' KV caches hold together
+    max_running_requests: int = 0   # sequence slots over all workers
 
 
 @dataclass(frozen=True, slots=True)

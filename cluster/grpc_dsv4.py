@@ -112,7 +112,9 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
                             ) -> dsv4_pb2.GetServerInfoResponse:
         return dsv4_pb2.GetServerInfoResponse(
             server_version=_package_version(), uptime_seconds=self._service.uptime_seconds,
-            active_requests=self._service.num_active, services=self._hosted_services)
+            active_requests=self._service.num_active, services=self._hosted_services,
+            numerics=self._service.model_info.numerics, kv_cache_tokens=self._service.model_info.kv_cache_tokens,
+            max_running_requests=self._service.model_info.max_running_requests)
 
     async def GetLoads(self, request: dsv4_pb2.GetLoadsRequest, context: grpc.aio.ServicerContext
                        ) -> dsv4_pb2.GetLoadsResponse:

@@ -161,16 +161,22 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("server_version", "uptime_seconds", "active_requests", "services")
+    __slots__ = ("server_version", "uptime_seconds", "active_requests", "services", "numerics", "kv_cache_tokens", "max_running_requests")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NUMERICS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     uptime_seconds: float
     active_requests: int
     services: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, server_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., active_requests: _Optional[int] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
+    numerics: str
+    kv_cache_tokens: int
+    max_running_requests: int
+    def __init__(self, server_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., active_requests: _Optional[int] = ..., services: _Optional[_Iterable[str]] = ..., numerics: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
 
 class GetLoadsRequest(_message.Message):
     __slots__ = ()

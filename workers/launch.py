@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from dsv4.cluster.config import ServeConfig
 from dsv4.cluster.coordinator import Coordinator
 from dsv4.cluster.engine_client import ModelInfo
+from dsv4.cluster.messages import WorkerInfo
 from dsv4.cluster.placement import ExpertPlacement
 from dsv4.model.config import ModelConfig, preset
 from dsv4.workers.worker import Worker
@@ -45,14 +46,16 @@ def ensure_default_model() -> Path:
     return path
 
 
-def model_info(config: ServeConfig, model: ModelConfig) -> ModelInfo:
+def model_info(config: ServeConfig, model: ModelConfig, workers: list[WorkerInfo] = ()) -> ModelInfo:
     max_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     return ModelInfo(model_path=config.model_dir,
                      served_model_name=config.served_model_name or Path(config.model_dir).name,
                      vocab_size=model.vocab_size, max_model_len=max_len, bos_token_id=model.bos_token_id,
                      eos_token_ids=(model.eos_token_id,), num_workers=config.num_workers, numerics=config.numerics,
                      num_hidden_layers=model.num_hidden_layers, num_routed_experts=model.n_routed_experts,
-                     num_experts_per_tok=model.num_experts_per_tok, hidden_size=model.hidden_size)
+                     num_experts_per_tok=model.num_experts_per_tok, hidden_size=model.hidden_size,
+                     kv_cache_tokens=sum(w.num_blocks * w.block_size for w in workers),
+                     max_running_requests=sum(w.num_slots for w in workers))
 
 
 def init_ray(num_workers: int) -> None:
@@ -102,7 +105,7 @@ def start_engine(config: ServeConfig) -> Engine:
     host, port = ray.get(workers[0].rendezvous_address.remote())
     ray.get([w.init_distributed.remote(host, port) for w in workers])
     infos = ray.get([w.load.remote() for w in workers])
-    info = model_info(config, model)
+    info = model_info(config, model, infos)
     # The coordinator lives beside the driver (the gRPC server): on KubeRay that is the head pod, without a GPU.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=10_000, scheduling_strategy=here).remote(

@@ -25,6 +25,7 @@ from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
 from dsv4.model.numerics import Numerics, NumericsMode
 from dsv4.workers.expert_parallel import ExpertParallel, FixedCapacityExpertParallel, LocalExperts
+from dsv4.workers.memory import kv_cache_budget
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample
 
@@ -76,8 +77,17 @@ class Worker:
         use_graphs = (self.device.type == "cuda" and self.numerics.mode is NumericsMode.FAST
                       and not self.config.enforce_eager)
         spare = 1 if use_graphs else 0
-        plan = plan_cache(self.model.config, self.numerics, self.config.kv_cache_bytes, sched.max_num_seqs + spare,
+        self.numerics.prepare(self.model)
+        budget = self.config.kv_cache_bytes
+        if budget == 0:   # size the cache from what the GPU has left once the weights are resident
+            memory = kv_cache_budget(self.model, self.numerics, self.config.gpu_memory_utilization,
+                                     sched.max_num_batched_tokens, self.config.block_size, use_graphs)
+            print(f"[worker {self.rank}] {memory.describe()}", flush=True)
+            budget = memory.kv_cache_bytes
+        plan = plan_cache(self.model.config, self.numerics, budget, sched.max_num_seqs + spare,
                           self.config.block_size)
+        print(f"[worker {self.rank}] KV cache: {plan.num_blocks} blocks of {plan.block_size} positions = "
+              f"{plan.max_context_tokens} tokens of context, {sched.max_num_seqs} sequence slots", flush=True)
         storage = allocate_pools(self.model.config, self.numerics, plan, self.device)
         max_len = self.config.max_model_len or self.model.config.max_position_embeddings
         runner_config = RunnerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,

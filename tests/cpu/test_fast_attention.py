@@ -265,7 +265,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 def compile_step(step):
     names = step.kernel.arg_names
-    consts = dict(step.constexprs, ACCURATE_TRIG=True)          # the GPU path: libdevice cos/sin
+    consts = dict(step.constexprs)
     sig = {n: TYPES[v.dtype] if isinstance(v, torch.Tensor) else ("fp32" if isinstance(v, float) else "i32")
            for n, v in zip(names, step.args)}
     sig.update({n: "constexpr" for n in consts})
