@@ -71,7 +71,11 @@ def ref_rms_norm(x, w):
 
 
 def ref_head_norm_rope(q, pos, freq):
-    return ref_math.apply_rope(ref_rms_norm(q, None), pos, freq)
+    """The reference's q path: the per-head norm in bf16 op by op, as the official code (which the fast kernel
+    reproduces, its sums in fp32), then RoPE."""
+    from dsv4.model.numerics_reference import ReferenceMath
+
+    return ReferenceMath(torch.bfloat16, True).head_norm_rope(q, pos, freq, EPS)
 
 
 def ref_kv_entry(kv, w, pos, freq):
@@ -120,20 +124,6 @@ def test_twin_rope_and_head_norm_rope(d, freq):
     for inverse in (False, True):
         assert_bf16_close(norm.rope(q, pos, freq, inverse), ref_math.apply_rope(q, pos, freq, inverse))
     assert_bf16_close(norm.head_norm_rope(q, pos, freq, EPS), ref_head_norm_rope(q, pos, freq))
-
-
-def test_twin_head_norm_rope_is_near_the_official_bf16_arithmetic():
-    from dsv4.model.numerics_reference import ReferenceMath
-
-    g = gen(1)
-    q = scaled((16, 8, 512), g)
-    pos = positions(16, g)
-    official = ReferenceMath(torch.bfloat16, True).head_norm_rope(q, pos, YARN, EPS).float()
-    got = norm.head_norm_rope(q, pos, YARN, EPS).float()
-    diff = (got - official).abs()
-    assert bool((diff <= 2.0 ** -6 * official.abs().amax(-1, keepdim=True)).all())          # per head
-    nope = slice(0, 448)                                        # unrotated: no cancellation, elementwise relative
-    assert bool((diff[..., nope] <= 2.0 ** -6 * official[..., nope].abs()).all())
 
 
 @pytest.mark.parametrize("d, nope", [(128, 64), (512, 448)])
