@@ -24,6 +24,9 @@ def _hc_buffers(module: nn.Module, prefix: str, rows: int, width: int, num_scale
     module.register_buffer(f"{prefix}_scale", torch.empty(num_scales, dtype=torch.float32))
 
 
+Pending = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # a sub-layer output and its post / comb mix
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, expert_ids: list[int] | None = None):
         super().__init__()
@@ -39,11 +42,24 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x: [T, hc, D] residual streams -> [T, hc, D]."""
+        x, (f, post, comb) = self.forward_pending(x, batch)
+        return batch.numerics.mhc.post(f, x, post, comb)
+
+    def forward_pending(self, x: torch.Tensor, batch: ForwardBatch, pending: Pending | None = None
+                        ) -> tuple[torch.Tensor, Pending]:
+        """The block with its last post mix left pending, so that it fuses with the next block's first pre mix:
+        x [T, hc, D] streams (before the previous block's pending mix, if given) -> (streams before this block's
+        FFN output is mixed in, (ffn output [T, D], post, comb))."""
         num = batch.numerics
-        h, post, comb = num.mhc.pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc)
+        if pending is None:
+            h, post, comb = num.mhc.pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc)
+        else:
+            f, post, comb = pending
+            x, h, post, comb = num.mhc.post_pre(f, x, post, comb, self.hc_attn_fn, self.hc_attn_scale,
+                                                self.hc_attn_base, self.hc)
         x, h, post, comb = num.mhc.post_pre(self.attn(self.attn_norm(h, num), batch), x, post, comb,
                                             self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc)
-        return num.mhc.post(self.ffn(self.ffn_norm(h, num), batch.token_ids, num), x, post, comb)
+        return x, (self.ffn(self.ffn_norm(h, num), batch.token_ids, num), post, comb)
 
 
 class MTPBlock(Block):

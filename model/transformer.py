@@ -70,8 +70,11 @@ class Transformer(nn.Module):
         num = batch.numerics
         x = self.embed(batch.token_ids, num)
         streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()        # [T, hc, D]
+        pending = None        # each block's last post mix runs fused with the next block's first pre mix
         for layer in self.layers:
-            streams = layer(streams, batch)
+            streams, pending = layer.forward_pending(streams, batch, pending)
+        f, post, comb = pending
+        streams = num.mhc.post(f, streams, post, comb)
         rows = batch.last_rows() if logits_rows is None else logits_rows
         return ForwardOutput(self.logits(streams[rows], num), streams)
 

@@ -136,3 +136,33 @@ def test_a_prompt_larger_than_any_cache_is_rejected_by_name(cramped_stub):
         generate_ids(cramped_stub, [5] * 800, 4)     # fits the context (2048) but no worker's 768 positions
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
     assert generate_ids(cramped_stub, [5] * 10, 2)[1].finish_reason == pb.FINISH_REASON_LENGTH   # still serving
+
+
+@pytest.fixture(scope="module")
+def fast_stub(ray_cluster, tiny_checkpoint):
+    """A third engine in fast numerics (the CPU twins of the fast kernels): two workers exchanging expert pairs
+    through the fixed-capacity all-to-all sized by the plans."""
+    from conftest import start_test_engine
+
+    engine = start_test_engine(tiny_checkpoint, numerics="fast")
+    server = serve(engine, tiny_checkpoint)
+    with grpc.insecure_channel(server.address) as channel:
+        yield dsv4_pb2_grpc.Dsv4EngineStub(channel)
+    server.stop()
+
+
+def test_fast_numerics_serve_over_two_workers(fast_stub, tiny_model):
+    info = fast_stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT_S)
+    assert info.numerics == "fast" and info.kv_cache_tokens > 0 and info.max_running_requests == 32
+    cases = [(p, 6) for p in prompts(6, seed=6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:     # mixed prefill and decode steps, both workers busy
+        results = list(pool.map(lambda c: generate_ids(fast_stub, c[0], c[1]), cases))
+    fast = Numerics.parse("fast")
+    firsts = 0
+    for (prompt, n), (got, complete) in zip(cases, results, strict=True):
+        assert complete.finish_reason == pb.FINISH_REASON_LENGTH and len(got) == n
+        firsts += got[0] == greedy_generate(tiny_model, prompt, 1, fast)[0]
+    assert firsts >= 5          # the first tokens (one prefill each) agree with the single-process fast model
+    loads = fast_stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert all(w.num_running_requests == 0 and w.free_blocks == w.total_blocks for w in loads.workers)
+    assert sum(loads.expert_token_counts) % (4 * 6) == 0
