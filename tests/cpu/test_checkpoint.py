@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsv4.kernels import quant
 from dsv4.model.checkpoint import INDEX_FILE, CheckpointError, load_model
 from dsv4.model.config import preset
 from dsv4.model.generate import forward_logits
@@ -117,12 +118,12 @@ def test_subset_model_computes_its_experts_like_the_full_model(tiny_model, tiny_
     assert torch.equal(full_expert(x, num), part_expert(x, num))
 
 
-def _rewrite(ckpt, tmp_path, edit):
-    """Copy a checkpoint, then apply edit(tensors of the shard holding embed.weight)."""
+def _rewrite(ckpt, tmp_path, edit, name="layers.1.attn.wq_a.weight"):
+    """Copy a checkpoint, then apply edit(tensors of the shard holding tensor `name`)."""
     out = tmp_path / "edited"
     shutil.copytree(ckpt, out)
     index = json.loads((out / INDEX_FILE).read_text())
-    shard = out / index["weight_map"]["layers.1.attn.wq_a.weight"]
+    shard = out / index["weight_map"][name]
     tensors = load_file(shard)
     edit(tensors)
     save_file(tensors, shard)
@@ -145,6 +146,29 @@ def test_wrong_shape_is_named_with_file(tiny_checkpoint, tmp_path):
     out, shard = _rewrite(tiny_checkpoint, tmp_path, edit)
     with pytest.raises(CheckpointError, match=rf"{shard}.*layers\.1\.attn\.wq_a\.weight.*shape"):
         load_model(out, progress=None)
+
+
+def test_wrong_expert_shape_is_named_with_file(tiny_checkpoint, tmp_path):
+    def edit(t):
+        t["layers.2.ffn.experts.5.w2.weight"] = t["layers.2.ffn.experts.5.w2.weight"][:64].contiguous()
+
+    out, shard = _rewrite(tiny_checkpoint, tmp_path, edit, "layers.2.ffn.experts.5.w2.weight")
+    with pytest.raises(CheckpointError, match=rf"{shard}.*layers\.2\.ffn\.experts\.5\.w2\.weight.*shape"):
+        load_model(out, progress=None)
+
+
+def test_f32_scales_must_be_powers_of_two(tiny_checkpoint, tmp_path):
+    """-Base checkpoints store their scales as F32: accepted when every one is a power of two, named otherwise."""
+    def as_f32(scale, factor):
+        return quant.ue8m0_values(scale) * factor
+
+    name = "layers.1.attn.wq_b.scale"
+    good, _ = _rewrite(tiny_checkpoint, tmp_path / "good", lambda t: t.update({name: as_f32(t[name], 1.0)}), name)
+    assert torch.equal(load_model(good, progress=None).state_dict()[name].view(torch.uint8),
+                       load_model(tiny_checkpoint, progress=None).state_dict()[name].view(torch.uint8))
+    bad, shard = _rewrite(tiny_checkpoint, tmp_path / "bad", lambda t: t.update({name: as_f32(t[name], 1.5)}), name)
+    with pytest.raises(CheckpointError, match=rf"{shard}.*{name}.*powers of two"):
+        load_model(bad, progress=None)
 
 
 def test_wrong_dtype_is_named(tiny_checkpoint, tmp_path):
