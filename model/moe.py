@@ -103,4 +103,4 @@ class MoE(nn.Module):
         """x [T, D] (ffn_norm output) -> [T, D]."""
         weights, ids = self.gate(x, token_ids, numerics)
         routed = self.expert_runner(self, x, weights, ids, numerics)
-        return numerics.act(routed + self.shared_experts(x, numerics).float())
+        return numerics.act(routed + numerics.experts.shared(self, x, numerics).float())

@@ -79,6 +79,6 @@ class Numerics:
     def prepare(self, model: torch.nn.Module) -> None:
         """Derive what this mode's kernels need from the loaded weights, once, before the first step (fast: expert
         weights stacked per layer, scale copies for cuBLAS). Formats stay the checkpoint's."""
+        self.experts.prepare(model)      # first: stacking re-points expert weights, which linear data refers to
         self.linear.prepare(model)
-        self.experts.prepare(model)
 

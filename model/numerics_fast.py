@@ -150,16 +150,19 @@ class FastExperts:
         from dsv4.model.moe import MoE
 
         for module in model.modules():
-            if isinstance(module, MoE) and module.held and getattr(module, "fast_experts", None) is None:
-                if module.local_expert(0).w1.weight.device.type != "meta":
-                    module.fast_experts = stack_layer(module)
+            if isinstance(module, MoE) and getattr(module, "fast_shared", None) is None:
+                if module.shared_experts.w1.weight.device.type == "meta":
+                    continue
+                module.fast_shared = stack([module.shared_experts])
+                if module.held:
+                    module.fast_experts = stack([module.local_expert(i) for i in range(len(module.held))])
 
     def run_pairs(self, moe: MoE, rows: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
                   pair_weight: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        if getattr(moe, "fast_shared", None) is None:
+            self.prepare(moe)
         stacked = getattr(moe, "fast_experts", None)
         if stacked is None:
-            stacked = moe.fast_experts = stack_layer(moe)
-        if not moe.held:
             return torch.zeros(pair_expert.shape[0], rows.shape[-1], dtype=ACT, device=rows.device)
         return moe_kernels.expert_forward(rows.to(ACT), pair_row, pair_expert.to(torch.int32), pair_weight.float(),
                                           stacked, moe.local_expert(0).limit)
@@ -168,8 +171,18 @@ class FastExperts:
         return moe_kernels.combine_pairs(pair_out, ids.shape[1])
 
 
-def stack_layer(moe: MoE) -> moe_kernels.ExpertWeights:
-    experts = [moe.local_expert(i) for i in range(len(moe.held))]
+    def shared(self, moe: MoE, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        """The shared expert through the grouped kernel as one expert of weight 1 (its SwiGLU fused): [T, D]."""
+        if getattr(moe, "fast_shared", None) is None:
+            self.prepare(moe)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return moe_kernels.expert_forward(x.to(ACT), rows, torch.zeros_like(rows, dtype=torch.int32),
+                                          torch.ones(x.shape[0], device=x.device), moe.fast_shared,
+                                          moe.shared_experts.limit)
+
+
+def stack(experts: list) -> moe_kernels.ExpertWeights:
+    """Experts (same shapes and format) into one stacked `ExpertWeights`; their buffers become views of it."""
     fmt = experts[0].w1.fmt.value
     stacked = moe_kernels.stack_experts([(e.w1.weight, _scale(e.w1), e.w3.weight, _scale(e.w3), e.w2.weight,
                                           _scale(e.w2)) for e in experts], fmt)
@@ -183,6 +196,7 @@ def stack_layer(moe: MoE) -> moe_kernels.ExpertWeights:
             e.w2._buffers["scale"] = stacked.s2[i]
         for layer in (e.w1, e.w2, e.w3):
             layer._dense = None
+            layer.__dict__.pop("fast_weight", None)       # it holds the unstacked tensors
     return stacked
 
 

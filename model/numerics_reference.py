@@ -177,6 +177,10 @@ class ReferenceExperts(_Family):
             out[mine] = moe.local_expert(local)(rows[pair_row[mine]], numerics, pair_weight[mine, None]).to(out.dtype)
         return out
 
+    def shared(self, moe: MoE, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        """The shared expert, [T, D] in the activation dtype."""
+        return moe.shared_experts(x, numerics)
+
     def combine(self, pair_out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """[T*k, D] per-pair outputs -> [T, D] fp32, summed one by one in ascending expert id (the official loop
         order; slots of other workers' experts hold zeros until their outputs come back)."""
