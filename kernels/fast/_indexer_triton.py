@@ -114,8 +114,13 @@ def _key_block_e4m3(pool32_ptr, row32, present, b: tl.constexpr, BLOCK_E: tl.con
     """32-block b of BLOCK_E keys (bytes 16b .. 16b+15 = int32 words 4b .. 4b+3) as an e4m3 [BLOCK_E, 32] tile in
     element order. Four bytes at a time: e4m3 bits ((c & 7) << 2) | ((c & 8) << 4) are exactly e2m1(c) * 2^-6
     (subnormals included), for the low nibbles (elements 2i) and the high ones (2i + 1)."""
-    word = tl.load(pool32_ptr + row32[:, None] + (b * 4 + tl.arange(0, 4))[None, :], mask=present[:, None],
-                   other=0)                                                          # [E, 4] int32
+    # Four separate [E] loads, not one [E, 4] load: the 68-byte rows start at any 4-byte boundary, and the
+    # compiler's alignment analysis once turned the [E, 4] load into misaligned 16-byte vector loads on the GPU.
+    w0 = tl.load(pool32_ptr + row32 + b * 4, mask=present, other=0)
+    w1 = tl.load(pool32_ptr + row32 + (b * 4 + 1), mask=present, other=0)
+    w2 = tl.load(pool32_ptr + row32 + (b * 4 + 2), mask=present, other=0)
+    w3 = tl.load(pool32_ptr + row32 + (b * 4 + 3), mask=present, other=0)
+    word = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_E, 4])       # [E, 4] int32, in order
     lo = ((word << 2) & 0x1C1C1C1C) | ((word << 4) & -2139062144)                   # -2139062144 = 0x80808080
     hi = ((word >> 2) & 0x1C1C1C1C) | (word & -2139062144)
     # Element 8w + 2i + h (byte i = 2 i1 + i0 of word w, nibble h): the last joined axis is the fastest.
