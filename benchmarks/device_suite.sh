@@ -23,7 +23,7 @@ for stage in "$@"; do
         tests/gpu/test_fast_mhc_gpu.py tests/gpu/test_fast_norm_gpu.py tests/gpu/test_sampler_device.py ;;
     kernel-tests-split)   # one process per file: a CUDA fault in one cannot fail the others
       for f in ${FILES:-linear moe attention indexer compressor router mhc norm}; do
-        CUDA_LAUNCH_BLOCKING=1 run "gpu-$f" 120 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 -rf \
+        run "gpu-$f" 120 env CUDA_LAUNCH_BLOCKING=1 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 -rf \
           "tests/gpu/test_fast_${f}_gpu.py"
       done
       run gpu-sampler 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/gpu/test_sampler_device.py ;;
