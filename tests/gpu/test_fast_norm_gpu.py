@@ -2,8 +2,8 @@
 the references on a CPU copy.
 
 Tolerances: rms_norm, rope, head_norm_rope (vs the official bf16 q norm) and kv_entry: bf16 outputs within one
-bf16 ulp (+ half an ulp of the row's largest) of the reference, unequal in at most 1% of the elements (printed); head_norm_rope vs the official bf16 op-by-op
-head norm: within 2^-5 of each head's largest value. kv_entry's FP8 step: bit-exact given the kernel's own
+bf16 ulp (+ half an ulp of the row's largest) of the reference, unequal in at most 1% of the elements (printed);
+also head_norm_rope within 2^-5 of each head's largest value. kv_entry's FP8 step: bit-exact given the kernel's own
 pre-quantization output. window_append: byte-exact (decode batch 128, prefill chunks longer than the window,
 mixed chunks, slots outside the ring not written). V4-Flash / V4-Pro shapes; one CUDA-graph capture + replay.
 """
