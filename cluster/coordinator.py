@@ -1,8 +1,9 @@
 """The coordinator: a Ray actor (CPU) that owns the request queue, the scheduler, the per-worker block
 accounting, the expert placement and the load statistics, and drives the workers step by step.
 
-It carries metadata only: plans out, sampled token ids back. The step loop keeps up to two steps in flight —
-while workers execute step N, step N+1 is planned and queued behind it — so scheduling overlaps execution.
+It carries metadata only: plans out, sampled token ids (and log-probabilities where asked) back. The step loop
+keeps up to two steps in flight — while workers execute step N, step N+1 is planned and queued behind it — so
+scheduling overlaps execution.
 Streams go back to the server through a Ray streaming generator per request.
 """
 
@@ -133,8 +134,9 @@ class Coordinator:
 
     def _process(self, plans: StepPlans, results: list[WorkerResult]) -> None:
         for result in results:
-            for request_id, token in result.sampled:
-                output = self.scheduler.on_token(request_id, token)
+            logprobs = result.logprobs or (None,) * len(result.sampled)   # empty: no request of the step asked
+            for (request_id, token), token_logprobs in zip(result.sampled, logprobs, strict=True):
+                output = self.scheduler.on_token(request_id, token, token_logprobs)
                 if output is not None:
                     self._deliver(output)
             for e, n in enumerate(result.expert_counts):

@@ -9,7 +9,7 @@ import grpc
 
 from dsv4.cluster.engine_client import LoadReport, ModelInfo
 from dsv4.cluster.generation_service import GenerationService
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest
+from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 from dsv4.protos import dsv4_pb2, dsv4_pb2_grpc
 
@@ -39,14 +39,20 @@ def request_from_proto(service: GenerationService, message: dsv4_pb2.GenerateReq
         min_tokens=params.min_tokens,
         stop=tuple(params.stop),
         stop_token_ids=tuple(params.stop_token_ids),
-        ignore_eos=params.ignore_eos)
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs if params.HasField("logprobs") else None)
+
+
+def _logprobs_to_proto(logprobs: tuple[TokenLogprobs, ...] | None) -> list[dsv4_pb2.TokenLogprobs]:
+    return [dsv4_pb2.TokenLogprobs(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+            for lp in logprobs or ()]
 
 
 def response_from_event(request_id: str, event: StreamEvent) -> dsv4_pb2.GenerateResponse:
     if isinstance(event, TextDelta):
         return dsv4_pb2.GenerateResponse(request_id=request_id, chunk=dsv4_pb2.GenerateChunk(
             token_ids=event.token_ids, text=event.text, prompt_tokens=event.num_prompt_tokens,
-            completion_tokens=event.num_output_tokens))
+            completion_tokens=event.num_output_tokens, logprobs=_logprobs_to_proto(event.logprobs)))
     return _terminal_response(request_id, event)
 
 
@@ -57,7 +63,8 @@ def _terminal_response(request_id: str, final: TextFinal) -> dsv4_pb2.GenerateRe
             completion_tokens=final.num_output_tokens))
     complete = dsv4_pb2.GenerateComplete(
         finish_reason=_FINISH_REASONS[final.finish_reason], output_ids=final.output_ids, text=final.text,
-        prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens)
+        prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens,
+        logprobs=_logprobs_to_proto(final.output_logprobs))
     if final.matched_stop_str is not None:
         complete.matched_stop_str = final.matched_stop_str
     elif final.matched_stop_token_id is not None:

@@ -21,7 +21,7 @@ import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from dsv4.cluster.generation_service import GenerationService
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest
+from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 from dsv4.cluster.text_stream import TextDelta, TextFinal
 
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
@@ -40,8 +40,11 @@ def _reject_unsupported(params: vllm_engine_pb2.SamplingParams, message: vllm_en
         ("sampling_params.frequency_penalty", params.frequency_penalty != 0.0, "is not supported"),
         ("sampling_params.presence_penalty", params.presence_penalty != 0.0, "is not supported"),
         ("sampling_params.repetition_penalty", params.repetition_penalty not in (0.0, 1.0), "is not supported"),
-        ("sampling_params.logprobs", params.HasField("logprobs"), "logprobs are not supported"),
-        ("sampling_params.prompt_logprobs", params.HasField("prompt_logprobs"), "logprobs are not supported"),
+        # vLLM's -1 ("the whole vocabulary") is left to SamplingParams.validate, which names the allowed range.
+        # Prompt logprobs would need the logits of every prompt position, which the engine step does not keep;
+        # any value (0 too: vLLM then returns the prompt tokens' own logprobs) is refused rather than ignored.
+        ("sampling_params.prompt_logprobs", params.HasField("prompt_logprobs"),
+         "prompt log-probabilities are not supported (output `logprobs` are)"),
         ("sampling_params.logit_bias", len(params.logit_bias) > 0, "is not supported"),
         ("sampling_params.truncate_prompt_tokens", params.HasField("truncate_prompt_tokens"), "is not supported"),
         (f"sampling_params.{params.WhichOneof('constraint')}", params.WhichOneof("constraint") is not None,
@@ -72,19 +75,36 @@ def request_from_proto(service: GenerationService, message: vllm_engine_pb2.Gene
         min_tokens=params.min_tokens,
         stop=tuple(params.stop),
         stop_token_ids=tuple(params.stop_token_ids),
-        ignore_eos=params.ignore_eos)
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs if params.HasField("logprobs") else None)
 
 
-def _chunk(delta: TextDelta) -> vllm_engine_pb2.GenerateResponse:
+def _output_logprobs(token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None,
+                     num_logprobs: int | None) -> vllm_engine_pb2.OutputLogProbs | None:
+    """vLLM's per-position layout: the sampled tokens' logprobs and ids, and (only when the request asked for
+    alternatives, as vLLM's servicer does) one TopLogProbs per position. None when not asked or no tokens."""
+    if logprobs is None or not token_ids:
+        return None
+    top = ([vllm_engine_pb2.TopLogProbs(values=lp.top_logprobs, token_ids=lp.top_token_ids) for lp in logprobs]
+           if num_logprobs else [])
+    return vllm_engine_pb2.OutputLogProbs(token_logprobs=[lp.logprob for lp in logprobs], token_ids=token_ids,
+                                          top_logprobs=top)
+
+
+def _chunk(delta: TextDelta, num_logprobs: int | None) -> vllm_engine_pb2.GenerateResponse:
     return vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk(
         token_ids=delta.token_ids, prompt_tokens=delta.num_prompt_tokens,
-        completion_tokens=len(delta.token_ids)))  # a delta count: the gateway accumulates it
+        completion_tokens=len(delta.token_ids),  # a delta count: the gateway accumulates it
+        output_logprobs=_output_logprobs(delta.token_ids, delta.logprobs, num_logprobs)))
 
 
-def _complete(final: TextFinal) -> vllm_engine_pb2.GenerateResponse:
+def _complete(final: TextFinal, num_logprobs: int | None) -> vllm_engine_pb2.GenerateResponse:
+    # All output ids and all their logprobs, streaming or not: the gateway reads them from here when not
+    # streaming, and takes the chunks' when streaming (vLLM's servicer sends the last delta here then).
     complete = vllm_engine_pb2.GenerateComplete(
         output_ids=final.output_ids, finish_reason=final.finish_reason.value,
-        prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens)
+        prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens,
+        output_logprobs=_output_logprobs(final.output_ids, final.output_logprobs, num_logprobs))
     if final.matched_stop_str is not None:
         complete.matched_stop_str = final.matched_stop_str
     elif final.matched_stop_token_id is not None:
@@ -116,15 +136,16 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     async def Generate(self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
             gen_request = request_from_proto(self._service, request)
+            num_logprobs = gen_request.sampling.logprobs
             async with contextlib.aclosing(self._service.stream(gen_request)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         if request.stream and event.token_ids:
-                            await context.write(_chunk(event))
+                            await context.write(_chunk(event, num_logprobs))
                     elif event.finish_reason == FinishReason.ERROR:
                         await context.abort(grpc.StatusCode.INTERNAL, event.error or "engine error")
                     else:
-                        await context.write(_complete(event))
+                        await context.write(_complete(event, num_logprobs))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.cluster.request import SamplingParams
+from dsv4.cluster.request import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +66,6 @@ class WorkerResult:
     expert_counts: tuple[int, ...]           # (token, expert) pairs routed by this worker's tokens, per expert
     num_tokens: int
     seconds: float
+    # aligned with `sampled`: the token's log-probabilities where its request asked, else None; empty (nothing
+    # computed or sent) when no request of the step asked
+    logprobs: tuple[TokenLogprobs | None, ...] = ()

@@ -42,8 +42,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()         # stop strings: matched on detokenized text by the server
     ignore_eos: bool = False
     min_tokens: int = 0
+    # None: no log-probabilities; 0: the sampled token's; n >= 1: also the n most likely tokens (`TokenLogprobs`)
+    logprobs: int | None = None
 
     MAX_TEMPERATURE = 100.0
+    MAX_LOGPROBS = 20                  # OpenAI's cap on top_logprobs (and vLLM's default max_logprobs)
 
     def validate(self, vocab_size: int) -> None:
         if not 1 <= self.max_tokens <= 1 << 24:
@@ -67,6 +70,9 @@ class SamplingParams:
         for text in self.stop:
             if not text:
                 raise InvalidRequest("sampling_params.stop", "stop strings must not be empty")
+        max_logprobs = min(self.MAX_LOGPROBS, vocab_size)
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            raise InvalidRequest("sampling_params.logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs}")
 
     @property
     def is_greedy(self) -> bool:
@@ -95,6 +101,18 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probabilities at one output position, under the model's raw next-token distribution: the log-softmax
+    of the logits before temperature, top-k and top-p (what vLLM returns by default, `logprobs_mode=raw_logprobs`),
+    so they describe the model whatever the sampling parameters. The sampled token id is the one at the same
+    position of the output; it need not be among the top tokens (sampling can pick a less likely one)."""
+
+    logprob: float                            # of the sampled token
+    top_token_ids: tuple[int, ...] = ()       # the request's `logprobs` most likely tokens, most likely first
+    top_logprobs: tuple[float, ...] = ()      # theirs, aligned with top_token_ids (non-increasing)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestOutput:
     """One delta of a request's stream: tokens sampled since the last delta, and the end if it ended."""
 
@@ -105,6 +123,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     matched_stop_token_id: int | None = None
     error: str | None = None
+    # one per new_token_ids entry when the request asked for `logprobs`, else empty
+    new_logprobs: tuple[TokenLogprobs, ...] = ()
 
     @property
     def finished(self) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from dsv4.cache.manager import KVCacheManager
 from dsv4.cluster.config import SchedulerConfig
 from dsv4.cluster.messages import NewRequest, ScheduledChunk, WorkerPlan
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -98,13 +98,15 @@ class Scheduler:
             return None
         return self._finish(state, FinishReason.ABORT)
 
-    def on_token(self, request_id: str, token: int) -> RequestOutput | None:
-        """A sampled token came back from a worker: record it, decide whether the request is done."""
+    def on_token(self, request_id: str, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput | None:
+        """A sampled token (and its log-probabilities, if the request asked) came back from a worker: record it,
+        decide whether the request is done."""
         state = self.requests.get(request_id)
         if state is None or state.status is Status.FINISHED:
             return None                                   # a token sampled after the request ended
         state.output_ids.append(token)
         params, n = state.request.sampling, len(state.output_ids)
+        new_logprobs = (logprobs,) if logprobs is not None else ()
         reason, matched = None, None
         if n >= params.min_tokens and (token in params.stop_token_ids or
                                        (not params.ignore_eos and token in self.eos_token_ids)):
@@ -112,8 +114,8 @@ class Scheduler:
         elif n >= params.max_tokens or state.prompt_len + n >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            return self._finish(state, reason, token, matched)
-        return self._output(state, (token,))
+            return self._finish(state, reason, token, matched, new_logprobs)
+        return self._output(state, (token,), new_logprobs=new_logprobs)
 
     def take_finished_outputs(self) -> list[RequestOutput]:
         """Final outputs of requests the scheduler itself ended while planning (their context filled up)."""
@@ -221,14 +223,14 @@ class Scheduler:
         return running[-1] if running else None
 
     def _finish(self, state: RequestState, reason: FinishReason, token: int | None = None,
-                matched: int | None = None) -> RequestOutput:
+                matched: int | None = None, new_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         if state.status is Status.RUNNING:
             self._release(state)
         state.status, state.finish_reason = Status.FINISHED, reason
         if state.inflight == 0:
             del self.requests[state.request_id]
         new = (token,) if token is not None else ()
-        return self._output(state, new, reason, matched)
+        return self._output(state, new, reason, matched, new_logprobs)
 
     def _release(self, state: RequestState) -> None:
         self.managers[state.worker].release(state.request_id)
@@ -236,8 +238,9 @@ class Scheduler:
         state.worker = None
 
     def _output(self, state: RequestState, new: tuple[int, ...], reason: FinishReason | None = None,
-                matched: int | None = None) -> RequestOutput:
-        return RequestOutput(state.request_id, new, state.prompt_len, len(state.output_ids), reason, matched)
+                matched: int | None = None, new_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
+        return RequestOutput(state.request_id, new, state.prompt_len, len(state.output_ids), reason, matched,
+                             new_logprobs=new_logprobs)
 
     # ------------------------------------------------------------------------------------------ views
     def _running_in_order(self) -> list[RequestState]:

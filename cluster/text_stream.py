@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput
+from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput, TokenLogprobs
 from dsv4.cluster.tokenizer import ModelTokenizer
 
 
@@ -20,6 +20,7 @@ class TextDelta:
     text: str                   # text settled since the previous delta (may lag token_ids, see StopStringMatcher)
     num_prompt_tokens: int
     num_output_tokens: int      # cumulative, including token_ids
+    logprobs: tuple[TokenLogprobs, ...] | None = None   # aligned with token_ids; None unless the request asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class TextFinal:
     matched_stop_token_id: int | None = None
     matched_stop_str: str | None = None
     error: str | None = None
+    output_logprobs: tuple[TokenLogprobs, ...] | None = None   # aligned with output_ids; None unless asked
 
     @property
     def num_output_tokens(self) -> int:
@@ -92,6 +94,8 @@ class TextStream:
         self._min_tokens = request.sampling.min_tokens
         self._num_prompt_tokens = len(request.prompt_token_ids)
         self._output_ids: list[int] = []
+        self._wants_logprobs = request.sampling.logprobs is not None
+        self._output_logprobs: list[TokenLogprobs] = []
 
     @property
     def stop_matched(self) -> bool:
@@ -100,10 +104,16 @@ class TextStream:
 
     def on_output(self, output: RequestOutput) -> list[StreamEvent]:
         self._num_prompt_tokens = output.num_prompt_tokens or self._num_prompt_tokens
+        if self._wants_logprobs and len(output.new_logprobs) != len(output.new_token_ids):
+            raise RuntimeError(f"the engine returned {len(output.new_logprobs)} log-probabilities for "
+                               f"{len(output.new_token_ids)} tokens")
         new_ids: list[int] = []
-        for token_id in output.new_token_ids:  # one at a time: tokens after a stop-string match are dropped
+        # one at a time: tokens after a stop-string match are dropped, and their logprobs with them
+        for i, token_id in enumerate(output.new_token_ids):
             new_ids.append(token_id)
             self._output_ids.append(token_id)
+            if self._wants_logprobs:
+                self._output_logprobs.append(output.new_logprobs[i])
             if self._stops.add(self._detokenizer.add(token_id), self._stop_strings_active()):
                 return self._finish(new_ids, FinishReason.STOP)
         if output.finished:
@@ -129,10 +139,14 @@ class TextStream:
         return events
 
     def _delta(self, new_ids: list[int], text: str) -> TextDelta:
-        return TextDelta(tuple(new_ids), text, self._num_prompt_tokens, len(self._output_ids))
+        logprobs = None
+        if self._wants_logprobs:  # new_ids are the newest outputs: their logprobs are the same-length tail
+            logprobs = tuple(self._output_logprobs[len(self._output_logprobs) - len(new_ids):])
+        return TextDelta(tuple(new_ids), text, self._num_prompt_tokens, len(self._output_ids), logprobs)
 
     def _final(self, reason: FinishReason, stop_token_id: int | None, error: str | None) -> TextFinal:
         if reason == FinishReason.STOP and self._stops.matched is not None:
             stop_token_id = None  # the stop string ended the output, whatever the engine says
         return TextFinal(reason, tuple(self._output_ids), self._stops.text, self._num_prompt_tokens,
-                         stop_token_id, self._stops.matched, error)
+                         stop_token_id, self._stops.matched, error,
+                         tuple(self._output_logprobs) if self._wants_logprobs else None)

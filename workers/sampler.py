@@ -1,5 +1,6 @@
 """Next-token sampling on the logits' device, for a whole step at once: greedy, temperature, top-k, top-p;
-reproducible with a seed. Only the chosen token ids (int64 [S]) leave the device.
+reproducible with a seed; log-probabilities for the rows that ask. Only the chosen token ids (int64 [S]) and those
+log-probabilities leave the device, in one copy (`sample_to_host`).
 
 Gumbel-max: the token is argmax over the kept tokens of logits / temperature + g, with g = -log(-log(u)) and u a
 uniform number from a counter-based hash of (request seed, output index, token id). A request's i-th output
@@ -14,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from dsv4.cluster.request import SamplingParams
+from dsv4.cluster.request import SamplingParams, TokenLogprobs
 
 _MASK32 = 0xFFFFFFFF
 
@@ -59,6 +61,12 @@ class SamplingBatch:
         self.seed = torch.tensor([s.seed for s in specs], dtype=torch.int64).to(device, non_blocking=True)
         self.output_index = torch.tensor([s.output_index for s in specs], dtype=torch.int64).to(device,
                                                                                                 non_blocking=True)
+        # Log-probabilities: the host knows which rows ask and how many alternatives each wants.
+        self.num_logprobs = [s.sampling.logprobs for s in specs]
+        self.logprob_rows = [i for i, n in enumerate(self.num_logprobs) if n is not None]
+        self.logprob_rows_device = (torch.tensor(self.logprob_rows, dtype=torch.int64).to(device, non_blocking=True)
+                                    if self.logprob_rows else None)
+        self.max_num_logprobs = max((self.num_logprobs[i] or 0 for i in self.logprob_rows), default=0)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -90,3 +98,41 @@ def _noise_sorted(batch: SamplingBatch, order: torch.Tensor) -> torch.Tensor:
     vocab = order.shape[-1]
     u = uniform(batch.seed, batch.output_index, torch.arange(vocab, device=order.device))
     return u.gather(1, order)
+
+
+def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The log-probabilities the rows in `batch.logprob_rows` asked for, packed for one copy to the host.
+
+    logits [S, V], token_ids [S] (the sampled ones) -> int32 [R, 1 + 2n] with R = len(logprob_rows) and
+    n = batch.max_num_logprobs: the chosen token's logprob, the top-n token ids, the top-n logprobs, most likely
+    first; logprobs as their fp32 bits (no float64 on the device). Rows wanting fewer than n alternatives take a
+    prefix. Rows that did not ask are not computed at all.
+    """
+    rows = batch.logprob_rows_device
+    assert rows is not None, "no row of the batch asked for log-probabilities"
+    log_probs = logits.index_select(0, rows).float().log_softmax(dim=-1)          # [R, V]
+    chosen = log_probs.gather(1, token_ids.index_select(0, rows)[:, None])       # [R, 1]
+    if batch.max_num_logprobs == 0:
+        return chosen.view(torch.int32)
+    top_logprobs, top_ids = log_probs.topk(batch.max_num_logprobs, dim=-1)        # sorted, largest first
+    return torch.cat([chosen.view(torch.int32), top_ids.int(), top_logprobs.view(torch.int32)], dim=1)
+
+
+def sample_to_host(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Sample, and copy to the host in one sync: the token ids [S] and, aligned with them, each row's
+    `TokenLogprobs` (None where the row did not ask). The second list is empty when no row asked."""
+    token_ids = sample(logits, batch)
+    if not batch.logprob_rows:
+        return token_ids.tolist(), []                      # the step's one sync: token ids only
+    packed = logprobs(logits, token_ids, batch)
+    words = torch.cat([token_ids.int(), packed.flatten()]).cpu().numpy()    # the step's one sync: one int32 copy
+    as_float = words.view(np.float32)
+    num_rows, n = batch.num_rows, batch.max_num_logprobs
+    width = 1 + 2 * n
+    out: list[TokenLogprobs | None] = [None] * num_rows
+    for r, i in enumerate(batch.logprob_rows):
+        base = num_rows + r * width
+        k = batch.num_logprobs[i] or 0
+        out[i] = TokenLogprobs(float(as_float[base]), tuple(int(t) for t in words[base + 1:base + 1 + k]),
+                               tuple(float(v) for v in as_float[base + 1 + n:base + 1 + n + k]))
+    return [int(v) for v in words[:num_rows]], out

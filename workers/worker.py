@@ -20,14 +20,14 @@ from dsv4.cache.pools import allocate_pools
 from dsv4.cache.spec import plan_cache
 from dsv4.cluster.config import ServeConfig
 from dsv4.cluster.messages import WorkerInfo, WorkerPlan, WorkerResult
-from dsv4.cluster.request import SamplingParams
+from dsv4.cluster.request import SamplingParams, TokenLogprobs
 from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
 from dsv4.model.numerics import Numerics, NumericsMode
 from dsv4.workers.expert_parallel import ExpertParallel, FixedCapacityExpertParallel, LocalExperts
 from dsv4.workers.memory import kv_cache_budget
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
-from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample
+from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample_to_host
 
 
 @dataclass
@@ -125,6 +125,7 @@ class Worker:
                                      f"have {len(seq.tokens)}")
             chunks.append(Chunk(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
         sampled = []
+        logprobs: list[TokenLogprobs | None] = []   # aligned with sampled; empty when no request asked
         pad_to = None
         if isinstance(self.experts, FixedCapacityExpertParallel):   # every worker sizes the exchange alike
             pad_to = self.runner.graph_size_for(plan.max_worker_tokens) if plan.all_decode else None
@@ -141,7 +142,8 @@ class Worker:
             if rows:
                 with torch.inference_mode():
                     picked = logits[torch.tensor(rows, device=logits.device)]
-                    tokens = sample(picked, SamplingBatch(specs, logits.device)).tolist()   # the step's one sync
+                    # the step's one sync: token ids, and log-probabilities for the requests that ask
+                    tokens, logprobs = sample_to_host(picked, SamplingBatch(specs, logits.device))
                 for i, token in zip(rows, tokens, strict=True):
                     request_id = plan.chunks[i].request_id
                     seq = self.sequences[request_id]
@@ -152,4 +154,4 @@ class Worker:
             with torch.inference_mode():
                 self.experts.idle_pass(self.numerics)
         return WorkerResult(plan.step_id, self.rank, tuple(sampled), self.experts.take_counts(), plan.num_tokens,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, tuple(logprobs))

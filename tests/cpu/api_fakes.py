@@ -30,7 +30,7 @@ import grpc
 import pytest
 
 from dsv4.cluster.engine_client import EngineClient, LoadReport, ModelInfo, WorkerLoad
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
 from dsv4.cluster.server import build_server
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.tokenizer_file import write_tokenizer_files
@@ -177,16 +177,21 @@ class RecordingEngine:
     def __init__(self, engine: EngineClient):
         self._engine = engine
         self.prompts: dict[str, tuple[int, ...]] = {}
+        self.requests: dict[str, GenerateRequest] = {}
         self.outputs: dict[str, list[int]] = {}
+        self.logprobs: dict[str, list[TokenLogprobs]] = {}   # aligned with outputs when the request asked
 
     def model_info(self) -> ModelInfo:
         return self._engine.model_info()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self.prompts[request.request_id] = request.prompt_token_ids
+        self.requests[request.request_id] = request
         self.outputs[request.request_id] = []
+        self.logprobs[request.request_id] = []
         async for output in self._engine.generate(request):
             self.outputs[request.request_id].extend(output.new_token_ids)
+            self.logprobs[request.request_id].extend(output.new_logprobs)
             yield output
 
     async def abort(self, request_id: str) -> bool:

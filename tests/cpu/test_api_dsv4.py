@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import torch
 from api_fakes import (  # noqa: F401
     TIMEOUT_S,
     FakeEngine,
@@ -26,6 +27,8 @@ from api_fakes import (  # noqa: F401
 )
 
 from dsv4.cluster.tokenizer import REPLACEMENT_CHAR, ModelTokenizer
+from dsv4.model.generate import forward_logits
+from dsv4.model.numerics import Numerics
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
 
@@ -166,7 +169,62 @@ def _bad_requests(vocab: int, context: int) -> list[tuple[str, dict]]:
         ("sampling_params.min_tokens", {**ok, "sampling_params": pb.SamplingParams(min_tokens=-1)}),
         ("sampling_params.stop_token_ids", {**ok, "sampling_params": pb.SamplingParams(stop_token_ids=[vocab])}),
         ("sampling_params.stop", {**ok, "sampling_params": pb.SamplingParams(stop=[""])}),
+        ("sampling_params.logprobs", {**ok, "sampling_params": pb.SamplingParams(logprobs=-1)}),
+        ("sampling_params.logprobs", {**ok, "sampling_params": pb.SamplingParams(logprobs=21)}),
     ]
+
+
+def check_logprobs(responses: list[pb.GenerateResponse], num_logprobs: int) -> list[pb.TokenLogprobs]:
+    """The invariants of a stream that asked for `num_logprobs`; returns the logprobs, one per output token."""
+    complete, chunks = responses[-1].complete, [r.chunk for r in responses[:-1]]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    streamed = [lp for c in chunks for lp in c.logprobs]
+    assert streamed == list(complete.logprobs) and len(streamed) == len(complete.output_ids)
+    for token, lp in zip(complete.output_ids, streamed, strict=True):
+        assert lp.logprob <= 0.0 and len(lp.top_token_ids) == len(lp.top_logprobs) == num_logprobs
+        assert list(lp.top_logprobs) == sorted(lp.top_logprobs, reverse=True)
+        if token in lp.top_token_ids:
+            assert lp.top_logprobs[list(lp.top_token_ids).index(token)] == lp.logprob
+        elif num_logprobs:
+            assert lp.logprob <= lp.top_logprobs[-1]
+    return streamed
+
+
+def test_logprobs_are_the_models_log_softmax(stub, tokenizer, tiny_model) -> None:  # noqa: F811
+    prompt = tokenizer.encode(PROMPT)
+    responses = generate(stub, tokenized=pb.TokenIds(token_ids=prompt),
+                         sampling_params=greedy(8, ignore_eos=True, logprobs=5))
+    complete = check_stream(responses, tokenizer)
+    got = check_logprobs(responses, 5)
+    output = list(complete.output_ids)
+    # The single-process model's distribution at each output position: the engine reproduces its logits bit for
+    # bit, and the fp32 log-softmax of a row does not depend on the rows around it, so the values are equal.
+    logits = forward_logits(tiny_model, prompt + output, Numerics.parse("reference"))[len(prompt) - 1:-1]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for i, (token, lp) in enumerate(zip(output, got, strict=True)):
+        assert lp.top_token_ids[0] == token and lp.top_logprobs[0] == lp.logprob     # greedy: the most likely
+        assert lp.logprob == float(expected[i, token])
+        assert list(lp.top_token_ids) == expected[i].topk(5).indices.tolist()
+        assert list(lp.top_logprobs) == expected[i].topk(5).values.tolist()
+    plain = generate(stub, tokenized=pb.TokenIds(token_ids=prompt), sampling_params=greedy(8, ignore_eos=True))
+    assert plain[-1].complete.output_ids == complete.output_ids             # asking changes no token
+    assert not plain[-1].complete.logprobs and not any(r.chunk.logprobs for r in plain[:-1])
+
+
+def test_logprobs_are_of_the_raw_distribution_whatever_the_sampling(stub, tokenizer) -> None:  # noqa: F811
+    def run(**params) -> tuple[list[int], list[pb.TokenLogprobs]]:
+        responses = generate(stub, text=PROMPT, sampling_params=pb.SamplingParams(max_tokens=6, ignore_eos=True,
+                                                                                    **params))
+        return list(check_stream(responses, tokenizer).output_ids), check_logprobs(responses, params["logprobs"])
+
+    greedy_ids, greedy_lps = run(temperature=0.0, logprobs=20)
+    hot_ids, hot_lps = run(temperature=1.8, top_k=100, seed=5, logprobs=20)
+    chosen_ids, chosen_lps = run(temperature=1.8, top_k=100, seed=5, logprobs=0)
+    assert chosen_ids == hot_ids and [lp.logprob for lp in chosen_lps] == [lp.logprob for lp in hot_lps]
+    # the first position's distribution depends on the prompt only: not on temperature or top-k
+    assert hot_lps[0].top_token_ids == greedy_lps[0].top_token_ids
+    assert hot_lps[0].top_logprobs == greedy_lps[0].top_logprobs
+    assert hot_ids != greedy_ids, "a hot temperature should leave the greedy path"
 
 
 def test_every_bad_request_is_invalid_argument_naming_the_field(stub, tokenizer, model_info) -> None:  # noqa: F811

@@ -97,6 +97,23 @@ def test_generate_main_prints_the_stream_and_reports_errors(api_server, capsys) 
     assert "INVALID_ARGUMENT: sampling_params.top_p" in capsys.readouterr().err
 
 
+def test_generate_main_prints_logprobs_after_the_text(api_server, channel) -> None:  # noqa: F811
+    parser = client.add_generate_arguments(argparse.ArgumentParser())
+    out, err = io.StringIO(), io.StringIO()
+    args = parser.parse_args(["Hi", "--address", api_server.address, "--max-tokens", "4", "--temperature", "0",
+                              "--ignore-eos", "--logprobs", "2"])
+    assert client.generate_main(args, out, err) == 0
+    complete = list(dsv4_pb2_grpc.Dsv4EngineStub(channel).Generate(pb.GenerateRequest(
+        text="Hi", sampling_params=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)),
+        timeout=TIMEOUT_S))[-1].complete
+    assert out.getvalue() == complete.text + "\n"
+    assert err.getvalue() == client.format_logprobs(complete.output_ids, complete.logprobs)
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 4 and all(len(line.split("\t")) == 3 and len(line.split("\t")[2].split()) == 2
+                                   for line in lines)
+    assert lines[0].split("\t")[0] == str(complete.output_ids[0])
+
+
 def test_serve_forever_serves_until_cancelled(engine_client, tokenizer) -> None:  # noqa: F811
     port, loop = free_port(), EventLoopThread()
     serving = loop.submit(serve_forever(engine_client, tokenizer, "127.0.0.1", port, grace_s=0.1))

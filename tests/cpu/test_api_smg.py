@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -31,6 +32,7 @@ from api_fakes import (  # noqa: F401
     wait_until,
 )
 
+from dsv4.cluster.request import TokenLogprobs
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
 
@@ -186,3 +188,40 @@ def test_closing_the_http_stream_aborts_the_request(gateway, served_model, chann
             pass  # read up to the first content, so the request is running in the engine
         assert loads(pb.GetLoadsRequest(), timeout=TIMEOUT_S).num_running_requests == 1
     wait_until(lambda: loads(pb.GetLoadsRequest()).num_running_requests == 0, "smg to abort the request")
+
+
+def _f32(value: float) -> bytes:
+    """Both sides carry float32 (the engine's proto, smg's Rust f32); JSON prints it shortest, so compare bits."""
+    return struct.pack("<f", value)
+
+
+def _engine_entries(engine_logprobs: list[TokenLogprobs]) -> list[tuple[bytes, list[bytes]]]:
+    return [(_f32(lp.logprob), [_f32(v) for v in lp.top_logprobs]) for lp in engine_logprobs]
+
+
+def _received_entries(content: list[dict]) -> list[tuple[bytes, list[bytes]]]:
+    return [(_f32(c["logprob"]), [_f32(t["logprob"]) for t in c["top_logprobs"]]) for c in content]
+
+
+def test_openai_logprobs_through_smg(gateway, served_model, recorder) -> None:  # noqa: F811
+    body = dict(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    with open_chat(gateway, served_model, stream=False, **body) as response:
+        choice = json.load(response)["choices"][0]
+    request_id = list(recorder.prompts)[-1]
+    assert recorder.requests[request_id].sampling.logprobs == 3                # top_logprobs reached the engine
+    engine = _engine_entries(recorder.logprobs[request_id])
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(recorder.outputs[request_id]) == 12
+    assert _received_entries(content) == engine                                # every value, to the bit
+    assert all(c["top_logprobs"][0]["token"] == c["token"] for c in content)   # greedy: the most likely token
+
+    with open_chat(gateway, served_model, **body) as response:
+        chunks = [json.loads(e) for e in sse_events(response) if e != "[DONE]"]
+    streamed = [c for chunk in chunks if chunk["choices"]
+                for c in ((chunk["choices"][0].get("logprobs") or {}).get("content") or [])]
+    request_id = list(recorder.prompts)[-1]
+    assert _engine_entries(recorder.logprobs[request_id]) == engine            # the same greedy run
+    # smg streams a chunk's logprobs with that chunk's text, and drops both when a chunk adds no text (the first
+    # byte of a split character): what arrives is the engine's in order, possibly with gaps.
+    received, remaining = _received_entries(streamed), iter(engine)
+    assert received and all(entry in remaining for entry in received)         # a subsequence of the engine's

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from api_fakes import make_tokenizer_dir
 
-from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams
+from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams, TokenLogprobs
 from dsv4.cluster.text_stream import StopStringMatcher, TextDelta, TextFinal, TextStream
 from dsv4.cluster.tokenizer import REPLACEMENT_CHAR, ModelTokenizer
 
@@ -97,9 +97,12 @@ def _run(tokenizer: ModelTokenizer, ids: list[int], sizes: list[int], **sampling
     stream, events, start = TextStream(tokenizer, request), [], 0
     for size in sizes:
         chunk = tuple(ids[start:start + size])
+        # with logprobs asked, output i's logprob is -i: which token each one belongs to stays visible
+        logprobs = tuple(TokenLogprobs(-float(i)) for i in range(start, start + len(chunk)))
         start += size
         finished = start >= len(ids)
-        events += stream.on_output(RequestOutput("r", chunk, 2, start, FinishReason.LENGTH if finished else None))
+        events += stream.on_output(RequestOutput("r", chunk, 2, start, FinishReason.LENGTH if finished else None,
+                                                 new_logprobs=logprobs if "logprobs" in sampling else ()))
         if events and isinstance(events[-1], TextFinal):
             break
     return events
@@ -135,3 +138,24 @@ def test_finished_stream_flushes_held_back_text(tokenizer: ModelTokenizer) -> No
     final = events[-1]
     assert final.finish_reason == FinishReason.LENGTH and final.matched_stop_str is None
     assert final.text == "the end is nigh" == "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+@pytest.mark.parametrize("sizes", [[1] * 40, [3] * 14, [2, 5, 1, 7, 30]])
+def test_logprobs_follow_their_tokens_and_end_with_a_stop_string(tokenizer: ModelTokenizer,
+                                                                 sizes: list[int]) -> None:
+    ids = tokenizer.encode("hello world, hello stop here")[1:]
+    events = _run(tokenizer, ids, sizes, stop=("lo w",), logprobs=0)
+    deltas, final = [e for e in events if isinstance(e, TextDelta)], events[-1]
+    assert isinstance(final, TextFinal) and final.matched_stop_str == "lo w"
+    assert all(d.logprobs is not None and len(d.logprobs) == len(d.token_ids) for d in deltas)
+    streamed = [lp for d in deltas for lp in d.logprobs]
+    assert final.output_logprobs == tuple(streamed)     # cut where the output is cut: at the stop string
+    assert [lp.logprob for lp in streamed] == [-float(i) for i in range(len(final.output_ids))]
+    plain = _run(tokenizer, ids, sizes, stop=("lo w",))
+    assert all(e.logprobs is None for e in plain if isinstance(e, TextDelta)) and plain[-1].output_logprobs is None
+
+
+def test_missing_logprobs_are_an_engine_error(tokenizer: ModelTokenizer) -> None:
+    stream = TextStream(tokenizer, GenerateRequest("r", (0, 5), SamplingParams(logprobs=2)))
+    with pytest.raises(RuntimeError, match="0 log-probabilities for 2 tokens"):
+        stream.on_output(RequestOutput("r", (7, 8), 2, 2))

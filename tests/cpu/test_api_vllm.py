@@ -25,6 +25,8 @@ from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.protos import dsv4_pb2 as pb
+from dsv4.protos import dsv4_pb2_grpc
 
 PROMPT = "Once upon a time"
 
@@ -130,11 +132,59 @@ def _bad_requests(tokenizer: ModelTokenizer, vocab: int, context: int) -> list[t
         ("sampling_params.top_k", {**ok, "sampling_params": vpb.SamplingParams(top_k=vocab + 1)}),
         ("sampling_params.seed", {**ok, "sampling_params": vpb.SamplingParams(seed=-5)}),
         ("sampling_params.n", {**ok, "sampling_params": vpb.SamplingParams(n=2)}),
-        ("sampling_params.logprobs", {**ok, "sampling_params": vpb.SamplingParams(logprobs=1)}),
+        ("sampling_params.logprobs", {**ok, "sampling_params": vpb.SamplingParams(logprobs=-1)}),  # vLLM: all
+        ("sampling_params.logprobs", {**ok, "sampling_params": vpb.SamplingParams(logprobs=21)}),
+        ("sampling_params.prompt_logprobs", {**ok, "sampling_params": vpb.SamplingParams(prompt_logprobs=1)}),
+        ("sampling_params.prompt_logprobs", {**ok, "sampling_params": vpb.SamplingParams(prompt_logprobs=0)}),
         ("sampling_params.repetition_penalty", {**ok, "sampling_params": vpb.SamplingParams(repetition_penalty=1.3)}),
         ("sampling_params.json_schema", {**ok, "sampling_params": vpb.SamplingParams(json_schema="{}")}),
         ("sampling_params.stop_token_ids", {**ok, "sampling_params": vpb.SamplingParams(stop_token_ids=[vocab])}),
     ]
+
+
+def check_output_logprobs(logprobs: vpb.OutputLogProbs, token_ids, num_logprobs: int) -> None:
+    """vLLM's layout: the sampled tokens' ids and logprobs, and one TopLogProbs per position if alternatives were
+    asked for (most likely first)."""
+    assert list(logprobs.token_ids) == list(token_ids) and len(logprobs.token_logprobs) == len(token_ids)
+    assert all(lp <= 0.0 for lp in logprobs.token_logprobs)
+    if not num_logprobs:
+        assert not logprobs.top_logprobs
+        return
+    assert len(logprobs.top_logprobs) == len(token_ids)
+    for top in logprobs.top_logprobs:
+        assert len(top.values) == len(top.token_ids) == num_logprobs
+        assert list(top.values) == sorted(top.values, reverse=True)
+
+
+def test_logprobs_in_chunks_and_complete(stub, channel, tokenizer) -> None:  # noqa: F811
+    params = greedy(8, ignore_eos=True, logprobs=2)
+    streamed = generate(stub, request_id="v-lp", tokenized=tokenized(tokenizer), sampling_params=params, stream=True)
+    complete = check_stream(streamed)
+    chunks = [r.chunk for r in streamed[:-1]]
+    for chunk in chunks:
+        check_output_logprobs(chunk.output_logprobs, chunk.token_ids, 2)
+    everything = complete.output_logprobs
+    check_output_logprobs(everything, complete.output_ids, 2)               # all of them, as output_ids
+    assert [v for c in chunks for v in c.output_logprobs.token_logprobs] == list(everything.token_logprobs)
+    assert [t for c in chunks for t in c.output_logprobs.top_logprobs] == list(everything.top_logprobs)
+    for token, value, top in zip(complete.output_ids, everything.token_logprobs, everything.top_logprobs,
+                                 strict=True):
+        assert top.token_ids[0] == token and top.values[0] == value          # greedy: the most likely token
+    unstreamed = generate(stub, request_id="v-lp2", tokenized=tokenized(tokenizer), sampling_params=params)
+    assert unstreamed[0].complete.output_logprobs == complete.output_logprobs
+    # the same numbers as the dsv4 API's for the same prompt
+    ours = list(dsv4_pb2_grpc.Dsv4EngineStub(channel).Generate(pb.GenerateRequest(
+        tokenized=pb.TokenIds(token_ids=tokenizer.encode(PROMPT)),
+        sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)),
+        timeout=TIMEOUT_S))[-1].complete
+    assert [lp.logprob for lp in ours.logprobs] == list(complete.output_logprobs.token_logprobs)
+    only_chosen = check_stream(generate(stub, request_id="v-lp3", tokenized=tokenized(tokenizer), stream=True,
+                                        sampling_params=greedy(8, ignore_eos=True, logprobs=0)))
+    check_output_logprobs(only_chosen.output_logprobs, complete.output_ids, 0)
+    assert only_chosen.output_logprobs.token_logprobs == complete.output_logprobs.token_logprobs
+    plain = generate(stub, request_id="v-lp4", tokenized=tokenized(tokenizer), sampling_params=greedy(8), stream=True)
+    assert not any(r.chunk.HasField("output_logprobs") for r in plain[:-1])
+    assert not plain[-1].complete.HasField("output_logprobs")
 
 
 def test_every_bad_request_is_invalid_argument_naming_the_field(stub, tokenizer, model_info) -> None:  # noqa: F811
