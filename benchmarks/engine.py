@@ -176,7 +176,9 @@ def decode_rows(model, numerics: Numerics, folded: FoldedExperts, batches: list[
         log(f"context {context} batch {b}: step {step:.2f} ms (eager {eager:.2f}), floor {floor:.2f} ms, "
             f"x{step / floor:.2f}, {distinct:.1f} experts/layer")
         if profile and b in (1, max_batch):
-            breakdown += profile_step(runner, chunks, f"decode batch {b}, context {context}")
+            table = profile_step(runner, chunks, f"decode batch {b}, context {context}")
+            print(table, flush=True)     # in the log at once: a later failure must not lose it
+            breakdown += table
     return rows, breakdown
 
 
