@@ -32,7 +32,7 @@ for stage in "$@"; do
         tests/gpu/test_runner_graphs.py ;;
     engine-quick) run engine-quick 200 python3 benchmarks/engine.py --layers 4 --batches 1,64 --long-context 0 \
         --prefill 2048 --reference-layers 0 --hf-layers 0 --out "$OUT" ;;
-    engine) run engine 540 python3 benchmarks/engine.py --out "$OUT" ;;
+    engine) run engine 420 python3 benchmarks/engine.py --out "$OUT" ;;
     gpu-tests) run gpu-tests 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu ;;
     *) echo "unknown stage $stage" ;;
   esac
