@@ -50,11 +50,13 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- the model
 def flash_config(num_layers: int) -> ModelConfig:
+    """V4-Flash, or a slice of it: fewer layers alternate CSA and HCA (the 41 of 43 that are compressed) with one
+    hash-routed layer, so per-layer timings extrapolate to the whole model."""
     c = preset("v4-flash")
     if num_layers == c.num_hidden_layers:
         return c
-    ratios = c.compress_ratios[:num_layers] + c.compress_ratios[c.num_hidden_layers:]
-    return c.replace(num_hidden_layers=num_layers, compress_ratios=ratios, num_hash_layers=min(3, num_layers))
+    ratios = tuple((4, 128)[i % 2] for i in range(num_layers)) + c.compress_ratios[c.num_hidden_layers:]
+    return c.replace(num_hidden_layers=num_layers, compress_ratios=ratios, num_hash_layers=1)
 
 
 class FoldedExperts:
@@ -243,8 +245,8 @@ def reference_decode_ms(num_layers: int, gen: torch.Generator) -> float:
     import os
 
     os.environ["DSV4_KERNELS"] = "0"
-    config = flash_config(num_layers).replace(num_nextn_predict_layers=0)
-    config = config.replace(compress_ratios=config.compress_ratios[:num_layers])
+    config = flash_config(num_layers)
+    config = config.replace(num_nextn_predict_layers=0, compress_ratios=config.compress_ratios[:num_layers])
     numerics = Numerics.parse("reference")
     model = synthetic_model(config, "cuda", expert_ids=list(range(256 // EP_RANKS)), progress=None)
     FoldedExperts(model, numerics)
@@ -262,10 +264,10 @@ def transformers_decode_ms(num_layers: int) -> float | str:
         from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
     except ImportError as e:
         return f"unavailable: {e}"
-    c = flash_config(num_layers).replace(num_nextn_predict_layers=0)
+    c = flash_config(num_layers)
     # 64 experts: the per-token expert work is the same (top-6), the memory a quarter
-    c = c.replace(compress_ratios=c.compress_ratios[:num_layers], quantization_config=None, expert_dtype=None,
-                  n_routed_experts=64)
+    c = c.replace(num_nextn_predict_layers=0, compress_ratios=c.compress_ratios[:num_layers], quantization_config=None,
+                  expert_dtype=None, n_routed_experts=64)
     hf_config = DeepseekV4Config(**{k: v for k, v in c.to_dict().items() if k != "architectures"})
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -184,7 +184,10 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- cuBLAS path
 def _cublas_eligible(w: Fp8Weight, out_dtype: torch.dtype) -> bool:
-    return out_dtype == torch.bfloat16 and w.out_features % QBLOCK == 0
+    """cuBLASLt's blockwise FP8 takes N % 128 == 0 and K / 128 a multiple of 4 (its 128x128 scale rows are
+    padded to 4; with K = 256 it answered CUBLAS_STATUS_NOT_SUPPORTED on the H200); the Triton path takes the rest."""
+    return (out_dtype == torch.bfloat16 and w.out_features % QBLOCK == 0
+            and (w.in_features // QBLOCK) % 4 == 0)
 
 
 def _cublas_fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:

@@ -126,7 +126,13 @@ def test_kv_entry_matches_reference_and_its_fp8_step_is_exact(num_tokens, d, nop
     pos = positions(num_tokens, g)
     kvd, wd, pd, fd = kv.to(DEV), w.to(DEV), pos.to(DEV), YARN.to(DEV)
     got = norm.kv_entry(kvd, wd, EPS, pd, fd, nope)
-    assert_bf16_close(got, ref_kv_entry(kv, w, pos, YARN))
+    want = ref_kv_entry(kv, w, pos, YARN)
+    # the FP8 step turns a rare bf16-ulp difference before it into one e4m3 step (1/16 of the element; seen once
+    # in 4096 x 448 elements on the H200): bound the rope dims as bf16, the nope dims by an e4m3 step
+    assert_bf16_close(got[:, nope:].contiguous(), want[:, nope:].contiguous())
+    step = (got[:, :nope].cpu().float() - want[:, :nope].float()).abs()
+    assert bool((step <= want[:, :nope].float().abs() * 2.0 ** -3 + 2.0 ** -20).all())
+    assert float((got[:, :nope].cpu() != want[:, :nope]).float().mean()) <= 1e-3
     before_quant = _norm_triton.norm_rope(kvd, pd, fd, norm=True, weight=wd, eps=EPS, quant=False)
     assert torch.equal(got.cpu(), quant.fake_quant_kv(before_quant.cpu(), d - nope))
 

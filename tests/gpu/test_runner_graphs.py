@@ -21,8 +21,8 @@ def test_graph_replay_equals_eager_for_every_bucket():
     model = synthetic_model(config, "cuda", seed=1, progress=None)
     max_seqs, blocks = 8, 4
     storages = [KVStorage(config, FAST, max_seqs + 1, max_seqs * blocks, 256, "cuda") for _ in range(2)]
-    graphed = ModelRunner(model, storages[0], FAST, RunnerConfig(max_seqs, 1024, blocks, SIZES))
-    eager = ModelRunner(model, storages[1], FAST, RunnerConfig(max_seqs, 1024, blocks, ()))
+    graphed = ModelRunner(model, storages[0], FAST, RunnerConfig(max_seqs, 4096, blocks, SIZES))
+    eager = ModelRunner(model, storages[1], FAST, RunnerConfig(max_seqs, 4096, blocks, ()))
     graphed.capture_graphs()
     gen = torch.Generator().manual_seed(0)
     lengths = [int(n) for n in torch.randint(5, 300, (max_seqs,), generator=gen)]
