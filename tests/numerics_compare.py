@@ -26,3 +26,24 @@ def logit_distance(ref: torch.Tensor, other: torch.Tensor) -> Distance:
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
     top1 = float((ref.argmax(-1) == other.argmax(-1)).double().mean())
     return Distance(rel, kl, top1)
+
+
+def assert_bf16_close(got: torch.Tensor, want: torch.Tensor, max_fraction: float = 0.01,
+                      row_ulps: float = 0.0) -> None:
+    """bf16 outputs within one bf16 ulp of each reference element, plus `row_ulps` ulps of the largest element of
+    its row (the last dim), and unequal in at most `max_fraction` of the elements. row_ulps > 0 where a rounding
+    follows a cancellation (a rotation, a mix of streams) and the last fp32 bits are not the reference's (FMA
+    contraction and libdevice on the GPU): the error is then relative to the row, not to the element."""
+    got = got.cpu()
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape, (got.dtype, got.shape, want.shape)
+    if want.numel() == 0:
+        return
+    diff = (got.float() - want.float()).abs()
+    ulp = 2.0 ** -7
+    bound = want.float().abs().clamp(min=2.0 ** -126) * ulp
+    if row_ulps:
+        bound = bound + want.float().abs().amax(-1, keepdim=True) * ulp * row_ulps
+    assert bool((diff <= bound).all()), f"max |diff| {float(diff.max()):.3g} beyond the bound"
+    fraction = float((got != want).float().mean())
+    print(f"bf16 outputs differing: {fraction:.2e}")
+    assert fraction <= max_fraction, fraction

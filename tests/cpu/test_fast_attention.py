@@ -27,6 +27,7 @@ from dsv4.kernels.fast import attention
 from dsv4.kernels.kv_format import MainFp8Codec
 from dsv4.kernels.ref_math import apply_rope
 from dsv4.model.layers import rope_inv_freq
+from dsv4.model.numerics_reference import visible_entries
 
 REL_L2, REL_MAX = 5e-3, 3e-2
 
@@ -94,14 +95,6 @@ def make_scene(chunks, *, ratio: int, heads: int = 4, nope: int = 64, rope: int 
     sink = torch.randn(heads, generator=g)
     inv_freq = rope_inv_freq(rope, 160000.0, (16.0, 65536, 32.0, 1.0)) if yarn else None
     return Scene(q, kv, ring, pool, codec, layout, ratio, entries, sink, inv_freq)
-
-
-def visible_entries(layout: BatchLayout, ratio: int) -> torch.Tensor:
-    """Every entry each token may see (w * m + m - 1 <= t), -1 padded to what the block table holds (as the
-    reference attention's HCA list)."""
-    width = layout.block_table.shape[1] * (layout.block_size // ratio)
-    entries = torch.arange(width)[None, :].expand(layout.num_tokens, -1)
-    return torch.where(entries < ((layout.positions + 1) // ratio)[:, None], entries, -1)
 
 
 def reference(scene: Scene) -> torch.Tensor:

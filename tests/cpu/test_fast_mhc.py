@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from numerics_compare import assert_bf16_close
 
 from dsv4.kernels.fast import mhc
 from dsv4.model import mhc as ref_mhc
@@ -51,15 +52,6 @@ def params(iters: int = ITERS) -> ref_mhc.HcParams:
 
 def max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
-
-
-def assert_bf16_close(got: torch.Tensor, want: torch.Tensor, max_fraction: float = 0.01) -> None:
-    """Equal up to one bf16 ulp, and unequal in at most max_fraction of the elements."""
-    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
-    diff = (got.float() - want.float()).abs()
-    ulp = want.float().abs().clamp(min=2.0 ** -126) * 2.0 ** -7
-    assert bool((diff <= ulp).all()), f"max |diff| {float(diff.max()):.3g} beyond one bf16 ulp"
-    assert float((got != want).float().mean()) <= max_fraction
 
 
 def check_pre(got, x, fn, scale, base, iters: int = ITERS) -> None:

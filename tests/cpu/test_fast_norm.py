@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics_compare import assert_bf16_close
 
 from dsv4.kernels import cache_ops, quant, ref_math
 from dsv4.kernels.cache_ops import BatchLayout
@@ -55,15 +56,6 @@ def positions(num_tokens: int, g: torch.Generator) -> torch.Tensor:
     """Small and large positions (up to 1M: angles ~1e6 rad need full range reduction)."""
     return torch.cat([torch.arange(min(num_tokens, 3)),
                       torch.randint(0, 1 << 20, (max(num_tokens - 3, 0),), generator=g)])
-
-
-def assert_bf16_close(got: torch.Tensor, want: torch.Tensor, max_fraction: float = 0.01) -> None:
-    """Equal up to one bf16 ulp, and unequal in at most max_fraction of the elements."""
-    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
-    diff = (got.float() - want.float()).abs()
-    ulp = want.float().abs().clamp(min=2.0 ** -126) * 2.0 ** -7
-    assert bool((diff <= ulp).all()), f"max |diff| {float(diff.max()):.3g} beyond one bf16 ulp"
-    assert float((got != want).float().mean()) <= max_fraction
 
 
 def ref_rms_norm(x, w):
