@@ -21,10 +21,10 @@ from dsv4.kernels.fast import attention, compressor, indexer, linear, mhc, norm,
 from dsv4.kernels.fast import moe as moe_kernels
 from dsv4.kernels.kv_format import EntryCodec
 from dsv4.model.kv_cache import ATTN, LayerStorage
+from dsv4.model.layers import Linear, WeightFormat
 from dsv4.model.mhc import HcParams
 
 if TYPE_CHECKING:
-    from dsv4.model.layers import Linear
     from dsv4.model.moe import MoE
     from dsv4.model.numerics import Numerics
 
@@ -62,8 +62,6 @@ class FastMath:
 class FastLinear:
     def __call__(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """bf16 [.., out] for quantized and bf16 linears, fp32 for fp32 ones (compressor projections)."""
-        from dsv4.model.layers import WeightFormat
-
         shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).to(ACT)
         if layer.compute == "fp32" and layer.fmt is WeightFormat.BF16:
             y = linear.fp32_linear(x, layer.weight)
@@ -78,8 +76,6 @@ class FastLinear:
 
     def grouped(self, layer: Linear, o: torch.Tensor, num_groups: int) -> torch.Tensor:
         """o [T, g, K] -> [T, g, R] bf16 (wo_a: no activation quantization, as the official bf16 einsum)."""
-        from dsv4.model.layers import WeightFormat
-
         o = o.to(ACT)
         if layer.fmt is WeightFormat.FP8:
             return linear.grouped_fp8_linear(o, layer.weight, layer.scale, quant_act=False)
@@ -91,11 +87,10 @@ class FastLinear:
         return linear.fp32_linear(h.to(ACT), weight)
 
     def prepare(self, model: torch.nn.Module) -> None:
-        from dsv4.model.layers import Linear, WeightFormat
-
+        """Each FP8 linear's derived scale data, once (again only for a weight that changed)."""
         for module in model.modules():
             if isinstance(module, Linear) and module.fmt is WeightFormat.FP8 and module.weight.device.type != "meta":
-                module.fast_weight = linear.prepare_fp8(module.weight, module.scale)
+                _fp8(module)
 
 
 def _fp8(layer: Linear):
