@@ -55,3 +55,33 @@ def test_fast_numerics_is_a_mode():
     assert Numerics.parse("fast") == FAST
     with pytest.raises(ValueError, match="fast"):
         Numerics.parse("fp8")
+
+
+def test_fast_weights_stay_in_checkpoint_formats(tiny_checkpoint):
+    """After `prepare`, the resident weight bytes are the checkpoint's plus at most 5 % (the FP8 linears' fp32
+    scale copies): the routed and shared experts are stacked, their per-expert buffers views of the stack; FP4
+    stays 4-bit, nothing is dequantized."""
+    from dsv4.model.checkpoint import load_model
+
+    model = load_model(tiny_checkpoint, progress=None)
+    checkpoint_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    FAST.prepare(model)
+    storages: dict[int, int] = {}
+    for t in model.state_dict().values():     # distinct storages: a view of a stack counts once
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for module in model.modules():
+        derived = getattr(module, "fast_weight", None)
+        for t in (getattr(derived, "mm_scale", None),):
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stacked = [getattr(module, name, None) for name in ("fast_experts", "fast_shared")]
+        for weights in filter(None, stacked):
+            for t in (weights.w13, weights.s13, weights.w2, weights.s2):
+                if t is not None:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    resident = sum(storages.values())
+    assert checkpoint_bytes <= resident <= 1.05 * checkpoint_bytes, (resident, checkpoint_bytes)
+    expert = model.layers[1].ffn.local_expert(0)
+    assert expert.w1.weight.dtype == torch.int8 and expert.w1._dense is None        # FP4 bytes, no dense copy
+    assert expert.w1.weight.untyped_storage().data_ptr() == \
+        model.layers[1].ffn.fast_experts.w13.untyped_storage().data_ptr()
