@@ -73,9 +73,10 @@ class Worker:
         self.model = load_model(self.config.model_dir, expert_ids=list(local), device=self.device,
                                 progress=lambda m: print(f"[worker {self.rank}] {m}", flush=True))
         sched = self.config.scheduler
-        # CUDA graphs (fast numerics on a GPU) pad decode batches with a spare slot the scheduler never sees
+        # CUDA graphs (fast numerics on a GPU) pad decode batches with a spare slot the scheduler never sees. With
+        # several workers the graphs would capture NCCL all-to-alls, not yet run on a multi-GPU machine: eager there.
         use_graphs = (self.device.type == "cuda" and self.numerics.mode is NumericsMode.FAST
-                      and not self.config.enforce_eager)
+                      and not self.config.enforce_eager and self.world_size == 1)
         spare = 1 if use_graphs else 0
         self.numerics.prepare(self.model)
         budget = self.config.kv_cache_bytes
