@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fast_inputs import gen, norm_weight, positions, scaled
 from numerics_compare import assert_bf16_close
 
 from dsv4.kernels import cache_ops, quant, ref_math
@@ -36,26 +37,6 @@ def norm_triton():
     from dsv4.kernels.fast import _norm_triton
 
     return _norm_triton
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def scaled(shape: tuple[int, ...], g: torch.Generator, spread: int = 8) -> torch.Tensor:
-    """bf16 normals times a random power of two per row (exercises the per-block FP8 scales)."""
-    x = torch.randn(*shape, generator=g)
-    return (x * torch.exp2(torch.randint(-spread, spread + 1, (*shape[:-1], 1), generator=g).float())).bfloat16()
-
-
-def norm_weight(dim: int, g: torch.Generator) -> torch.Tensor:
-    return (torch.randn(dim, generator=g) * 0.1 + 1.0).bfloat16()
-
-
-def positions(num_tokens: int, g: torch.Generator) -> torch.Tensor:
-    """Small and large positions (up to 1M: angles ~1e6 rad need full range reduction)."""
-    return torch.cat([torch.arange(min(num_tokens, 3)),
-                      torch.randint(0, 1 << 20, (max(num_tokens - 3, 0),), generator=g)])
 
 
 def ref_rms_norm(x, w):

@@ -8,10 +8,9 @@ fused hc_post_pre against hc_post then hc_pre; one CUDA-graph capture + replay o
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from fast_inputs import mhc_site as site
 from numerics_compare import assert_bf16_close as bf16_close
 
 from dsv4.kernels.fast import mhc
@@ -29,17 +28,6 @@ def _bf16(y: torch.Tensor) -> torch.Tensor:
 
 def params() -> ref_mhc.HcParams:
     return ref_mhc.HcParams(HC, ITERS, EPS, EPS)
-
-
-def site(num_tokens: int, dim: int, seed: int, rows: int | None = None, num_scales: int = 3):
-    """Streams and one mHC site's parameters at the synthetic checkpoint's scales (O(0.5) mixes), on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    rows = rows or (2 + HC) * HC
-    x = torch.randn(num_tokens, HC, dim, generator=g).bfloat16()
-    fn = torch.randn(rows, HC * dim, generator=g) * 0.5 / math.sqrt(HC * dim)
-    scale = torch.randn(num_scales, generator=g) * 0.1 + 1.0
-    base = torch.randn(rows, generator=g) * 0.5
-    return x, fn, scale, base
 
 
 def to_dev(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
