@@ -4,8 +4,12 @@ them to the device, so the reference on the CPU copy sees the same values)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from dsv4.kernels.cache_ops import BatchLayout
+from dsv4.kernels.kv_format import MainFp8Codec
 
 
 def gen(seed: int) -> torch.Generator:
@@ -37,3 +41,23 @@ def mhc_site(num_tokens: int, dim: int, seed: int, hc: int = 4, rows: int | None
     scale = torch.randn(num_scales, generator=g) * 0.1 + 1.0
     base = torch.randn(rows, generator=g) * 0.5
     return x, fn, scale, base
+
+
+@dataclass
+class Scene:
+    """One layer's inputs for one step: queries, this step's kv, the ring, the pool and the layout."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    ring: torch.Tensor
+    pool: torch.Tensor | None
+    codec: MainFp8Codec
+    layout: BatchLayout
+    ratio: int
+    entries: torch.Tensor | None
+    sink: torch.Tensor
+    inv_freq: torch.Tensor | None
+
+    def args(self) -> tuple:
+        return (self.q, self.kv, self.ring, self.pool, self.codec, self.layout, self.ratio, self.entries,
+                self.sink, self.inv_freq)

@@ -13,11 +13,11 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from fast_inputs import Scene
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -30,26 +30,6 @@ from dsv4.model.layers import rope_inv_freq
 from dsv4.model.numerics_reference import visible_entries
 
 REL_L2, REL_MAX = 5e-3, 3e-2
-
-
-@dataclass
-class Scene:
-    """One layer's inputs for one step: queries, this step's kv, the ring, the pool and the layout."""
-
-    q: torch.Tensor
-    kv: torch.Tensor
-    ring: torch.Tensor
-    pool: torch.Tensor | None
-    codec: MainFp8Codec
-    layout: BatchLayout
-    ratio: int
-    entries: torch.Tensor | None
-    sink: torch.Tensor
-    inv_freq: torch.Tensor | None
-
-    def args(self) -> tuple:
-        return (self.q, self.kv, self.ring, self.pool, self.codec, self.layout, self.ratio, self.entries,
-                self.sink, self.inv_freq)
 
 
 def make_scene(chunks, *, ratio: int, heads: int = 4, nope: int = 64, rope: int = 64, window: int = 16,
@@ -247,7 +227,7 @@ import json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]   # tests/cpu and tests (fast_inputs)
 from test_fast_attention import make_scene
 from dsv4.kernels.fast import _attention_triton as k
 

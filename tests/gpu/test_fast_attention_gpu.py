@@ -10,10 +10,9 @@ probabilities relative to the running max); max |diff| <= 3e-2 of the head's lar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from fast_inputs import Scene
 
 from dsv4.kernels import cache_ops, quant
 from dsv4.kernels.cache_ops import BatchLayout
@@ -29,24 +28,6 @@ from dsv4.kernels.fast import _attention_triton  # noqa: E402  (needs triton)
 DEV = "cuda"
 NOPE, ROPE, WINDOW, BLOCK = 448, 64, 128, 256
 FLASH, PRO = (64, 512), (128, 1024)          # (heads, CSA top-k)
-
-
-@dataclass
-class Scene:
-    q: torch.Tensor
-    kv: torch.Tensor
-    ring: torch.Tensor
-    pool: torch.Tensor | None
-    codec: MainFp8Codec
-    layout: BatchLayout
-    ratio: int
-    entries: torch.Tensor | None
-    sink: torch.Tensor
-    inv_freq: torch.Tensor | None
-
-    def args(self) -> tuple:
-        return (self.q, self.kv, self.ring, self.pool, self.codec, self.layout, self.ratio, self.entries,
-                self.sink, self.inv_freq)
 
 
 def entry_values(n: int, g: torch.Generator) -> torch.Tensor:
