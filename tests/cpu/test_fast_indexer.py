@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fast_inputs import assert_near_tie_swaps
 
 from dsv4.kernels import cache_ops, quant
 from dsv4.kernels.cache_ops import BatchLayout
@@ -23,7 +24,6 @@ from dsv4.kernels.ref_math import apply_rope
 from dsv4.model.layers import rope_inv_freq
 
 CODEC = IndexFp4Codec(128)
-TIE_TOL = 2.0 ** -6
 
 
 def yarn_freq() -> torch.Tensor:
@@ -58,22 +58,6 @@ def reference_scores(q, w, pool, layout, ratio=4) -> list[torch.Tensor]:
         keys = cache_ops.read_entries(pool, CODEC, layout, s, count, ratio)
         out.append(cache_ops.index_scores(q[t:t + 1], w[t:t + 1], keys, torch.bfloat16)[0])
     return out
-
-
-def assert_near_tie_swaps(got: torch.Tensor, ref: torch.Tensor, scores: list[torch.Tensor]) -> int:
-    """Same count per row; entries chosen by one side only are near ties of the reference's k-th score."""
-    swaps = 0
-    for t in range(got.shape[0]):
-        mine, theirs = set(got[t][got[t] >= 0].tolist()), set(ref[t][ref[t] >= 0].tolist())
-        assert len(mine) == len(theirs) == int((got[t] >= 0).sum()), f"row {t}: {len(mine)} vs {len(theirs)}"
-        differ = sorted(mine ^ theirs)
-        if differ:
-            row = scores[t]
-            kth = row[sorted(theirs)].min()
-            gap = (row[differ] - kth).abs().max() / row.abs().max()
-            assert gap <= TIE_TOL, f"row {t}: swapped entries {differ[:8]} are {gap:.4f} of the row max from the kth"
-        swaps += len(differ)
-    return swaps
 
 
 # ---------------------------------------------------------------------------------------------- query twin
@@ -116,7 +100,8 @@ def test_topk_twin_selects_the_reference_set_up_to_near_ties(case):
     assert (chosen < visible).all()
     ascending = torch.where(got >= 0, got, 1 << 40)
     assert (ascending[:, 1:] >= ascending[:, :-1]).all()            # ascending index order, -1 at the end
-    swaps = assert_near_tie_swaps(got, ref, reference_scores(q, w, pool, layout))
+    scores = reference_scores(q, w, pool, layout)
+    swaps = assert_near_tie_swaps(got, ref, scores.__getitem__)
     print(f"{case}: {swaps} near-tie swaps in {int((got >= 0).sum())} chosen")
 
 
@@ -146,7 +131,7 @@ def test_topk_missing_blocks_are_never_selected():
     scores = cache_ops.index_scores(q[:2], w[:2], keys, torch.bfloat16)
     present = (torch.arange(150) < 64) | (torch.arange(150) >= 128)
     ref = cache_ops.select_topk(scores, present[None, :].expand(2, -1), 512)
-    assert_near_tie_swaps(got[:2], ref, list(scores))
+    assert_near_tie_swaps(got[:2], ref, list(scores).__getitem__)
 
 
 def test_topk_ties_go_to_the_lower_entry():

@@ -65,3 +65,18 @@ def mxfp4_key_pool(num_blocks: int, entries_per_block: int, gen: torch.Generator
         src = torch.arange(0, stored.shape[0] - 1, duplicate_every)
         stored[src + 1] = stored[src]
     return stored.view(num_blocks, entries_per_block, codec.width)
+
+
+# indexer cases of both indexer GPU tests: name: (chunks (slot, start, length), heads, topk, num_blocks, max_blocks)
+COMMON_INDEXER_CASES = {
+    "decode-mixed-flash": ([(0, 4000, 1), (1, 3, 1), (2, 20, 1), (3, 9000, 1), (4, 2047, 1)], 64, 512, 200, 40),
+    "prefill-chunk": ([(0, 100, 300), (1, 0, 40)], 64, 512, 8, 4),
+    "tiny-heads": ([(0, 300, 5), (1, 0, 64)], 16, 8, 8, 2),
+    "heads-32-topk-1024": ([(0, 16000, 2)], 32, 1024, 64, 63),
+    "b1-32k-top512": ([(0, (1 << 17) - 1, 1)], 64, 512, 520, 512),
+    "b1-fewer-than-k": ([(0, 1000, 1)], 64, 512, 8, 8),            # 250 visible < 512
+    "b1-exactly-k": ([(0, 2047, 1)], 64, 512, 40, 33),             # 512 visible
+    "b1-one-entry": ([(0, 3, 1)], 16, 8, 2, 1),
+    "b3-mixed": ([(0, 0, 1), (1, 9000, 1), (2, 30000, 1)], 64, 512, 400, 120),   # 0, 2250, 7500 visible
+    "b64-prefill-chunk": ([(0, 16000, 64)], 64, 512, 64, 63),
+}

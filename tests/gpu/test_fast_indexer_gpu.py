@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_cases import layout_to, make_layout, mxfp4_key_pool, mxfp4_queries, yarn_freq
+from fast_inputs import assert_near_tie_swaps
+from gpu_cases import COMMON_INDEXER_CASES, layout_to, make_layout, mxfp4_key_pool, mxfp4_queries, yarn_freq
 
 from dsv4.kernels import cache_ops, quant
 from dsv4.kernels.fast import indexer
@@ -20,7 +21,6 @@ from dsv4.kernels.ref_math import apply_rope
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 CODEC = IndexFp4Codec(128)
-TIE_TOL = 2.0 ** -6
 
 
 def indexer_inputs(chunks, heads, num_blocks, max_blocks, seed, duplicate_every=0):
@@ -45,18 +45,7 @@ def reference_scores(q, weights, pool, layout, t):
 
 
 def assert_near_ties(got, ref, q, weights, pool, layout) -> int:
-    swaps = 0
-    for t in range(got.shape[0]):
-        mine, theirs = set(got[t][got[t] >= 0].tolist()), set(ref[t][ref[t] >= 0].tolist())
-        assert len(mine) == len(theirs) == int((got[t] >= 0).sum()), f"row {t}: {len(mine)} vs {len(theirs)}"
-        differ = sorted(mine ^ theirs)
-        if differ:
-            row = reference_scores(q, weights, pool, layout, t)
-            kth = row[sorted(theirs)].min()
-            gap = float((row[differ] - kth).abs().max() / row.abs().max())
-            assert gap <= TIE_TOL, f"row {t}: entries {differ[:8]} swapped at {gap:.4f} of the row max"
-        swaps += len(differ)
-    return swaps
+    return assert_near_tie_swaps(got, ref, lambda t: reference_scores(q, weights, pool, layout, t))
 
 
 def assert_ascending(got):
@@ -82,17 +71,7 @@ def test_query_matches_reference(num_tokens):
 
 
 # ---------------------------------------------------------------------------------------------- top-k
-CASES = {   # name: (chunks (slot, start, length), heads, topk, num_blocks, max_blocks)
-    "decode-mixed-flash": ([(0, 4000, 1), (1, 3, 1), (2, 20, 1), (3, 9000, 1), (4, 2047, 1)], 64, 512, 200, 40),
-    "prefill-chunk": ([(0, 100, 300), (1, 0, 40)], 64, 512, 8, 4),
-    "tiny-heads": ([(0, 300, 5), (1, 0, 64)], 16, 8, 8, 2),
-    "heads-32-topk-1024": ([(0, 16000, 2)], 32, 1024, 64, 63),
-    "b1-32k-top512": ([(0, (1 << 17) - 1, 1)], 64, 512, 520, 512),
-    "b1-fewer-than-k": ([(0, 1000, 1)], 64, 512, 8, 8),            # 250 visible < 512
-    "b1-exactly-k": ([(0, 2047, 1)], 64, 512, 40, 33),             # 512 visible
-    "b1-one-entry": ([(0, 3, 1)], 16, 8, 2, 1),
-    "b3-mixed": ([(0, 0, 1), (1, 9000, 1), (2, 30000, 1)], 64, 512, 400, 120),   # 0, 2250, 7500 visible
-    "b64-prefill-chunk": ([(0, 16000, 64)], 64, 512, 64, 63),
+CASES = {**COMMON_INDEXER_CASES,   # and this test's own
     "b8-decode-32k": ([(s, 4 * 32768 - 1 - 97 * s, 1) for s in range(8)], 64, 512, 8 * 512, 512),
     "b64-decode-8k": ([(s, 4 * 8192 - 1 - 53 * s, 1) for s in range(64)], 64, 512, 64 * 128, 128),
 }

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_cases import FLUSH_CASES, layout_to, make_layout, mxfp4_key_pool, mxfp4_queries, scaled_normal, yarn_freq
+from gpu_cases import (
+    COMMON_INDEXER_CASES,
+    FLUSH_CASES,
+    layout_to,
+    make_layout,
+    mxfp4_key_pool,
+    mxfp4_queries,
+    scaled_normal,
+    yarn_freq,
+)
 
 from dsv4.kernels import cache_ops, cuda_ops, ops, quant, routing
 from dsv4.kernels.kv_format import IndexFp4Codec, MainFp8Codec
@@ -304,18 +313,8 @@ def indexer_case(chunks, heads, topk, num_blocks, max_blocks, seed, duplicate_ev
     return got.cpu(), ref
 
 
-INDEXER_CASES = {   # name: (chunks (slot, start, length), heads, topk, num_blocks, max_blocks)
-    "decode-mixed-flash": ([(0, 4000, 1), (1, 3, 1), (2, 20, 1), (3, 9000, 1), (4, 2047, 1)], 64, 512, 200, 40),
-    "prefill-chunk": ([(0, 100, 300), (1, 0, 40)], 64, 512, 8, 4),
-    "tiny-heads": ([(0, 300, 5), (1, 0, 64)], 16, 8, 8, 2),
-    "heads-32-topk-1024": ([(0, 16000, 2)], 32, 1024, 64, 63),
-    "b1-32k-top512": ([(0, (1 << 17) - 1, 1)], 64, 512, 520, 512),
-    "b1-fewer-than-k": ([(0, 1000, 1)], 64, 512, 8, 8),            # 250 visible < 512
-    "b1-exactly-k": ([(0, 2047, 1)], 64, 512, 40, 33),             # 512 visible
-    "b1-one-entry": ([(0, 3, 1)], 16, 8, 2, 1),
+INDEXER_CASES = {**COMMON_INDEXER_CASES,   # and this test's own
     "b1-heads32-top1024": ([(0, 40000, 1)], 32, 1024, 160, 157),
-    "b3-mixed": ([(0, 0, 1), (1, 9000, 1), (2, 30000, 1)], 64, 512, 400, 120),   # 0, 2250, 7500 visible
-    "b64-prefill-chunk": ([(0, 16000, 64)], 64, 512, 64, 63),
     "b64-decode": ([(s, 500 * s + 7, 1) for s in range(64)], 64, 512, 64 * 126, 126),
 }
 
