@@ -120,6 +120,15 @@ def copy_bandwidth() -> float:
 
 
 
+def decode_flush_steps(batch: int = 128) -> dict[str, list[tuple[int, int, int]]]:
+    """Decode steps of `batch` sequences, (slot, start, length = 1) each, for the compressor flush benchmarks:
+    every CSA window completing, the typical 1 in 4, the typical HCA step (one of 128) and every HCA window."""
+    return {"csa_all": [(s, 1000 + 4 * s + 3, 1) for s in range(batch)],
+            "csa_quarter": [(s, 1000 + s, 1) for s in range(batch)],
+            "hca_one": [(s, 1000 + s, 1) for s in range(batch)],
+            "hca_all": [(s, 128 * 9 + 127, 1) for s in range(batch)]}
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator(device=DEV).manual_seed(seed)
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from harness import DEV, Case, gen, run_cases
+from harness import DEV, Case, decode_flush_steps, gen, run_cases
 
 from dsv4.kernels import cache_ops, cuda_ops, quant, routing
 from dsv4.kernels.cache_ops import BatchLayout
@@ -153,11 +153,8 @@ def flush_case(name: str, ratio: int, d: int, rotate: bool, codec, chunks, state
 
 def flush_cases() -> list[Case]:
     main, index = MainFp8Codec(NOPE, ROPE), IndexFp4Codec(IDX_DIM)
-    b = 128
-    csa_all = [(s, 1000 + 4 * s + 3, 1) for s in range(b)]           # every sequence completes a window
-    csa_quarter = [(s, 1000 + s, 1) for s in range(b)]                # staggered: 1 in 4 completes (typical)
-    hca_one = [(s, 1000 + s, 1) for s in range(b)]                    # one of 128 completes (a typical step)
-    hca_all = [(s, 128 * 9 + 127, 1) for s in range(b)]
+    steps = decode_flush_steps(128)
+    csa_all, csa_quarter, hca_one, hca_all = steps["csa_all"], steps["csa_quarter"], steps["hca_one"], steps["hca_all"]
     return [
         flush_case("CSA main (d=512, 584 B)", 4, HEAD, False, main, csa_all, 12),
         flush_case("CSA main (d=512, 584 B), 1 in 4 completing", 4, HEAD, False, main, csa_quarter, 3),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fast_inputs import dense_expert as dense
 
 from dsv4.kernels import quant
 from dsv4.kernels.fast import moe
@@ -52,14 +53,6 @@ def rows(num_rows: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_rows, d, generator=g)
     return (x * torch.exp2(torch.randint(-3, 4, (num_rows, 1), generator=g).float())).bfloat16()
-
-
-def dense(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    if fmt == "fp4":
-        return quant.dequantize_weight_fp4(w, s).double()
-    if fmt == "fp8":
-        return quant.dequantize_weight_fp8(w, s).double()
-    return w.double()
 
 
 def reference(x, pair_row, pair_expert, pair_weight, ex: moe.ExpertWeights, limit: float = LIMIT):

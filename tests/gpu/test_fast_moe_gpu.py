@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fast_inputs import dense_expert as dense
 
 from dsv4.kernels import quant
 from dsv4.kernels.fast import _moe_triton, moe
@@ -63,14 +64,6 @@ def routed(num_tokens: int, num_experts: int, seed: int, topk: int = 6, off_rank
     pair_row = torch.arange(num_tokens * topk, device=DEV) // topk
     pair_weight = torch.rand(num_tokens * topk, generator=g, device=DEV) * 0.5
     return pair_row, pair_expert, pair_weight
-
-
-def dense(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    if fmt == "fp4":
-        return quant.dequantize_weight_fp4(w, s).double()
-    if fmt == "fp8":
-        return quant.dequantize_weight_fp8(w, s).double()
-    return w.double()
 
 
 def reference(x, pair_row, pair_expert, pair_weight, ex: moe.ExpertWeights, pairs: torch.Tensor | None = None):
