@@ -36,7 +36,7 @@ from dsv4.kernels.kv_format import IndexFp4Codec, MainFp8Codec
 from dsv4.model.batch import Chunk
 from dsv4.model.config import CSA_RATIO, ModelConfig, preset
 from dsv4.model.kv_cache import KVStorage
-from dsv4.model.moe import MoE
+from dsv4.model.moe import MoE, run_local_experts
 from dsv4.model.numerics import Numerics
 from dsv4.model.synthetic import synthetic_model
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig
@@ -69,12 +69,10 @@ class FoldedExperts:
             block.ffn.expert_runner = self
 
     def __call__(self, moe: MoE, x, weights, ids, numerics):
-        folded = ids % len(moe.held)
+        folded = ids % len(moe.held)          # the held experts are 0 .. held-1: folded ids are local ids
         if self.record is not None:
             self.record[moe.layer_id] = folded
-        pair_row = torch.arange(ids.numel(), device=x.device) // ids.shape[1]
-        out = numerics.experts.run_pairs(moe, x, pair_row, folded.flatten(), weights.flatten().float(), numerics)
-        return numerics.experts.combine(out, ids)
+        return run_local_experts(moe, x, weights, folded, numerics)
 
 
 def fill_cache(storage: KVStorage, gen: torch.Generator) -> None:
