@@ -48,10 +48,8 @@ class WorkerPlan:
     new_requests: tuple[NewRequest, ...]
     chunks: tuple[ScheduledChunk, ...]
     finished_ids: tuple[str, ...]   # drop these requests' state (done, aborted or preempted)
-    # the same on every worker of a step: what the fixed-capacity expert exchange and the choice of a CUDA graph
-    # (all workers replay the same batch size, or none does) are sized by
+    # the same on every worker of a step: what the fixed-capacity expert exchange is sized by
     max_worker_tokens: int = 0      # the most tokens any worker runs in this step
-    all_decode: bool = False        # every worker runs only decode tokens (one per chunk)
 
     @property
     def num_tokens(self) -> int:

@@ -154,9 +154,8 @@ class Scheduler:
             return None
         step_id = next(self._step_ids)
         max_tokens = max(sum(c.num_tokens for c in worker_chunks) for worker_chunks in chunks)
-        all_decode = all(c.num_tokens == 1 for worker_chunks in chunks for c in worker_chunks)
         plans = tuple(WorkerPlan(step_id, tuple(new[w]), tuple(chunks[w]), tuple(self._pending_drops[w]),
-                                 max_tokens, all_decode)
+                                 max_tokens)
                       for w in range(len(self.managers)))
         self._pending_drops = [[] for _ in self.managers]
         return StepPlans(step_id, plans, tuple(ran))

@@ -107,8 +107,8 @@ def _exchange_fixed(rows: torch.Tensor, group) -> torch.Tensor:
 
 
 class FixedCapacityExpertParallel(_Exchange):
-    """The exchange without host synchronisation. `set_capacity(num_tokens)` before each step (and each graph
-    capture): the largest token count of any worker in this step, the same number on every rank."""
+    """The exchange without host synchronisation. `set_capacity(num_tokens)` before each step: the largest token
+    count of any worker in this step, the same number on every rank."""
 
     capacity = 0
 

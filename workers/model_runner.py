@@ -72,20 +72,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ steps
     @torch.inference_mode()
-    def step(self, chunks: Sequence[Chunk], pad_to: int | None = None) -> torch.Tensor:
+    def step(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """Run one step; returns the next-token logits after each chunk's last token, [len(chunks), vocab] fp32, on
-        the device. `pad_to` replays that captured graph size (expert parallelism: every worker replays the same
-        size; a worker without tokens replays it with padding only)."""
-        if pad_to is None or chunks:
-            check_chunks(self.storage, chunks, self.model.config.vocab_size)
+        the device."""
+        check_chunks(self.storage, chunks, self.model.config.vocab_size)
         for c in chunks:
             if c.start == 0:
                 self.storage.reset_slot(c.slot)
-        graph_size = self._graph_size(chunks) if pad_to is None else pad_to
+        graph_size = self._graph_size(chunks)
         if graph_size is not None:
-            if graph_size not in self.graphs or len(chunks) > graph_size or any(len(c.token_ids) != 1
-                                                                                 for c in chunks):
-                raise ValueError(f"no decode graph of size {graph_size} for {len(chunks)} chunks")
             self.inputs.fill(chunks, self.inputs.shape_for(chunks, graph_size, self.config.max_table_width))
             entry = self.graphs[graph_size]
             entry.graph.replay()
@@ -97,18 +92,14 @@ class ModelRunner:
         """The smallest captured batch size holding this step, if it is all decode tokens."""
         if any(len(c.token_ids) != 1 for c in chunks):
             return None
-        return self.graph_size_for(len(chunks))
-
-    def graph_size_for(self, num_seqs: int) -> int | None:
-        fits = [b for b in self.graphs if b >= num_seqs]
+        fits = [b for b in self.graphs if b >= len(chunks)]
         return min(fits) if fits else None
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()
-    def capture_graphs(self, progress=None, before_each=None) -> dict[str, float]:
+    def capture_graphs(self, progress=None) -> dict[str, float]:
         """Capture one decode graph per configured batch size, largest first, into one memory pool. Each graph is
-        warmed up eagerly first (kernel compilation, workspaces); `before_each(size)` runs before each (the expert
-        exchange sizes itself). Returns seconds and bytes spent."""
+        warmed up eagerly first (kernel compilation, workspaces). Returns seconds and bytes spent."""
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         for size in sorted(self.config.graph_sizes, reverse=True):
@@ -116,8 +107,6 @@ class ModelRunner:
             token_ids, layout = self.inputs.fill([], shape)
             batch = ForwardBatch(token_ids, layout, self.storage, self.numerics)
             rows = self.inputs.rows[:size]
-            if before_each is not None:
-                before_each(size)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

@@ -100,8 +100,7 @@ class Worker:
         self.experts = (exchange(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
                         else LocalExperts(self.model))
         if use_graphs:
-            sizer = self.experts.set_capacity if isinstance(self.experts, FixedCapacityExpertParallel) else None
-            stats = self.runner.capture_graphs(lambda m: print(f"[worker {self.rank}] {m}", flush=True), sizer)
+            stats = self.runner.capture_graphs(lambda m: print(f"[worker {self.rank}] {m}", flush=True))
             print(f"[worker {self.rank}] CUDA graphs: {len(self.runner.graphs)} decode sizes in "
                   f"{stats['seconds']:.1f} s, {stats['bytes'] / 2**20:.0f} MiB", flush=True)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -127,12 +126,10 @@ class Worker:
             chunks.append(Chunk(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
         sampled = []
         logprobs: list[TokenLogprobs | None] = []   # aligned with sampled; empty when no request asked
-        pad_to = None
         if isinstance(self.experts, FixedCapacityExpertParallel):   # every worker sizes the exchange alike
-            pad_to = self.runner.graph_size_for(plan.max_worker_tokens) if plan.all_decode else None
-            self.experts.set_capacity(pad_to or plan.max_worker_tokens)
-        if chunks or pad_to is not None:
-            logits = self.runner.step(chunks, pad_to)
+            self.experts.set_capacity(plan.max_worker_tokens)
+        if chunks:
+            logits = self.runner.step(chunks)
             rows, specs = [], []
             for i, chunk in enumerate(plan.chunks):
                 seq = self.sequences[chunk.request_id]
