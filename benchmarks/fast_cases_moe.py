@@ -55,10 +55,7 @@ def accuracy(y, x, pair_row, pair_expert, pair_weight, ex, limit=LIMIT, max_pair
     err_num, err_den = 0.0, 0.0
     for e in pair_expert[pairs].unique().tolist():
         mine = pairs[pair_expert[pairs] == e]
-        w13 = quant.dequantize_weight_fp4(ex.w13[e], ex.s13[e]).double() if ex.fmt == "fp4" else \
-            quant.dequantize_weight_fp8(ex.w13[e], ex.s13[e]).double()
-        w2 = quant.dequantize_weight_fp4(ex.w2[e], ex.s2[e]).double() if ex.fmt == "fp4" else \
-            quant.dequantize_weight_fp8(ex.w2[e], ex.s2[e]).double()
+        w13, w2 = ex.dense("w13", e).double(), ex.dense("w2", e).double()
         u = quant.fake_quant_fp8(x[pair_row[mine]].float(), 128)
         gu = (u.double() @ w13.t()).float().bfloat16().double()
         inter = ex.inter_size

@@ -91,6 +91,27 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
 
 
+SPLIT_SPAN = 64       # columns per span of the split nibble order
+
+
+def split_fp4_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint FP4 bytes [..., K/2] -> the same codes in split nibble order (the fast MoE kernels' layout): in
+    each span of 64 columns, byte j holds column j in its low nibble and column 32 + j in its high nibble, so each
+    nibble plane is 32 consecutive columns (one FP4 scale group). Same bytes count, same scales; K % 64 == 0."""
+    codes = unpack_fp4(packed)
+    if codes.shape[-1] % SPLIT_SPAN:
+        raise ValueError(f"split nibble order needs a multiple of {SPLIT_SPAN} columns, got {codes.shape[-1]}")
+    spans = codes.unflatten(-1, (-1, SPLIT_SPAN))
+    half = SPLIT_SPAN // 2
+    return (spans[..., :half] | (spans[..., half:] << 4)).flatten(-2).view(torch.int8)
+
+
+def merge_fp4_nibbles(split: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_fp4_nibbles`: split-order bytes -> checkpoint order (element 2k low, 2k+1 high)."""
+    b = split.view(torch.uint8).unflatten(-1, (-1, SPLIT_SPAN // 2))
+    return pack_fp4(torch.cat((b & 0xF, b >> 4), dim=-1).flatten(-2))
+
+
 # ----------------------------------------------------------------------------------------------- UE8M0 scales
 def ue8m0_scale(amax: torch.Tensor, fmt_max: float, amax_floor: float) -> torch.Tensor:
     """Power-of-two scale 2^ceil(log2(max(amax, floor) * fl32(1/fmt_max))), computed on fp32 bits as the kernels do."""
@@ -185,9 +206,11 @@ def quantize_weight_fp4(w: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.
     return pack_fp4(e2m1_codes(q)), ue8m0_codes(scale).view(torch.float8_e8m0fnu)
 
 
-def dequantize_weight_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
-    """Official FP4 expert layout -> fp32: W[r, c] = e2m1(nibble) * scale[r, c // 32]."""
-    values = e2m1_values(unpack_fp4(packed))
+def dequantize_weight_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK,
+                          split: bool = False) -> torch.Tensor:
+    """Official FP4 expert layout -> fp32: W[r, c] = e2m1(nibble) * scale[r, c // 32]. split: the bytes are in
+    split nibble order (`split_fp4_nibbles`)."""
+    values = e2m1_values(unpack_fp4(merge_fp4_nibbles(packed) if split else packed))
     s = ue8m0_values(scale) if scale.dtype in (torch.float8_e8m0fnu, torch.uint8) else scale.float()
     if s.shape[-1] * block != values.shape[-1]:
         raise ValueError(f"FP4 scale shape {tuple(scale.shape)} does not give one scale per {block} of "

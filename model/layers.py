@@ -55,6 +55,7 @@ class Linear(nn.Module):
         else:
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16))
         self._dense: torch.Tensor | None = None
+        self.split_nibbles = False      # FP4 bytes in the fast MoE kernels' order (`quant.split_fp4_nibbles`)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as fp32 [out, in], dequantized exactly (every scale is a power of two)."""
@@ -62,7 +63,7 @@ class Linear(nn.Module):
             if self.fmt is WeightFormat.FP8:
                 self._dense = quant.dequantize_weight_fp8(self.weight, self.scale)
             elif self.fmt is WeightFormat.FP4:
-                self._dense = quant.dequantize_weight_fp4(self.weight, self.scale)
+                self._dense = quant.dequantize_weight_fp4(self.weight, self.scale, split=self.split_nibbles)
             else:
                 self._dense = self.weight.float()
         return self._dense

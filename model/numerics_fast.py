@@ -177,7 +177,8 @@ class FastExperts:
 
 
 def stack(experts: list) -> moe_kernels.ExpertWeights:
-    """Experts (same shapes and format) into one stacked `ExpertWeights`; their buffers become views of it."""
+    """Experts (same shapes and format) into one stacked `ExpertWeights`; their buffers become views of it (FP4
+    bytes then in split nibble order, which their `Linear` records)."""
     fmt = experts[0].w1.fmt.value
     stacked = moe_kernels.stack_experts([(e.w1.weight, _scale(e.w1), e.w3.weight, _scale(e.w3), e.w2.weight,
                                           _scale(e.w2)) for e in experts], fmt)
@@ -190,6 +191,7 @@ def stack(experts: list) -> moe_kernels.ExpertWeights:
             e.w1._buffers["scale"], e.w3._buffers["scale"] = stacked.s13[i, :scale_rows], stacked.s13[i, scale_rows:]
             e.w2._buffers["scale"] = stacked.s2[i]
         for layer in (e.w1, e.w2, e.w3):
+            layer.split_nibbles = stacked.fmt == "fp4"       # views of the stack's byte order
             layer._dense = None
             layer.__dict__.pop("fast_weight", None)       # it holds the unstacked tensors
     return stacked

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.kernels import quant
 from dsv4.kernels.cache_ops import BatchLayout
 from dsv4.kernels.kv_format import MainFp8Codec
 
@@ -84,12 +83,3 @@ def assert_near_tie_swaps(got: torch.Tensor, ref: torch.Tensor, row_scores: Call
             assert gap <= INDEXER_TIE_TOL, f"row {t}: entries {differ[:8]} swapped at {gap:.4f} of the row max"
         swaps += len(differ)
     return swaps
-
-
-def dense_expert(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    """One expert projection in a checkpoint format ("fp4", "fp8", "bf16") as its exact values, float64."""
-    if fmt == "fp4":
-        return quant.dequantize_weight_fp4(w, s).double()
-    if fmt == "fp8":
-        return quant.dequantize_weight_fp8(w, s).double()
-    return w.double()

@@ -161,26 +161,37 @@ def _fp4_to_e4m3(byt, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _sub_dot(blk, q, w_rows, s_rows, col0, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """blk [BN, BM] += (W[rows, col0:col0+32] . q^T) * s_w[rows] for one 32-deep sub-block. w_rows / s_rows: the
-    rows' weight and scale-row pointers (uint8 bytes for FP4, e4m3 for FP8, bf16 for bf16)."""
-    if FMT == 0:
-        byt = tl.load(w_rows[:, None] + (col0 // 2 + tl.arange(0, SUB // 2))[None, :], mask=n_ok[:, None], other=0)
-        lo, hi = _fp4_to_e4m3(byt, USE_ASM)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, SUB))
-        s_w = e8m0_to_fp32(tl.load(s_rows + col0 // SUB, mask=n_ok, other=0)) * 64.0
-    elif FMT == 1:
-        w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
+def _sub_dot(blk, q, w_rows, s_rows, col0, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr, BLOCK_N: tl.constexpr):
+    """blk [BN, BM] += (W[rows, col0:col0+32] . q^T) * s_w[rows] for one 32-deep sub-block of an FP8 or bf16
+    weight. w_rows / s_rows: the rows' weight and scale-row pointers."""
+    w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
+    if FMT == 1:
         s_w = e8m0_to_fp32(tl.load(s_rows + col0 // QB, mask=n_ok, other=0))
     else:
-        w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
         s_w = tl.full((BLOCK_N,), 1.0, tl.float32)
     if MMA_FP8 and FMT != 2:
         part = tl.dot(w, tl.trans(q))
     else:          # e4m3 values widen exactly to bf16
         part = tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
     return blk + part * s_w[:, None]
+
+
+@triton.jit
+def _fp4_span_dot(blk, qa, qb, w_rows, s_rows, col0, n_ok, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr):
+    """blk [BN, BM] += the 64 columns col0..col0+63 of an FP4 weight against qa (columns 0..31 of the span) and qb
+    (32..63). Split nibble order: byte j of the span's 32 holds column j (low nibble) and 32 + j (high), so each
+    nibble plane is a natural-order [BN, 32] e4m3 operand with its own scale and no shuffle between registers."""
+    byt = tl.load(w_rows[:, None] + (col0 // 2 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0)
+    lo, hi = _fp4_to_e4m3(byt, USE_ASM)
+    s_lo = e8m0_to_fp32(tl.load(s_rows + col0 // SUB, mask=n_ok, other=0)) * 64.0
+    s_hi = e8m0_to_fp32(tl.load(s_rows + col0 // SUB + 1, mask=n_ok, other=0)) * 64.0
+    if MMA_FP8:
+        p_lo = tl.dot(lo, tl.trans(qa))
+        p_hi = tl.dot(hi, tl.trans(qb))
+    else:
+        p_lo = tl.dot(lo.to(tl.bfloat16), tl.trans(qa.to(tl.bfloat16)))
+        p_hi = tl.dot(hi.to(tl.bfloat16), tl.trans(qb.to(tl.bfloat16)))
+    return blk + p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
 
 
 @triton.jit
@@ -208,10 +219,14 @@ def _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT: tl.constexpr, M
                USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     q0, q1, q2, q3, s_a = _quant_subs(a_ptrs, k0, m_ok, FMT)
     blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    blk = _sub_dot(blk, q0, w_rows, s_rows, k0, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
-    blk = _sub_dot(blk, q1, w_rows, s_rows, k0 + SUB, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
-    blk = _sub_dot(blk, q2, w_rows, s_rows, k0 + 2 * SUB, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
-    blk = _sub_dot(blk, q3, w_rows, s_rows, k0 + 3 * SUB, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_N)
+    if FMT == 0:
+        blk = _fp4_span_dot(blk, q0, q1, w_rows, s_rows, k0, n_ok, MMA_FP8, USE_ASM)
+        blk = _fp4_span_dot(blk, q2, q3, w_rows, s_rows, k0 + 2 * SUB, n_ok, MMA_FP8, USE_ASM)
+    else:
+        blk = _sub_dot(blk, q0, w_rows, s_rows, k0, n_ok, FMT, MMA_FP8, BLOCK_N)
+        blk = _sub_dot(blk, q1, w_rows, s_rows, k0 + SUB, n_ok, FMT, MMA_FP8, BLOCK_N)
+        blk = _sub_dot(blk, q2, w_rows, s_rows, k0 + 2 * SUB, n_ok, FMT, MMA_FP8, BLOCK_N)
+        blk = _sub_dot(blk, q3, w_rows, s_rows, k0 + 3 * SUB, n_ok, FMT, MMA_FP8, BLOCK_N)
     return acc + blk * s_a[None, :]
 
 

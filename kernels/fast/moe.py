@@ -2,8 +2,10 @@
 formats, run on (row, expert, weight) pairs as grouped GEMMs with the clamped SwiGLU fused, then combined.
 
 Formats (`ExpertWeights`, `dsv4.kernels.quant`): "fp4" (instruct checkpoints) int8 bytes holding two e2m1 codes
-(element 2k in the low nibble) with one UE8M0 scale per row per 32 columns; "fp8" float8_e4m3fn with one UE8M0
-scale per 128x128 tile; "bf16". w13 stacks w1 (gate, rows 0..I-1) over w3 (up, rows I..2I-1).
+with one UE8M0 scale per row per 32 columns, the bytes stacked in split nibble order (`quant.split_fp4_nibbles`:
+per 64 columns, byte j holds columns j and 32 + j, so the kernels read each 32-column scale group as one
+natural-order operand, with no register shuffles); "fp8" float8_e4m3fn with one UE8M0 scale per 128x128 tile;
+"bf16". w13 stacks w1 (gate, rows 0..I-1) over w3 (up, rows I..2I-1).
 
 Math per pair p (expert e = pair_expert[p], routing weight w = pair_weight[p], row u = x[pair_row[p]]), the
 reference `Expert` in reference numerics:
@@ -38,7 +40,8 @@ QBLOCK = 128
 class ExpertWeights:
     """One MoE layer's local routed experts, stacked, in checkpoint formats.
 
-    fp4:  w13 int8 [E, 2I, D/2], s13 float8_e8m0fnu [E, 2I, D/32], w2 int8 [E, D, I/2], s2 e8m0 [E, D, I/32]
+    fp4:  w13 int8 [E, 2I, D/2], s13 float8_e8m0fnu [E, 2I, D/32], w2 int8 [E, D, I/2], s2 e8m0 [E, D, I/32];
+          the bytes in split nibble order (module doc), the scales as in the checkpoint
     fp8:  w13 float8_e4m3fn [E, 2I, D], s13 e8m0 [E, 2I/128, D/128], w2 [E, D, I], s2 [E, D/128, I/128]
     bf16: w13 bf16 [E, 2I, D], w2 bf16 [E, D, I], no scales.
     """
@@ -60,16 +63,27 @@ class ExpertWeights:
     def inter_size(self) -> int:
         return self.w13.shape[1] // 2
 
+    def dense(self, name: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s "w13" [2I, D] or "w2" [D, I] as exact fp32 values."""
+        w, s = getattr(self, name)[expert], getattr(self, "s" + name[1:])
+        s = None if s is None else s[expert]
+        if self.fmt == "fp4":
+            return quant.dequantize_weight_fp4(w, s, split=True)
+        if self.fmt == "fp8":
+            return quant.dequantize_weight_fp8(w, s)
+        return w.float()
+
 
 def stack_experts(per_expert: Sequence[tuple], fmt: str) -> ExpertWeights:
     """[(w1, s1, w3, s3, w2, s2), ...] in checkpoint layout -> freshly allocated stacked tensors on the inputs'
-    device (scales None for bf16)."""
+    device (scales None for bf16; FP4 bytes in split nibble order)."""
     if fmt not in FORMATS:
         raise ValueError(f"expert format must be one of {FORMATS}, got {fmt!r}")
     if not per_expert:
         raise ValueError("stack_experts needs at least one expert")
     w1, s1, _, _, w2, s2 = per_expert[0]
     num, inter = len(per_expert), w1.shape[0]
+    _check_widths(w2.shape[0], inter)
     w13 = torch.empty(num, 2 * inter, *w1.shape[1:], dtype=w1.dtype, device=w1.device)
     w2s = torch.empty(num, *w2.shape, dtype=w2.dtype, device=w2.device)
     quantized = fmt != "bf16"
@@ -80,9 +94,10 @@ def stack_experts(per_expert: Sequence[tuple], fmt: str) -> ExpertWeights:
         if a1.shape != w1.shape or a3.shape != w1.shape or a2.shape != w2.shape:
             raise ValueError(f"expert {i}: shapes {tuple(a1.shape)}, {tuple(a3.shape)}, {tuple(a2.shape)} differ "
                              f"from expert 0's {tuple(w1.shape)}, {tuple(w2.shape)}")
-        w13[i, :inter].copy_(a1)
-        w13[i, inter:].copy_(a3)
-        w2s[i].copy_(a2)
+        order = quant.split_fp4_nibbles if fmt == "fp4" else (lambda w: w)
+        w13[i, :inter].copy_(order(a1))
+        w13[i, inter:].copy_(order(a3))
+        w2s[i].copy_(order(a2))
         if quantized:   # scales copied as bytes (e8m0 has few kernels); fp32 powers of two re-encoded exactly
             rows = s1.shape[0]
             s13[i, :rows].copy_(_e8m0_bytes(b1))
@@ -100,10 +115,14 @@ def _e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
     return scale.view(torch.uint8)
 
 
-def _check(w: ExpertWeights) -> None:
-    d, inter = w.hidden_size, w.inter_size
+def _check_widths(d: int, inter: int) -> None:
     if d % QBLOCK or inter % QBLOCK:
         raise ValueError(f"experts need hidden and intermediate sizes that are multiples of 128, got {d}, {inter}")
+
+
+def _check(w: ExpertWeights) -> None:
+    d, inter = w.hidden_size, w.inter_size
+    _check_widths(d, inter)
     packed = 2 if w.fmt == "fp4" else 1
     want = {"w13": (2 * inter, d // packed), "w2": (d, inter // packed)}
     if w.fmt == "fp4":
@@ -193,15 +212,6 @@ def dispatch_pairs(pair_expert: torch.Tensor, num_experts: int, block_m: int) ->
     return Dispatch(block_m, sorted_pair, block_bucket, start.to(torch.int32), count.to(torch.int32))
 
 
-def _dense(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    """One expert's weight as exact fp32 values."""
-    if fmt == "fp4":
-        return quant.dequantize_weight_fp4(w, s)
-    if fmt == "fp8":
-        return quant.dequantize_weight_fp8(w, s)
-    return w.float()
-
-
 def _act(a: torch.Tensor, fmt: str) -> torch.Tensor:
     """The exact fake-quantized activation values in fp32 (bf16 values as is for fmt bf16)."""
     a = a.to(torch.bfloat16)
@@ -222,10 +232,10 @@ def _twin_expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: t
         if count == 0:
             continue
         pairs = plan.sorted_pair[start:start + count].long()
-        w13 = _dense(experts.w13[e], None if experts.s13 is None else experts.s13[e], fmt)
+        w13 = experts.dense("w13", e)
         gu = (_act(x[pair_row[pairs].long()], fmt) @ w13.t()).to(torch.bfloat16).float()
         g, v = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
         h = pair_weight[pairs, None] * (torch.nn.functional.silu(g) * v)
-        w2 = _dense(experts.w2[e], None if experts.s2 is None else experts.s2[e], fmt)
+        w2 = experts.dense("w2", e)
         y[pairs] = (_act(h, fmt) @ w2.t()).to(torch.bfloat16)
     return y

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fast_inputs import dense_expert as dense
 
 from dsv4.kernels import quant
 from dsv4.kernels.fast import moe
@@ -65,8 +64,8 @@ def reference(x, pair_row, pair_expert, pair_weight, ex: moe.ExpertWeights, limi
         if not 0 <= e < ex.num_experts:
             continue
         if e not in weights:
-            weights[e] = (dense(ex.w13[e], None if ex.s13 is None else ex.s13[e], ex.fmt),
-                          dense(ex.w2[e], None if ex.s2 is None else ex.s2[e], ex.fmt))
+            weights[e] = (ex.dense("w13", e).double(),
+                          ex.dense("w2", e).double())
         w13, w2 = weights[e]
         u = x[pair_row[p]][None].float()
         u = u if ex.fmt == "bf16" else quant.fake_quant_fp8(u, 128)
@@ -185,7 +184,7 @@ def test_twin_matches_model_expert():
         for name, w, s in (("w1", ex.w13[e, :inter], ex.s13[e, :inter]), ("w3", ex.w13[e, inter:],
                                                                           ex.s13[e, inter:]),
                            ("w2", ex.w2[e], ex.s2[e])):
-            getattr(module, name).weight.copy_(w)
+            getattr(module, name).weight.copy_(quant.merge_fp4_nibbles(w))      # checkpoint order
             getattr(module, name).scale.copy_(s)
         modules.append(module)
     x = rows(5, d, 9)

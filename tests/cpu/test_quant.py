@@ -1,5 +1,6 @@
 """The quantizers against the spec's definitions, on crafted inputs (spec §4, §5.3, §6.2, §7.3)."""
 
+import pytest
 import torch
 
 from dsv4.kernels import quant
@@ -124,6 +125,23 @@ def test_weight_formats_round_trip_and_shapes():
     assert p.dtype == torch.int8 and tuple(p.shape) == (300, 128) and tuple(s4.shape) == (300, 8)
     deq4 = quant.dequantize_weight_fp4(p, s4)
     assert torch.equal(quant.dequantize_weight_fp4(*quant.quantize_weight_fp4(deq4)), deq4)
+
+
+def test_fp4_split_nibble_order():
+    """Per 64 columns, split byte j = column j (low nibble) | column 32 + j (high); merge inverts it exactly."""
+    g = torch.Generator().manual_seed(4)
+    packed, scale = quant.quantize_weight_fp4(torch.randn(3, 128, generator=g))
+    split = quant.split_fp4_nibbles(packed)
+    assert split.dtype == torch.int8 and split.shape == packed.shape and not torch.equal(split, packed)
+    codes, split_bytes = quant.unpack_fp4(packed), split.view(torch.uint8)
+    for span in (0, 1):
+        c = codes[:, 64 * span:64 * span + 64]
+        assert torch.equal(split_bytes[:, 32 * span:32 * span + 32], c[:, :32] | (c[:, 32:] << 4))
+    assert torch.equal(quant.merge_fp4_nibbles(split), packed)
+    dense = quant.dequantize_weight_fp4(packed, scale)
+    assert torch.equal(quant.dequantize_weight_fp4(split, scale, split=True), dense)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quant.split_fp4_nibbles(packed[:, :16])
 
 
 def test_hadamard_is_orthonormal_natural_order():

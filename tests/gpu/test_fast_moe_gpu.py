@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fast_inputs import dense_expert as dense
 
 from dsv4.kernels import quant
 from dsv4.kernels.fast import _moe_triton, moe
@@ -77,7 +76,7 @@ def reference(x, pair_row, pair_expert, pair_weight, ex: moe.ExpertWeights, pair
         if not 0 <= e < ex.num_experts:
             continue
         mine = pairs[chosen == e]
-        w13 = dense(ex.w13[e], None if ex.s13 is None else ex.s13[e], fmt)
+        w13 = ex.dense("w13", e).double()
         u = x[pair_row[mine]].float()
         u = u if fmt == "bf16" else quant.fake_quant_fp8(u, 128)
         gu = (u.double() @ w13.t()).float().bfloat16().double()
@@ -85,7 +84,7 @@ def reference(x, pair_row, pair_expert, pair_weight, ex: moe.ExpertWeights, pair
         gate, up = gu[:, :inter].clamp(max=LIMIT), gu[:, inter:].clamp(-LIMIT, LIMIT)
         h = (pair_weight[mine, None].double() * (torch.nn.functional.silu(gate) * up)).float().bfloat16().float()
         h = h if fmt == "bf16" else quant.fake_quant_fp8(h, 128)
-        out[mine] = h.double() @ dense(ex.w2[e], None if ex.s2 is None else ex.s2[e], fmt).t()
+        out[mine] = h.double() @ ex.dense("w2", e).double().t()
     return out
 
 
