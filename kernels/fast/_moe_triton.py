@@ -15,14 +15,17 @@ Pipeline of `expert_forward` (every launch's grid from (P, E, BLOCK_M) and the w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.fast._linear_triton import act_scale, e8m0_to_fp32, num_sms, to_e4m3
+from dsv4.kernels.fast._linear_triton import act_scale, e8m0_to_fp32, num_sms, quant_tile, to_e4m3
 
 FMT_CODES = {"fp4": 0, "fp8": 1, "bf16": 2}
-QB, SUB = tl.constexpr(128), tl.constexpr(32)   # activation quantization block; K depth of one FP4-scale dot
+QBLOCK = 128
+QB, SUB = tl.constexpr(QBLOCK), tl.constexpr(32)   # activation quantization block; K depth of one FP4-scale dot
 DISPATCH_SUBS = 8                # sub-chunks per dispatch program (one program when P fits one chunk)
 
 
@@ -161,22 +164,6 @@ def _fp4_to_e4m3(byt, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _sub_dot(blk, q, w_rows, s_rows, col0, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr, BLOCK_N: tl.constexpr):
-    """blk [BN, BM] += (W[rows, col0:col0+32] . q^T) * s_w[rows] for one 32-deep sub-block of an FP8 or bf16
-    weight. w_rows / s_rows: the rows' weight and scale-row pointers."""
-    w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
-    if FMT == 1:
-        s_w = e8m0_to_fp32(tl.load(s_rows + col0 // QB, mask=n_ok, other=0))
-    else:
-        s_w = tl.full((BLOCK_N,), 1.0, tl.float32)
-    if MMA_FP8 and FMT != 2:
-        part = tl.dot(w, tl.trans(q))
-    else:          # e4m3 values widen exactly to bf16
-        part = tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
-    return blk + part * s_w[:, None]
-
-
-@triton.jit
 def _fp4_span_dot(blk, qa, qb, w_rows, s_rows, col0, n_ok, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr):
     """blk [BN, BM] += the 64 columns col0..col0+63 of an FP4 weight against qa (columns 0..31 of the span) and qb
     (32..63). Split nibble order: byte j of the span's 32 holds column j (low nibble) and 32 + j (high), so each
@@ -188,46 +175,52 @@ def _fp4_span_dot(blk, qa, qb, w_rows, s_rows, col0, n_ok, MMA_FP8: tl.constexpr
     if MMA_FP8:
         p_lo = tl.dot(lo, tl.trans(qa))
         p_hi = tl.dot(hi, tl.trans(qb))
-    else:
+    else:          # e4m3 values widen exactly to bf16
         p_lo = tl.dot(lo.to(tl.bfloat16), tl.trans(qa.to(tl.bfloat16)))
         p_hi = tl.dot(hi.to(tl.bfloat16), tl.trans(qb.to(tl.bfloat16)))
     return blk + p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
 
 
 @triton.jit
-def _quant_subs(a_ptrs, k0, m_ok, FMT: tl.constexpr):
-    """One 128-block of the A rows as four 32-wide operands, FP8-quantized per row (bf16 as is for FMT 2)."""
+def _quant_quarters(a_ptrs, k0, m_ok):
+    """One 128-block of the A rows as four 32-wide e4m3 operands with one FP8 scale per row."""
     cols = tl.arange(0, SUB)
     a0 = tl.load(a_ptrs + (k0 + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
     a1 = tl.load(a_ptrs + (k0 + SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
     a2 = tl.load(a_ptrs + (k0 + 2 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
     a3 = tl.load(a_ptrs + (k0 + 3 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    if FMT == 2:
-        scale = tl.full((a0.shape[0],), 1.0, tl.float32)
-        q0, q1, q2, q3 = a0.to(tl.bfloat16), a1.to(tl.bfloat16), a2.to(tl.bfloat16), a3.to(tl.bfloat16)
-    else:
-        amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
-                          tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
-        scale, inv = act_scale(amax)
-        inv = inv[:, None]
-        q0, q1, q2, q3 = to_e4m3(a0 * inv), to_e4m3(a1 * inv), to_e4m3(a2 * inv), to_e4m3(a3 * inv)
-    return q0, q1, q2, q3, scale
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
+                      tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
+    scale, inv = act_scale(amax)
+    inv = inv[:, None]
+    return to_e4m3(a0 * inv), to_e4m3(a1 * inv), to_e4m3(a2 * inv), to_e4m3(a3 * inv), scale
 
 
 @triton.jit
 def _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr,
                USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    q0, q1, q2, q3, s_a = _quant_subs(a_ptrs, k0, m_ok, FMT)
-    blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    """acc [BN, BM] += the 128-block k0 of W[rows] . A^T: FP4 as four 32-deep dots (one weight scale each), FP8 as
+    one 128-deep dot (one scale per 128x128 tile), bf16 as is; each FP8 block's product times its scales."""
     if FMT == 0:
+        q0, q1, q2, q3, s_a = _quant_quarters(a_ptrs, k0, m_ok)
+        blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         blk = _fp4_span_dot(blk, q0, q1, w_rows, s_rows, k0, n_ok, MMA_FP8, USE_ASM)
         blk = _fp4_span_dot(blk, q2, q3, w_rows, s_rows, k0 + 2 * SUB, n_ok, MMA_FP8, USE_ASM)
+        acc = acc + blk * s_a[None, :]
     else:
-        blk = _sub_dot(blk, q0, w_rows, s_rows, k0, n_ok, FMT, MMA_FP8, BLOCK_N)
-        blk = _sub_dot(blk, q1, w_rows, s_rows, k0 + SUB, n_ok, FMT, MMA_FP8, BLOCK_N)
-        blk = _sub_dot(blk, q2, w_rows, s_rows, k0 + 2 * SUB, n_ok, FMT, MMA_FP8, BLOCK_N)
-        blk = _sub_dot(blk, q3, w_rows, s_rows, k0 + 3 * SUB, n_ok, FMT, MMA_FP8, BLOCK_N)
-    return acc + blk * s_a[None, :]
+        a = tl.load(a_ptrs + (k0 + tl.arange(0, QB))[None, :], mask=m_ok[:, None], other=0.0)
+        w = tl.load(w_rows[:, None] + (k0 + tl.arange(0, QB))[None, :], mask=n_ok[:, None], other=0.0)
+        if FMT == 2:
+            acc = tl.dot(w, tl.trans(a.to(tl.bfloat16)), acc)
+        else:
+            q, s_a = quant_tile(a.to(tl.float32))
+            s_w = e8m0_to_fp32(tl.load(s_rows + k0 // QB, mask=n_ok, other=0))
+            if MMA_FP8:
+                part = tl.dot(w, tl.trans(q))
+            else:
+                part = tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
+            acc = acc + part * s_w[:, None] * s_a[None, :]
+    return acc
 
 
 @triton.jit
@@ -241,27 +234,48 @@ def _row_ptrs(w_ptr, s_ptr, expert, rows, stride_we, stride_wn, stride_se, strid
 
 
 @triton.jit
+def _block_rows(block_bucket_ptr, bucket_start_ptr, bucket_count_ptr, sorted_pair_ptr, b, BLOCK_M: tl.constexpr):
+    """Block b -> (bucket (-1 = unused), row offsets m, rows holding a pair, their pairs)."""
+    bucket = tl.load(block_bucket_ptr + b)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < tl.load(bucket_start_ptr + tl.maximum(bucket, 0)) + tl.load(bucket_count_ptr + tl.maximum(bucket, 0)) \
+        - b * BLOCK_M
+    pair = tl.load(sorted_pair_ptr + b * BLOCK_M + m, mask=m_ok & (bucket >= 0), other=0)
+    return bucket, m, m_ok, pair
+
+
+@triton.jit
+def _swiglu_store(g, v, route, out_ptr, rows, n, N, mask, limit):
+    """Reference order: bf16 GEMM outputs, clamps, silu(g) * v in fp32, then the routing weight -> bf16 h."""
+    g = tl.minimum(g.to(tl.bfloat16).to(tl.float32), limit)
+    v = tl.clamp(v.to(tl.bfloat16).to(tl.float32), -limit, limit)
+    h = route[None, :] * (g * tl.sigmoid(g) * v)
+    tl.store(out_ptr + rows.to(tl.int64)[None, :] * N + n[:, None], h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr,
-                     bucket_start_ptr, bucket_count_ptr, w_ptr, s_ptr, out_ptr,
+                     bucket_start_ptr, bucket_count_ptr, w_ptr, s_ptr, out_ptr, part_ptr,
                      num_experts, K, N, stride_we, stride_wn, stride_se, stride_sn, limit,
                      GATED: tl.constexpr, FMT: tl.constexpr, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     # GATED (GEMM 1): A = x rows of the block's pairs, weight rows n (gate) and N + n (up) -> h rows [block rows, N].
     # Else (GEMM 2): A = h rows of the block, weight rows n -> y rows of the block's pairs [P, N].
+    # SPLIT_K > 1: program_id(2) sums its 1/SPLIT_K of K into fp32 partials part [SPLIT_K, block rows, N or 2N]
+    # (rows holding a pair only); `_split_reduce_kernel` adds them in split order and runs the epilogue.
     b = tl.program_id(0)
-    bucket = tl.load(block_bucket_ptr + b)
+    bucket, m, m_ok, pair = _block_rows(block_bucket_ptr, bucket_start_ptr, bucket_count_ptr, sorted_pair_ptr, b,
+                                        BLOCK_M)
     if bucket < 0:
         return
     row0 = b * BLOCK_M
-    m = tl.arange(0, BLOCK_M)
-    m_ok = m < tl.load(bucket_start_ptr + bucket) + tl.load(bucket_count_ptr + bucket) - row0
-    pair = tl.load(sorted_pair_ptr + row0 + m, mask=m_ok, other=0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    mask = n_ok[:, None] & m_ok[None, :]
     if bucket == num_experts:      # off-rank pairs: zero rows of y
-        if not GATED:
+        if not GATED and SPLIT_K == 1:
             tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None],
-                     tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+                     tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=mask)
         return
     if GATED:
         a_rows = tl.load(pair_row_ptr + pair, mask=m_ok, other=0).to(tl.int64)
@@ -274,21 +288,57 @@ def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair
     if GATED:
         w_rows2, s_rows2 = _row_ptrs(w_ptr, s_ptr, expert, N + n, stride_we, stride_wn, stride_se, stride_sn, FMT)
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kb in range(0, K // QB):
+    kb_per_split = K // QB // SPLIT_K
+    kb0 = tl.program_id(2) * kb_per_split
+    for kb in range(kb0, kb0 + kb_per_split):
         k0 = kb * QB
         acc = _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_M, BLOCK_N)
         if GATED:
             acc2 = _block_dot(acc2, a_ptrs, k0, m_ok, w_rows2, s_rows2, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_M,
                               BLOCK_N)
-    mask = n_ok[:, None] & m_ok[None, :]
-    if GATED:
-        # Reference order: bf16 GEMM outputs, clamps, silu(g) * v in fp32, then the routing weight.
-        g = tl.minimum(acc.to(tl.bfloat16).to(tl.float32), limit)
-        v = tl.clamp(acc2.to(tl.bfloat16).to(tl.float32), -limit, limit)
+    if SPLIT_K > 1:
+        width = 2 * N if GATED else N
+        part_rows = part_ptr + (tl.program_id(2) * tl.num_programs(0) * BLOCK_M + row0 + m).to(tl.int64) * width
+        tl.store(part_rows[None, :] + n[:, None], acc, mask=mask)
+        if GATED:
+            tl.store(part_rows[None, :] + (N + n)[:, None], acc2, mask=mask)
+    elif GATED:
         route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
-        h = route[None, :] * (g * tl.sigmoid(g) * v)
-        tl.store(out_ptr + (row0 + m).to(tl.int64)[None, :] * N + n[:, None], h.to(out_ptr.dtype.element_ty),
+        _swiglu_store(acc, acc2, route, out_ptr, row0 + m, n, N, mask, limit)
+    else:
+        tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=mask)
+
+
+@triton.jit
+def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr, bucket_start_ptr,
+                         bucket_count_ptr, out_ptr, num_experts, N, limit, GATED: tl.constexpr,
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K partials of one block's rows, summed in split order, through GEMM 1's or GEMM 2's epilogue."""
+    b = tl.program_id(0)
+    bucket, m, m_ok, pair = _block_rows(block_bucket_ptr, bucket_start_ptr, bucket_count_ptr, sorted_pair_ptr, b,
+                                        BLOCK_M)
+    if bucket < 0:
+        return
+    row0 = b * BLOCK_M
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (n < N)[:, None] & m_ok[None, :]
+    if bucket == num_experts:
+        if not GATED:
+            tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None],
+                     tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=mask)
+        return
+    width = 2 * N if GATED else N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        rows = part_ptr + (s * tl.num_programs(0) * BLOCK_M + row0 + m).to(tl.int64) * width
+        acc += tl.load(rows[None, :] + n[:, None], mask=mask, other=0.0)
+        if GATED:
+            acc2 += tl.load(rows[None, :] + (N + n)[:, None], mask=mask, other=0.0)
+    if GATED:
+        route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
+        _swiglu_store(acc, acc2, route, out_ptr, row0 + m, n, N, mask, limit)
     else:
         tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=mask)
@@ -348,25 +398,57 @@ def _weight_args(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> tuple:
     return w_arg, s_arg, w.stride(0), w.stride(1), *s_strides
 
 
-def _gemm_tiles(num_blocks: int, n: int, block_m: int, gated: bool, device: torch.device) -> tuple[int, int]:
-    """(weight rows per program, warps). 128 rows cost the fewest instructions per weight element (ptxas, sm_90:
-    ~4.6 per element in GEMM 1 at 16 rows per block, ~5.9 at 64 weight rows); 64 when 128 would leave fewer than
-    ~2 programs per SM (1-token decode). 8 warps where 4 would not fit the accumulators in registers."""
-    block_n = 128 if num_blocks * triton.cdiv(n, 128) >= 2 * num_sms(device) else 64
+@dataclass(frozen=True)
+class GemmTiles:
+    """Launch geometry of one grouped GEMM: weight rows per program, warps, K splits, pipeline stages."""
+    block_n: int
+    warps: int
+    split_k: int = 1
+    stages: int = 4
+
+
+def gemm_tiles(num_blocks: int, n: int, k: int, block_m: int, gated: bool, device: torch.device) -> GemmTiles:
+    """128 weight rows per program cost the fewest instructions per weight element (the activation's quantization
+    and the MMA fences are per K step, whatever the rows); 64 when 128 would leave fewer than ~2 programs per SM.
+    Where even that leaves the SMs short of work (decode: a handful of experts, or the one shared expert), K is
+    split (>= 2 K steps per split) until there are ~4 programs per SM. 8 warps where 4 would not fit the
+    accumulators in registers."""
+    sms = num_sms(device)
+    block_n = 128 if num_blocks * triton.cdiv(n, 128) >= 2 * sms else 64
+    tiles = num_blocks * triton.cdiv(n, block_n)
+    split_k = 1
+    while tiles * split_k < 4 * sms and k // QBLOCK % (2 * split_k) == 0 and k // QBLOCK // (2 * split_k) >= 2:
+        split_k *= 2
     if gated:
         warps = 4 if block_m == 16 else 8
     else:
         warps = 8 if block_m == 64 else 4
-    return block_n, warps
+    return GemmTiles(block_n, warps, split_k)
+
+
+def _grouped_gemm(a, common, w, s, strides, out, num_experts, k, n, limit, num_blocks, tiles: GemmTiles,
+                  gated: bool, flags: dict) -> None:
+    """One grouped GEMM launch (plus the split-K reduce when K is split)."""
+    width = 2 * n if gated else n
+    part = torch.empty(tiles.split_k, num_blocks * flags["BLOCK_M"], width, dtype=torch.float32, device=a.device) \
+        if tiles.split_k > 1 else out
+    _moe_gemm_kernel[(num_blocks, triton.cdiv(n, tiles.block_n), tiles.split_k)](
+        a, a.stride(0), *common, w, s, out, part, num_experts, k, n, *strides, limit, GATED=gated,
+        BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k, num_warps=tiles.warps, num_stages=tiles.stages, **flags)
+    if tiles.split_k > 1:
+        block_r = 128
+        _split_reduce_kernel[(num_blocks, triton.cdiv(n, block_r))](
+            part, *common[1:], out, num_experts, n, limit, GATED=gated, SPLIT_K=tiles.split_k,
+            BLOCK_M=flags["BLOCK_M"], BLOCK_N=block_r, num_warps=4)
 
 
 def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor,
-                   experts, swiglu_limit: float, block_m: int, mma_fp8: bool = True, block_n: int | None = None
-                   ) -> torch.Tensor:
+                   experts, swiglu_limit: float, block_m: int, mma_fp8: bool = True,
+                   tiles: tuple[GemmTiles | None, GemmTiles | None] = (None, None)) -> torch.Tensor:
     """The fused pipeline (module doc) -> y bf16 [P, D] in pair order. x [R, D] bf16 contiguous; pair_row int32
     or int64 [P]; pair_expert int32 [P]; pair_weight fp32 [P]; experts an `ExpertWeights`; block_m rows per
     expert block (`moe.block_m_for`). mma_fp8 False widens both operands to bf16 (exact too) for a bf16 MMA.
-    block_n forces GEMM 1's weight rows per program (tests)."""
+    tiles forces GEMM 1's / GEMM 2's launch geometry (tests, benchmarks; None = `gemm_tiles`)."""
     num_pairs = pair_expert.shape[0]
     d, inter, num_experts = experts.hidden_size, experts.inter_size, experts.num_experts
     y = torch.empty(num_pairs, d, dtype=torch.bfloat16, device=x.device)
@@ -376,20 +458,15 @@ def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.T
     sorted_pair, block_bucket, bucket_start, bucket_count = dispatch(pair_expert, num_experts, bm)
     num_blocks = block_bucket.shape[0]
     h = torch.empty(num_blocks * bm, inter, dtype=torch.bfloat16, device=x.device)
-    fmt, use_asm = FMT_CODES[experts.fmt], x.is_cuda
-    bn1, warps1 = _gemm_tiles(num_blocks, inter, bm, True, x.device)
-    bn2, warps2 = _gemm_tiles(num_blocks, d, bm, False, x.device)
-    bn1 = block_n or bn1
+    tiles1 = tiles[0] or gemm_tiles(num_blocks, inter, d, bm, True, x.device)
+    tiles2 = tiles[1] or gemm_tiles(num_blocks, d, inter, bm, False, x.device)
     common = (pair_row, pair_weight, sorted_pair, block_bucket, bucket_start, bucket_count)
+    flags = dict(FMT=FMT_CODES[experts.fmt], MMA_FP8=mma_fp8, USE_ASM=x.is_cuda, BLOCK_M=bm)
     w13, s13, *strides13 = _weight_args(experts.w13, experts.s13, experts.fmt)
     w2, s2, *strides2 = _weight_args(experts.w2, experts.s2, experts.fmt)
-    flags = dict(FMT=fmt, MMA_FP8=mma_fp8, USE_ASM=use_asm, BLOCK_M=bm, num_stages=4)
-    _moe_gemm_kernel[(num_blocks, triton.cdiv(inter, bn1))](
-        x, x.stride(0), *common, w13, s13, h, num_experts, d, inter, *strides13, float(swiglu_limit),
-        GATED=True, BLOCK_N=bn1, num_warps=warps1, **flags)
-    _moe_gemm_kernel[(num_blocks, triton.cdiv(d, bn2))](
-        h, h.stride(0), *common, w2, s2, y, num_experts, inter, d, *strides2, float(swiglu_limit),
-        GATED=False, BLOCK_N=bn2, num_warps=warps2, **flags)
+    limit = float(swiglu_limit)
+    _grouped_gemm(x, common, w13, s13, strides13, h, num_experts, d, inter, limit, num_blocks, tiles1, True, flags)
+    _grouped_gemm(h, common, w2, s2, strides2, y, num_experts, inter, d, limit, num_blocks, tiles2, False, flags)
     return y
 
 

@@ -260,14 +260,18 @@ def test_triton_dispatch(tri, routing, num_pairs, num_experts):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("fmt,block_n", [("fp4", None), ("fp4", 64), ("fp8", None), ("bf16", None)])
-def test_triton_expert_forward(tri, fmt, block_n):
-    """E = 4, D = I = 256, P = 10 (a quarter off-rank), against the float64 reference and the twin; GEMM 1 with
-    128 (default here) and 64 weight rows per program (the 1-token decode choice)."""
+@pytest.mark.parametrize("fmt,tiles", [("fp4", None), ("fp4", (64, 1, 2)), ("fp4", (128, 2, 2)), ("fp8", None),
+                                       ("fp8", (64, 2, 1)), ("bf16", None)])
+def test_triton_expert_forward(tri, fmt, tiles):
+    """E = 4, D = I = 256, P = 10 (a quarter off-rank), against the float64 reference and the twin; the default
+    geometry and forced ones: 64 weight rows per program (the decode choice) and split K in either GEMM (tiles =
+    (block_n, GEMM 1's K splits, GEMM 2's))."""
     ex = make_experts(fmt, 4, 256, 256, 12)
     pair_row, pair_expert, pair_weight = make_pairs(5, 10, 4, 13)
     x = rows(5, 256, 14)
-    y = tri.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, block_m=16, block_n=block_n)
+    forced = (None, None) if tiles is None else (tri.GemmTiles(tiles[0], 4, tiles[1]),
+                                                 tri.GemmTiles(tiles[0], 4, tiles[2]))
+    y = tri.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, block_m=16, tiles=forced)
     assert_pairs_close(y, reference(x, pair_row, pair_expert, pair_weight, ex), pair_expert, 4)
     twin = moe.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT)
     assert float((y.float() != twin.float()).float().mean()) <= 0.02
