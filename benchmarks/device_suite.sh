@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's checks and benchmarks, in stages, each with a time limit, logs under $OUT:
-#   bash benchmarks/device_suite.sh kernel-tests kernel-bench model-tests engine-quick engine gpu-tests
+#   bash benchmarks/device_suite.sh kernel-tests kernel-bench moe model-tests engine-quick engine gpu-tests
 # Run from the repository root with .devbundle and .whl carried (benchmarks/device_env.sh sets up the paths).
 set -uo pipefail
 source benchmarks/device_env.sh
@@ -28,6 +28,10 @@ for stage in "$@"; do
       done
       run gpu-sampler 60 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/gpu/test_sampler_device.py ;;
     kernel-bench) run kernel-bench 300 python3 benchmarks/fast_kernels.py --out "$OUT" ;;
+    moe)   # the routed-expert kernels alone: their GPU tests, their benchmark rows, the launch-geometry sweep
+      run moe-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 -rf tests/gpu/test_fast_moe_gpu.py
+      run moe-bench 150 python3 benchmarks/fast_cases_moe.py --out "$OUT"
+      run moe-tilings 200 python3 benchmarks/fast_cases_moe.py --tilings --out "$OUT" ;;
     model-tests) run model-tests 280 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_model_fast_gpu.py \
         tests/gpu/test_runner_graphs.py ;;
     engine-quick) run engine-quick 200 python3 benchmarks/engine.py --layers 4 --batches 1,64 --long-context 0 \

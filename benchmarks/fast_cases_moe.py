@@ -69,7 +69,8 @@ def accuracy(y, x, pair_row, pair_expert, pair_weight, ex, limit=LIMIT, max_pair
 
 
 # ---------------------------------------------------------------------------------------------- cases
-def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: bool = True) -> Case:
+def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: bool = True,
+             tiles: tuple = (None, None), checked: bool = True) -> Case:
     x = torch.randn(num_tokens, D, generator=gen(num_tokens), device=DEV).bfloat16()
     pair_row, pair_expert, pair_weight = routed(num_tokens, ex.num_experts, num_tokens + 1)
     num_pairs = pair_expert.shape[0]
@@ -79,7 +80,8 @@ def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: b
     bm = moe.block_m_for(num_pairs, ex.num_experts)
 
     def run():
-        return _moe_triton.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm, mma_fp8=mma_fp8)
+        return _moe_triton.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm, mma_fp8=mma_fp8,
+                                          tiles=tiles)
 
     if num_tokens == 1:
         target, graph_us = f"<= 2x floor graph ({2 * floor_us:.1f} us)", 2 * floor_us
@@ -88,6 +90,9 @@ def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: b
     else:
         target, graph_us = "-", None
     flops = 2 * num_pairs * 3 * D * INTER
+    if not checked:      # a tiling variant: timed only
+        return Case(f"fast expert_forward {ex.fmt}{label}", f"T={num_tokens}", run, lambda: None, lambda: "-",
+                    moved, target, None, graph_us, ref_reps=1)
     return Case(f"fast expert_forward {ex.fmt}{label}", f"T={num_tokens}, E={ex.num_experts}, {touched} touched",
                 run, lambda: moe._twin_expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm),
                 lambda: accuracy(run(), x, pair_row, pair_expert, pair_weight, ex), moved, target, None, graph_us,
@@ -155,7 +160,30 @@ def cases() -> list[Case]:
     return out
 
 
+def tiling_cases() -> list[Case]:
+    """`--tilings`: the grouped GEMMs' launch geometries around the default, per decode size (tuning data)."""
+    ex = fp4_experts(0)
+    T = _moe_triton.GemmTiles
+    grid = {1: ([T(128, 4, s) for s in (2, 4, 8, 16)], [T(64, 4, 1), T(64, 4, 2), T(128, 4, 2), T(128, 4, 4)]),
+            8: ([T(128, 4, s) for s in (1, 2, 4)], [T(64, 4, 1), T(128, 4, 1), T(128, 4, 2)]),
+            64: ([T(128, 4, 1), T(128, 8, 1), T(128, 4, 2), T(128, 4, 1, 3)],
+                 [T(128, 4, 1), T(128, 8, 1), T(64, 4, 1)]),
+            256: ([T(128, 8, 1), T(128, 4, 1), T(128, 8, 1, 3)], [T(128, 4, 1), T(128, 8, 1), T(64, 4, 1)])}
+    out = []
+    for num_tokens, (firsts, seconds) in grid.items():
+        for t1 in firsts:
+            for t2 in seconds:
+                label = f" [g1 {t1.block_n}/{t1.warps}w/s{t1.split_k}/st{t1.stages}" \
+                        f" g2 {t2.block_n}/{t2.warps}w/s{t2.split_k}/st{t2.stages}]"
+                out.append(moe_case(ex, num_tokens, label, tiles=(t1, t2), checked=False))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--tilings" in argv:
+        argv.remove("--tilings")
+        return run_cases("fast-moe-tilings", [tiling_cases], argv, __doc__)
     return run_cases("fast-moe", [cases], argv, __doc__)
 
 

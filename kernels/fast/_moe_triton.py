@@ -5,12 +5,16 @@ Pipeline of `expert_forward` (every launch's grid from (P, E, BLOCK_M) and the w
    per bucket: `sorted_pair` [max_blocks * BLOCK_M] (row -> pair), `block_bucket` [max_blocks] (-1 = unused),
    `bucket_start` / `bucket_count` (first row, pairs). max_blocks = P // BLOCK_M + min(E + 1, P) bounds the
    blocks any routing can need. One program when P is small (decode), else count -> offsets -> scatter.
-2. GEMM 1 over w13 (gate rows 0..I-1, up rows I..2I-1): the x rows gathered and FP8-quantized per 128 in the
-   operand load; FP4 weights unpacked to e4m3 in registers (exact: e2m1 * 2^-6 is an e4m3 value; the 2^6 goes
-   into the scale), 32-deep FP8 dots (one FP4 scale each) promoted into fp32 with s_w, then s_x per 128; clamped
-   SwiGLU and the routing weight in the epilogue -> h = bf16(w * silu(min(g, L)) * clamp(v, -L, L)) per row.
-3. GEMM 2 over w2 on h (quantized per 128 in its operand load) -> y rows scattered to the pairs' order; blocks of
-   the off-rank bucket write zero rows.
+2. x rows quantized once to FP8 per 128 (`act_quant_fp8`; bf16 experts: x as is).
+3. GEMM 1 over w13 (gate rows 0..I-1, up rows I..2I-1), 128 weight rows per program: the x rows of the block's
+   pairs gathered in the operand load; FP4 weights (split nibble order, `moe`) unpacked to e4m3 in registers
+   (exact: e2m1 * 2^-6 is an e4m3 value; the 2^6 goes into the scale), 32-deep FP8 dots (one FP4 scale each)
+   promoted into fp32 with s_w, then s_x per 128 (FP8 weights: 32-deep dots too). Epilogue: clamped
+   SwiGLU and the routing weight -> h = bf16(w * silu(min(g, L)) * clamp(v, -L, L)), stored FP8-quantized per 128
+   (each program's 128 columns are one block) for GEMM 2.
+4. GEMM 2 over w2 on h -> y rows scattered to the pairs' order; blocks of the off-rank bucket write zero rows.
+Where the blocks x weight tiles are too few for the SMs (decode, the shared expert), either GEMM splits K: fp32
+partials, then `_split_reduce_kernel` sums them in split order and runs the epilogue (`gemm_tiles`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.fast._linear_triton import act_scale, e8m0_to_fp32, num_sms, quant_tile, to_e4m3
+from dsv4.kernels.fast._linear_triton import act_quant_fp8, act_scale, e8m0_to_fp32, num_sms, to_e4m3
 
 FMT_CODES = {"fp4": 0, "fp8": 1, "bf16": 2}
 QBLOCK = 128
@@ -164,14 +168,13 @@ def _fp4_to_e4m3(byt, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _fp4_span_dot(blk, qa, qb, w_rows, s_rows, col0, n_ok, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr):
+def _fp4_span_dot(blk, qa, qb, w_rows, col0, n_ok, s_lo, s_hi, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr):
     """blk [BN, BM] += the 64 columns col0..col0+63 of an FP4 weight against qa (columns 0..31 of the span) and qb
-    (32..63). Split nibble order: byte j of the span's 32 holds column j (low nibble) and 32 + j (high), so each
-    nibble plane is a natural-order [BN, 32] e4m3 operand with its own scale and no shuffle between registers."""
+    (32..63), with the two 32-column groups' scales s_lo / s_hi (fp32 [BN], 2^6 folded in). Split nibble order:
+    byte j of the span's 32 holds column j (low nibble) and 32 + j (high), so each nibble plane is a
+    natural-order [BN, 32] e4m3 operand with no shuffle between registers."""
     byt = tl.load(w_rows[:, None] + (col0 // 2 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0)
     lo, hi = _fp4_to_e4m3(byt, USE_ASM)
-    s_lo = e8m0_to_fp32(tl.load(s_rows + col0 // SUB, mask=n_ok, other=0)) * 64.0
-    s_hi = e8m0_to_fp32(tl.load(s_rows + col0 // SUB + 1, mask=n_ok, other=0)) * 64.0
     if MMA_FP8:
         p_lo = tl.dot(lo, tl.trans(qa))
         p_hi = tl.dot(hi, tl.trans(qb))
@@ -182,45 +185,65 @@ def _fp4_span_dot(blk, qa, qb, w_rows, s_rows, col0, n_ok, MMA_FP8: tl.constexpr
 
 
 @triton.jit
-def _quant_quarters(a_ptrs, k0, m_ok):
-    """One 128-block of the A rows as four 32-wide e4m3 operands with one FP8 scale per row."""
-    cols = tl.arange(0, SUB)
-    a0 = tl.load(a_ptrs + (k0 + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    a1 = tl.load(a_ptrs + (k0 + SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    a2 = tl.load(a_ptrs + (k0 + 2 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    a3 = tl.load(a_ptrs + (k0 + 3 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
-                      tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
-    scale, inv = act_scale(amax)
-    inv = inv[:, None]
-    return to_e4m3(a0 * inv), to_e4m3(a1 * inv), to_e4m3(a2 * inv), to_e4m3(a3 * inv), scale
+def _block_scales(s_rows, as_ptrs, k0, n_ok, m_ok, FMT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The 128-block k0's raw weight scales (FP4: [BN, 4] bytes, one 32-bit load per row; FP8: [BN] bytes) and the A
+    rows' fp32 scales [BM]. Loaded one K step ahead of their use: the loop pipeline only prefetches MMA operands."""
+    if FMT == 0:
+        raw = tl.load(s_rows[:, None] + (k0 // SUB + tl.arange(0, 4))[None, :], mask=n_ok[:, None], other=0)
+    else:
+        raw = tl.load(s_rows + k0 // QB, mask=n_ok & (FMT == 1), other=0)
+    if FMT == 2:
+        s_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+    else:
+        s_a = tl.load(as_ptrs + k0 // QB, mask=m_ok, other=0.0)
+    return raw, s_a
 
 
 @triton.jit
-def _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT: tl.constexpr, MMA_FP8: tl.constexpr,
+def _block_dot(acc, a_ptrs, k0, m_ok, w_rows, n_ok, raw, s_a, FMT: tl.constexpr, MMA_FP8: tl.constexpr,
                USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc [BN, BM] += the 128-block k0 of W[rows] . A^T: FP4 as four 32-deep dots (one weight scale each), FP8 as
-    one 128-deep dot (one scale per 128x128 tile), bf16 as is; each FP8 block's product times its scales."""
+    """acc [BN, BM] += the 128-block k0 of W[rows] . A^T with the block's scales (`_block_scales`). A is FP8 for
+    FP4 / FP8 weights, bf16 for bf16 ones: four 32-deep dots, each promoted into fp32 with its weight scale (FP4:
+    one per 32 columns, the unpacking's 2^6 folded in; FP8: one per 128x128 tile), then the A scale per 128."""
+    if FMT != 2:
+        cols = tl.arange(0, SUB)
+        q0 = tl.load(a_ptrs + (k0 + cols)[None, :], mask=m_ok[:, None], other=0.0)
+        q1 = tl.load(a_ptrs + (k0 + SUB + cols)[None, :], mask=m_ok[:, None], other=0.0)
+        q2 = tl.load(a_ptrs + (k0 + 2 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0)
+        q3 = tl.load(a_ptrs + (k0 + 3 * SUB + cols)[None, :], mask=m_ok[:, None], other=0.0)
     if FMT == 0:
-        q0, q1, q2, q3, s_a = _quant_quarters(a_ptrs, k0, m_ok)
+        even, odd = tl.split(tl.reshape(raw, (BLOCK_N, 2, 2)))      # scale columns (0, 2), (1, 3)
+        r0, r2 = tl.split(even)
+        r1, r3 = tl.split(odd)
         blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        blk = _fp4_span_dot(blk, q0, q1, w_rows, s_rows, k0, n_ok, MMA_FP8, USE_ASM)
-        blk = _fp4_span_dot(blk, q2, q3, w_rows, s_rows, k0 + 2 * SUB, n_ok, MMA_FP8, USE_ASM)
+        blk = _fp4_span_dot(blk, q0, q1, w_rows, k0, n_ok, e8m0_to_fp32(r0) * 64.0, e8m0_to_fp32(r1) * 64.0,
+                            MMA_FP8, USE_ASM)
+        blk = _fp4_span_dot(blk, q2, q3, w_rows, k0 + 2 * SUB, n_ok, e8m0_to_fp32(r2) * 64.0,
+                            e8m0_to_fp32(r3) * 64.0, MMA_FP8, USE_ASM)
+        acc = acc + blk * s_a[None, :]
+    elif FMT == 1:      # 32-deep dots promoted into fp32: Hopper's FP8 MMA accumulates with ~14 mantissa bits
+        s_w = e8m0_to_fp32(raw)
+        blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        blk = _fp8_sub_dot(blk, q0, w_rows, k0, n_ok, s_w, MMA_FP8)
+        blk = _fp8_sub_dot(blk, q1, w_rows, k0 + SUB, n_ok, s_w, MMA_FP8)
+        blk = _fp8_sub_dot(blk, q2, w_rows, k0 + 2 * SUB, n_ok, s_w, MMA_FP8)
+        blk = _fp8_sub_dot(blk, q3, w_rows, k0 + 3 * SUB, n_ok, s_w, MMA_FP8)
         acc = acc + blk * s_a[None, :]
     else:
         a = tl.load(a_ptrs + (k0 + tl.arange(0, QB))[None, :], mask=m_ok[:, None], other=0.0)
         w = tl.load(w_rows[:, None] + (k0 + tl.arange(0, QB))[None, :], mask=n_ok[:, None], other=0.0)
-        if FMT == 2:
-            acc = tl.dot(w, tl.trans(a.to(tl.bfloat16)), acc)
-        else:
-            q, s_a = quant_tile(a.to(tl.float32))
-            s_w = e8m0_to_fp32(tl.load(s_rows + k0 // QB, mask=n_ok, other=0))
-            if MMA_FP8:
-                part = tl.dot(w, tl.trans(q))
-            else:
-                part = tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
-            acc = acc + part * s_w[:, None] * s_a[None, :]
+        acc = tl.dot(w, tl.trans(a), acc)
     return acc
+
+
+@triton.jit
+def _fp8_sub_dot(blk, q, w_rows, col0, n_ok, s_w, MMA_FP8: tl.constexpr):
+    w = tl.load(w_rows[:, None] + (col0 + tl.arange(0, SUB))[None, :], mask=n_ok[:, None], other=0.0)
+    if MMA_FP8:
+        part = tl.dot(w, tl.trans(q))
+    else:          # e4m3 values widen exactly to bf16
+        part = tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
+    return blk + part * s_w[:, None]
 
 
 @triton.jit
@@ -245,22 +268,31 @@ def _block_rows(block_bucket_ptr, bucket_start_ptr, bucket_count_ptr, sorted_pai
 
 
 @triton.jit
-def _swiglu_store(g, v, route, out_ptr, rows, n, N, mask, limit):
-    """Reference order: bf16 GEMM outputs, clamps, silu(g) * v in fp32, then the routing weight -> bf16 h."""
+def _swiglu_store(g, v, route, h_ptr, hs_ptr, rows, n, N, mask, m_ok, n_block, limit, QUANT: tl.constexpr):
+    """Reference order: bf16 GEMM outputs, clamps, silu(g) * v in fp32, the routing weight, bf16 h; QUANT: h
+    stored as GEMM 2's FP8 operand, the tile [128 columns (128-block n_block), BM] being one quantization block
+    per row (scales at hs_ptr [rows, N/128])."""
     g = tl.minimum(g.to(tl.bfloat16).to(tl.float32), limit)
     v = tl.clamp(v.to(tl.bfloat16).to(tl.float32), -limit, limit)
-    h = route[None, :] * (g * tl.sigmoid(g) * v)
-    tl.store(out_ptr + rows.to(tl.int64)[None, :] * N + n[:, None], h.to(out_ptr.dtype.element_ty), mask=mask)
+    h = (route[None, :] * (g * tl.sigmoid(g) * v)).to(tl.bfloat16).to(tl.float32)
+    rows = rows.to(tl.int64)
+    if QUANT:
+        scale, inv = act_scale(tl.max(tl.abs(h), axis=0))
+        tl.store(h_ptr + rows[None, :] * N + n[:, None], to_e4m3(h * inv[None, :]), mask=mask)
+        tl.store(hs_ptr + rows * (N // QB) + n_block, scale, mask=m_ok)
+    else:
+        tl.store(h_ptr + rows[None, :] * N + n[:, None], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr,
-                     bucket_start_ptr, bucket_count_ptr, w_ptr, s_ptr, out_ptr, part_ptr,
+def _moe_gemm_kernel(a_ptr, as_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr,
+                     bucket_start_ptr, bucket_count_ptr, w_ptr, s_ptr, out_ptr, outs_ptr, part_ptr,
                      num_experts, K, N, stride_we, stride_wn, stride_se, stride_sn, limit,
                      GATED: tl.constexpr, FMT: tl.constexpr, MMA_FP8: tl.constexpr, USE_ASM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    # GATED (GEMM 1): A = x rows of the block's pairs, weight rows n (gate) and N + n (up) -> h rows [block rows, N].
-    # Else (GEMM 2): A = h rows of the block, weight rows n -> y rows of the block's pairs [P, N].
+    # GATED (GEMM 1): A = x rows of the block's pairs, weight rows n (gate) and N + n (up) -> h rows [block rows, N]
+    # (FP8 + scales outs for quantized weights). Else (GEMM 2): A = h rows of the block, weight rows n -> y rows of
+    # the block's pairs [P, N]. A's scales (as_ptr): [rows, K/128] fp32, contiguous.
     # SPLIT_K > 1: program_id(2) sums its 1/SPLIT_K of K into fp32 partials part [SPLIT_K, block rows, N or 2N]
     # (rows holding a pair only); `_split_reduce_kernel` adds them in split order and runs the epilogue.
     b = tl.program_id(0)
@@ -282,6 +314,7 @@ def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair
     else:
         a_rows = (row0 + m).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a
+    as_ptrs = as_ptr + a_rows * (K // QB)
     expert = bucket.to(tl.int64)
     w_rows, s_rows = _row_ptrs(w_ptr, s_ptr, expert, n, stride_we, stride_wn, stride_se, stride_sn, FMT)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -289,13 +322,25 @@ def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair
         w_rows2, s_rows2 = _row_ptrs(w_ptr, s_ptr, expert, N + n, stride_we, stride_wn, stride_se, stride_sn, FMT)
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     kb_per_split = K // QB // SPLIT_K
-    kb0 = tl.program_id(2) * kb_per_split
-    for kb in range(kb0, kb0 + kb_per_split):
+    kb_first = tl.program_id(2) * kb_per_split
+    k_first = kb_first * QB
+    k_last = k_first + (kb_per_split - 1) * QB
+    raw, s_a = _block_scales(s_rows, as_ptrs, k_first, n_ok, m_ok, FMT, BLOCK_M)
+    raw2 = raw
+    if GATED:
+        raw2, s_a = _block_scales(s_rows2, as_ptrs, k_first, n_ok, m_ok, FMT, BLOCK_M)
+    for kb in range(kb_first, kb_first + kb_per_split):
         k0 = kb * QB
-        acc = _block_dot(acc, a_ptrs, k0, m_ok, w_rows, s_rows, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_M, BLOCK_N)
+        k_next = tl.minimum(k0 + QB, k_last)         # the last step re-reads its own block's scales
+        raw_next, s_a_next = _block_scales(s_rows, as_ptrs, k_next, n_ok, m_ok, FMT, BLOCK_M)
+        raw2_next = raw_next
         if GATED:
-            acc2 = _block_dot(acc2, a_ptrs, k0, m_ok, w_rows2, s_rows2, n_ok, FMT, MMA_FP8, USE_ASM, BLOCK_M,
+            raw2_next, s_a_next = _block_scales(s_rows2, as_ptrs, k_next, n_ok, m_ok, FMT, BLOCK_M)
+        acc = _block_dot(acc, a_ptrs, k0, m_ok, w_rows, n_ok, raw, s_a, FMT, MMA_FP8, USE_ASM, BLOCK_M, BLOCK_N)
+        if GATED:
+            acc2 = _block_dot(acc2, a_ptrs, k0, m_ok, w_rows2, n_ok, raw2, s_a, FMT, MMA_FP8, USE_ASM, BLOCK_M,
                               BLOCK_N)
+        raw, raw2, s_a = raw_next, raw2_next, s_a_next
     if SPLIT_K > 1:
         width = 2 * N if GATED else N
         part_rows = part_ptr + (tl.program_id(2) * tl.num_programs(0) * BLOCK_M + row0 + m).to(tl.int64) * width
@@ -304,7 +349,8 @@ def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair
             tl.store(part_rows[None, :] + (N + n)[:, None], acc2, mask=mask)
     elif GATED:
         route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
-        _swiglu_store(acc, acc2, route, out_ptr, row0 + m, n, N, mask, limit)
+        _swiglu_store(acc, acc2, route, out_ptr, outs_ptr, row0 + m, n, N, mask, m_ok, tl.program_id(1), limit,
+                      FMT != 2)
     else:
         tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=mask)
@@ -312,8 +358,8 @@ def _moe_gemm_kernel(a_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair
 
 @triton.jit
 def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr, bucket_start_ptr,
-                         bucket_count_ptr, out_ptr, num_experts, N, limit, GATED: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         bucket_count_ptr, out_ptr, outs_ptr, num_experts, N, limit, GATED: tl.constexpr,
+                         QUANT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The split-K partials of one block's rows, summed in split order, through GEMM 1's or GEMM 2's epilogue."""
     b = tl.program_id(0)
     bucket, m, m_ok, pair = _block_rows(block_bucket_ptr, bucket_start_ptr, bucket_count_ptr, sorted_pair_ptr, b,
@@ -338,7 +384,8 @@ def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucke
             acc2 += tl.load(rows[None, :] + (N + n)[:, None], mask=mask, other=0.0)
     if GATED:
         route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
-        _swiglu_store(acc, acc2, route, out_ptr, row0 + m, n, N, mask, limit)
+        _swiglu_store(acc, acc2, route, out_ptr, outs_ptr, row0 + m, n, N, mask, m_ok, tl.program_id(1), limit,
+                      QUANT)
     else:
         tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=mask)
@@ -407,14 +454,15 @@ class GemmTiles:
     stages: int = 4
 
 
-def gemm_tiles(num_blocks: int, n: int, k: int, block_m: int, gated: bool, device: torch.device) -> GemmTiles:
-    """128 weight rows per program cost the fewest instructions per weight element (the activation's quantization
-    and the MMA fences are per K step, whatever the rows); 64 when 128 would leave fewer than ~2 programs per SM.
-    Where even that leaves the SMs short of work (decode: a handful of experts, or the one shared expert), K is
-    split (>= 2 K steps per split) until there are ~4 programs per SM. 8 warps where 4 would not fit the
-    accumulators in registers."""
+def gemm_tiles(num_blocks: int, n: int, k: int, block_m: int, gated: bool, quantized: bool, device: torch.device
+               ) -> GemmTiles:
+    """128 weight rows per program cost the fewest instructions per weight element (the MMA fences and the scale
+    loads are per K step, whatever the rows) and let GEMM 1 quantize h per 128 in its epilogue (so always there
+    for quantized weights); else 64 when 128 would leave fewer than ~2 programs per SM. Where the tiles leave the
+    SMs short of work (decode: a handful of experts; the one shared expert), K is split (>= 2 K steps per split)
+    until there are ~4 programs per SM. 8 warps where 4 would not fit the accumulators in registers."""
     sms = num_sms(device)
-    block_n = 128 if num_blocks * triton.cdiv(n, 128) >= 2 * sms else 64
+    block_n = 128 if (gated and quantized) or num_blocks * triton.cdiv(n, 128) >= 2 * sms else 64
     tiles = num_blocks * triton.cdiv(n, block_n)
     split_k = 1
     while tiles * split_k < 4 * sms and k // QBLOCK % (2 * split_k) == 0 and k // QBLOCK // (2 * split_k) >= 2:
@@ -426,20 +474,24 @@ def gemm_tiles(num_blocks: int, n: int, k: int, block_m: int, gated: bool, devic
     return GemmTiles(block_n, warps, split_k)
 
 
-def _grouped_gemm(a, common, w, s, strides, out, num_experts, k, n, limit, num_blocks, tiles: GemmTiles,
-                  gated: bool, flags: dict) -> None:
+def _grouped_gemm(a, a_scale, common, w, s, strides, out, out_scale, num_experts, k, n, limit, num_blocks,
+                  tiles: GemmTiles, gated: bool, flags: dict) -> None:
     """One grouped GEMM launch (plus the split-K reduce when K is split)."""
+    quantized = flags["FMT"] != FMT_CODES["bf16"]
+    if gated and quantized and tiles.block_n != QBLOCK:
+        raise ValueError(f"GEMM 1 of quantized experts quantizes h per 128 columns: block_n must be 128, "
+                         f"got {tiles.block_n}")
     width = 2 * n if gated else n
     part = torch.empty(tiles.split_k, num_blocks * flags["BLOCK_M"], width, dtype=torch.float32, device=a.device) \
         if tiles.split_k > 1 else out
     _moe_gemm_kernel[(num_blocks, triton.cdiv(n, tiles.block_n), tiles.split_k)](
-        a, a.stride(0), *common, w, s, out, part, num_experts, k, n, *strides, limit, GATED=gated,
-        BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k, num_warps=tiles.warps, num_stages=tiles.stages, **flags)
+        a, a_scale, a.stride(0), *common, w, s, out, out_scale, part, num_experts, k, n, *strides, limit,
+        GATED=gated, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k, num_warps=tiles.warps, num_stages=tiles.stages,
+        **flags)
     if tiles.split_k > 1:
-        block_r = 128
-        _split_reduce_kernel[(num_blocks, triton.cdiv(n, block_r))](
-            part, *common[1:], out, num_experts, n, limit, GATED=gated, SPLIT_K=tiles.split_k,
-            BLOCK_M=flags["BLOCK_M"], BLOCK_N=block_r, num_warps=4)
+        _split_reduce_kernel[(num_blocks, triton.cdiv(n, QBLOCK))](
+            part, *common[1:], out, out_scale, num_experts, n, limit, GATED=gated, QUANT=quantized,
+            SPLIT_K=tiles.split_k, BLOCK_M=flags["BLOCK_M"], BLOCK_N=QBLOCK, num_warps=4)
 
 
 def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor,
@@ -457,16 +509,26 @@ def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.T
     bm = block_m
     sorted_pair, block_bucket, bucket_start, bucket_count = dispatch(pair_expert, num_experts, bm)
     num_blocks = block_bucket.shape[0]
-    h = torch.empty(num_blocks * bm, inter, dtype=torch.bfloat16, device=x.device)
-    tiles1 = tiles[0] or gemm_tiles(num_blocks, inter, d, bm, True, x.device)
-    tiles2 = tiles[1] or gemm_tiles(num_blocks, d, inter, bm, False, x.device)
+    quantized = experts.fmt != "bf16"
+    if quantized:       # x once to its FP8 blocks (shared by every expert and weight tile); h written as FP8
+        a1, a1_scale = act_quant_fp8(x)
+        h = torch.empty(num_blocks * bm, inter, dtype=torch.float8_e4m3fn, device=x.device)
+        h_scale = torch.empty(num_blocks * bm, inter // QBLOCK, dtype=torch.float32, device=x.device)
+    else:
+        a1, a1_scale = x, x
+        h = torch.empty(num_blocks * bm, inter, dtype=torch.bfloat16, device=x.device)
+        h_scale = h
+    tiles1 = tiles[0] or gemm_tiles(num_blocks, inter, d, bm, True, quantized, x.device)
+    tiles2 = tiles[1] or gemm_tiles(num_blocks, d, inter, bm, False, quantized, x.device)
     common = (pair_row, pair_weight, sorted_pair, block_bucket, bucket_start, bucket_count)
     flags = dict(FMT=FMT_CODES[experts.fmt], MMA_FP8=mma_fp8, USE_ASM=x.is_cuda, BLOCK_M=bm)
     w13, s13, *strides13 = _weight_args(experts.w13, experts.s13, experts.fmt)
     w2, s2, *strides2 = _weight_args(experts.w2, experts.s2, experts.fmt)
     limit = float(swiglu_limit)
-    _grouped_gemm(x, common, w13, s13, strides13, h, num_experts, d, inter, limit, num_blocks, tiles1, True, flags)
-    _grouped_gemm(h, common, w2, s2, strides2, y, num_experts, inter, d, limit, num_blocks, tiles2, False, flags)
+    _grouped_gemm(a1, a1_scale, common, w13, s13, strides13, h, h_scale, num_experts, d, inter, limit, num_blocks,
+                  tiles1, True, flags)
+    _grouped_gemm(h, h_scale, common, w2, s2, strides2, y, y, num_experts, inter, d, limit, num_blocks, tiles2,
+                  False, flags)
     return y
 
 

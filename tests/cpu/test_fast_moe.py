@@ -260,8 +260,8 @@ def test_triton_dispatch(tri, routing, num_pairs, num_experts):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("fmt,tiles", [("fp4", None), ("fp4", (64, 1, 2)), ("fp4", (128, 2, 2)), ("fp8", None),
-                                       ("fp8", (64, 2, 1)), ("bf16", None)])
+@pytest.mark.parametrize("fmt,tiles", [("fp4", None), ("fp4", (128, 1, 2)), ("fp4", (128, 2, 2)), ("fp8", None),
+                                       ("fp8", (128, 2, 1)), ("bf16", None), ("bf16", (64, 2, 2))])
 def test_triton_expert_forward(tri, fmt, tiles):
     """E = 4, D = I = 256, P = 10 (a quarter off-rank), against the float64 reference and the twin; the default
     geometry and forced ones: 64 weight rows per program (the decode choice) and split K in either GEMM (tiles =
