@@ -377,7 +377,7 @@ def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucke
     width = 2 * N if GATED else N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for s in range(SPLIT_K):
+    for s in tl.static_range(SPLIT_K):        # unrolled: the splits' loads in flight together
         rows = part_ptr + (s * tl.num_programs(0) * BLOCK_M + row0 + m).to(tl.int64) * width
         acc += tl.load(rows[None, :] + n[:, None], mask=mask, other=0.0)
         if GATED:
@@ -454,21 +454,29 @@ class GemmTiles:
     stages: int = 4
 
 
-def gemm_tiles(num_blocks: int, n: int, k: int, block_m: int, gated: bool, quantized: bool, device: torch.device
-               ) -> GemmTiles:
+def gemm_tiles(num_blocks: int, num_pairs: int, num_experts: int, n: int, k: int, block_m: int, gated: bool,
+               weight_bytes: float, device: torch.device) -> GemmTiles:
     """128 weight rows per program cost the fewest instructions per weight element (the MMA fences and the scale
     loads are per K step, whatever the rows) and let GEMM 1 quantize h per 128 in its epilogue (so always there
     for quantized weights); else 64 when 128 would leave fewer than ~2 programs per SM. Where the tiles leave the
     SMs short of work (decode: a handful of experts; the one shared expert), K is split (>= 2 K steps per split)
-    until there are ~4 programs per SM. 8 warps where 4 would not fit the accumulators in registers.
+    until there are ~4 programs per SM, as long as the fp32 partials (written and read once) stay under half the
+    weight bytes the GEMM streams (the shared expert at 128 tokens would otherwise move 4x its weights in
+    partials). weight_bytes: bytes per weight element (0.5 FP4, 1 FP8, 2 bf16). 8 warps where 4 would not fit
+    the accumulators in registers.
 
     On the H200 this reaches 2.5-4x the HBM floor at 1-256 decode tokens (benchmarks/results/fast-moe-*): the
     K loop is latency-bound (each 32-deep FP8 dot waits for its MMA before the next, two programs per SM)."""
     sms = num_sms(device)
+    quantized = weight_bytes < 2
+    width = 2 * n if gated else n
+    streamed = min(num_experts, num_blocks) * width * k * weight_bytes
+    rows = min(num_pairs, num_blocks * block_m)
     block_n = 128 if (gated and quantized) or num_blocks * triton.cdiv(n, 128) >= 2 * sms else 64
     tiles = num_blocks * triton.cdiv(n, block_n)
     split_k = 1
-    while tiles * split_k < 4 * sms and k // QBLOCK % (2 * split_k) == 0 and k // QBLOCK // (2 * split_k) >= 2:
+    while (tiles * split_k < 4 * sms and k // QBLOCK % (2 * split_k) == 0 and k // QBLOCK // (2 * split_k) >= 2
+           and 2 * (2 * split_k) * rows * width * 4 <= streamed / 2):
         split_k *= 2
     if gated:          # 3 stages: ~15 % faster than 4 at 64-256 decode tokens (H200 sweep, --tilings)
         return GemmTiles(block_n, 4 if block_m <= 32 else 8, split_k, stages=3)
@@ -519,8 +527,9 @@ def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.T
         a1, a1_scale = x, x
         h = torch.empty(num_blocks * bm, inter, dtype=torch.bfloat16, device=x.device)
         h_scale = h
-    tiles1 = tiles[0] or gemm_tiles(num_blocks, inter, d, bm, True, quantized, x.device)
-    tiles2 = tiles[1] or gemm_tiles(num_blocks, d, inter, bm, False, quantized, x.device)
+    weight_bytes = {"fp4": 0.5, "fp8": 1.0, "bf16": 2.0}[experts.fmt]
+    tiles1 = tiles[0] or gemm_tiles(num_blocks, num_pairs, num_experts, inter, d, bm, True, weight_bytes, x.device)
+    tiles2 = tiles[1] or gemm_tiles(num_blocks, num_pairs, num_experts, d, inter, bm, False, weight_bytes, x.device)
     common = (pair_row, pair_weight, sorted_pair, block_bucket, bucket_start, bucket_count)
     flags = dict(FMT=FMT_CODES[experts.fmt], MMA_FP8=mma_fp8, USE_ASM=x.is_cuda, BLOCK_M=bm)
     w13, s13, *strides13 = _weight_args(experts.w13, experts.s13, experts.fmt)
