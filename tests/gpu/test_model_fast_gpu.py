@@ -27,15 +27,18 @@ def teacher_forced(model, ids):
 
 
 def transformers_bf16(checkpoint, ids):
-    """transformers' model in bf16, run on the CPU: on a GPU it wants the `kernels` package for FP8 checkpoints;
-    on the CPU it dequantizes the weights to bf16 itself (its bf16 mode, the yardstick)."""
+    """transformers' model in bf16 (the yardstick), run on the CPU with the checkpoint's FP8/FP4 weights
+    dequantized at load (`dequantize=True`: where a GPU is visible it would otherwise keep them quantized and want
+    the `kernels` package)."""
     try:
         import transformers
-        from transformers import DeepseekV4ForCausalLM
+        from transformers import AutoConfig, DeepseekV4ForCausalLM, FineGrainedFP8Config
     except ImportError:
         return None
     transformers.logging.set_verbosity_error()
-    hf = DeepseekV4ForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cpu").eval()
+    quantization = dict(AutoConfig.from_pretrained(checkpoint).quantization_config, dequantize=True)
+    hf = DeepseekV4ForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cpu",
+                                               quantization_config=FineGrainedFP8Config.from_dict(quantization)).eval()
     with torch.no_grad():
         return hf(ids[None]).logits[0].float()
 
