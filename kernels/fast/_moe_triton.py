@@ -185,26 +185,33 @@ def _fp4_span_dot(blk, qa, qb, w_rows, col0, n_ok, s_lo, s_hi, MMA_FP8: tl.const
 
 
 @triton.jit
-def _block_scales(s_rows, as_ptrs, k0, n_ok, m_ok, FMT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The 128-block k0's raw weight scales (FP4: [BN, 4] bytes, one 32-bit load per row; FP8: [BN] bytes) and the A
-    rows' fp32 scales [BM]. Loaded one K step ahead of their use: the loop pipeline only prefetches MMA operands."""
+def _weight_scales(s_rows, k0, n_ok, FMT: tl.constexpr):
+    """The 128-block k0's raw weight scales: FP4 [BN, 4] bytes (one 32-bit load per row), FP8 [BN] bytes. Loaded
+    one K step ahead of their use, as `_act_scales`: the loop pipeline only prefetches MMA operands."""
     if FMT == 0:
         raw = tl.load(s_rows[:, None] + (k0 // SUB + tl.arange(0, 4))[None, :], mask=n_ok[:, None], other=0)
     else:
         raw = tl.load(s_rows + k0 // QB, mask=n_ok & (FMT == 1), other=0)
+    return raw
+
+
+@triton.jit
+def _act_scales(as_ptrs, k0, m_ok, FMT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The A rows' fp32 scales [BM] of the 128-block k0 (1 for bf16 experts)."""
     if FMT == 2:
         s_a = tl.full((BLOCK_M,), 1.0, tl.float32)
     else:
         s_a = tl.load(as_ptrs + k0 // QB, mask=m_ok, other=0.0)
-    return raw, s_a
+    return s_a
 
 
 @triton.jit
 def _block_dot(acc, a_ptrs, k0, m_ok, w_rows, n_ok, raw, s_a, FMT: tl.constexpr, MMA_FP8: tl.constexpr,
                USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc [BN, BM] += the 128-block k0 of W[rows] . A^T with the block's scales (`_block_scales`). A is FP8 for
-    FP4 / FP8 weights, bf16 for bf16 ones: four 32-deep dots, each promoted into fp32 with its weight scale (FP4:
-    one per 32 columns, the unpacking's 2^6 folded in; FP8: one per 128x128 tile), then the A scale per 128."""
+    """acc [BN, BM] += the 128-block k0 of W[rows] . A^T with the block's scales (`_weight_scales`, `_act_scales`).
+    A is FP8 for FP4 / FP8 weights, bf16 for bf16 ones: four 32-deep dots, each promoted into fp32 with its weight
+    scale (FP4: one per 32 columns, the unpacking's 2^6 folded in; FP8: one per 128x128 tile), then the A scale
+    per 128."""
     if FMT != 2:
         cols = tl.arange(0, SUB)
         q0 = tl.load(a_ptrs + (k0 + cols)[None, :], mask=m_ok[:, None], other=0.0)
@@ -285,6 +292,24 @@ def _swiglu_store(g, v, route, h_ptr, hs_ptr, rows, n, N, mask, m_ok, n_block, l
 
 
 @triton.jit
+def _store_pair_rows(out_ptr, y, pair, n, N, mask):
+    """y [BN, BM] into rows `pair` of out [P, N] (GEMM 2's output in pair order)."""
+    tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, acc2, pair, pair_weight_ptr, out_ptr, outs_ptr, row0, m, m_ok, n, N, mask, limit,
+              GATED: tl.constexpr, QUANT: tl.constexpr):
+    """GEMM 1: the clamped SwiGLU with the routing weight -> h rows of the block; GEMM 2: y rows of the pairs."""
+    if GATED:
+        route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
+        _swiglu_store(acc, acc2, route, out_ptr, outs_ptr, row0 + m, n, N, mask, m_ok, tl.program_id(1), limit,
+                      QUANT)
+    else:
+        _store_pair_rows(out_ptr, acc, pair, n, N, mask)
+
+
+@triton.jit
 def _moe_gemm_kernel(a_ptr, as_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucket_ptr,
                      bucket_start_ptr, bucket_count_ptr, w_ptr, s_ptr, out_ptr, outs_ptr, part_ptr,
                      num_experts, K, N, stride_we, stride_wn, stride_se, stride_sn, limit,
@@ -306,8 +331,7 @@ def _moe_gemm_kernel(a_ptr, as_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sor
     mask = n_ok[:, None] & m_ok[None, :]
     if bucket == num_experts:      # off-rank pairs: zero rows of y
         if not GATED and SPLIT_K == 1:
-            tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None],
-                     tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=mask)
+            _store_pair_rows(out_ptr, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), pair, n, N, mask)
         return
     if GATED:
         a_rows = tl.load(pair_row_ptr + pair, mask=m_ok, other=0).to(tl.int64)
@@ -325,22 +349,23 @@ def _moe_gemm_kernel(a_ptr, as_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sor
     kb_first = tl.program_id(2) * kb_per_split
     k_first = kb_first * QB
     k_last = k_first + (kb_per_split - 1) * QB
-    raw, s_a = _block_scales(s_rows, as_ptrs, k_first, n_ok, m_ok, FMT, BLOCK_M)
-    raw2 = raw
+    s_a = _act_scales(as_ptrs, k_first, m_ok, FMT, BLOCK_M)
+    raw = _weight_scales(s_rows, k_first, n_ok, FMT)
     if GATED:
-        raw2, s_a = _block_scales(s_rows2, as_ptrs, k_first, n_ok, m_ok, FMT, BLOCK_M)
+        raw2 = _weight_scales(s_rows2, k_first, n_ok, FMT)
     for kb in range(kb_first, kb_first + kb_per_split):
         k0 = kb * QB
         k_next = tl.minimum(k0 + QB, k_last)         # the last step re-reads its own block's scales
-        raw_next, s_a_next = _block_scales(s_rows, as_ptrs, k_next, n_ok, m_ok, FMT, BLOCK_M)
-        raw2_next = raw_next
-        if GATED:
-            raw2_next, s_a_next = _block_scales(s_rows2, as_ptrs, k_next, n_ok, m_ok, FMT, BLOCK_M)
+        s_a_next = _act_scales(as_ptrs, k_next, m_ok, FMT, BLOCK_M)
+        raw_next = _weight_scales(s_rows, k_next, n_ok, FMT)
         acc = _block_dot(acc, a_ptrs, k0, m_ok, w_rows, n_ok, raw, s_a, FMT, MMA_FP8, USE_ASM, BLOCK_M, BLOCK_N)
+        raw = raw_next
         if GATED:
+            raw2_next = _weight_scales(s_rows2, k_next, n_ok, FMT)
             acc2 = _block_dot(acc2, a_ptrs, k0, m_ok, w_rows2, n_ok, raw2, s_a, FMT, MMA_FP8, USE_ASM, BLOCK_M,
                               BLOCK_N)
-        raw, raw2, s_a = raw_next, raw2_next, s_a_next
+            raw2 = raw2_next
+        s_a = s_a_next
     if SPLIT_K > 1:
         width = 2 * N if GATED else N
         part_rows = part_ptr + (tl.program_id(2) * tl.num_programs(0) * BLOCK_M + row0 + m).to(tl.int64) * width
@@ -348,12 +373,11 @@ def _moe_gemm_kernel(a_ptr, as_ptr, stride_a, pair_row_ptr, pair_weight_ptr, sor
         if GATED:
             tl.store(part_rows[None, :] + (N + n)[:, None], acc2, mask=mask)
     elif GATED:
-        route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
-        _swiglu_store(acc, acc2, route, out_ptr, outs_ptr, row0 + m, n, N, mask, m_ok, tl.program_id(1), limit,
-                      FMT != 2)
+        _epilogue(acc, acc2, pair, pair_weight_ptr, out_ptr, outs_ptr, row0, m, m_ok, n, N, mask, limit, GATED,
+                  FMT != 2)
     else:
-        tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        _epilogue(acc, acc, pair, pair_weight_ptr, out_ptr, outs_ptr, row0, m, m_ok, n, N, mask, limit, GATED,
+                  FMT != 2)
 
 
 @triton.jit
@@ -371,8 +395,7 @@ def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucke
     mask = (n < N)[:, None] & m_ok[None, :]
     if bucket == num_experts:
         if not GATED:
-            tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None],
-                     tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=mask)
+            _store_pair_rows(out_ptr, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), pair, n, N, mask)
         return
     width = 2 * N if GATED else N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -382,13 +405,7 @@ def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucke
         acc += tl.load(rows[None, :] + n[:, None], mask=mask, other=0.0)
         if GATED:
             acc2 += tl.load(rows[None, :] + (N + n)[:, None], mask=mask, other=0.0)
-    if GATED:
-        route = tl.load(pair_weight_ptr + pair, mask=m_ok, other=0.0)
-        _swiglu_store(acc, acc2, route, out_ptr, outs_ptr, row0 + m, n, N, mask, m_ok, tl.program_id(1), limit,
-                      QUANT)
-    else:
-        tl.store(out_ptr + pair.to(tl.int64)[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+    _epilogue(acc, acc2, pair, pair_weight_ptr, out_ptr, outs_ptr, row0, m, m_ok, n, N, mask, limit, GATED, QUANT)
 
 
 @triton.jit

@@ -90,11 +90,11 @@ def stack_experts(per_expert: Sequence[tuple], fmt: str) -> ExpertWeights:
     if quantized:
         s13 = torch.empty(num, 2 * s1.shape[0], s1.shape[1], dtype=torch.uint8, device=w1.device)
         s2s = torch.empty(num, *s2.shape, dtype=torch.uint8, device=w1.device)
+    order = quant.split_fp4_nibbles if fmt == "fp4" else (lambda w: w)
     for i, (a1, b1, a3, b3, a2, b2) in enumerate(per_expert):
         if a1.shape != w1.shape or a3.shape != w1.shape or a2.shape != w2.shape:
             raise ValueError(f"expert {i}: shapes {tuple(a1.shape)}, {tuple(a3.shape)}, {tuple(a2.shape)} differ "
                              f"from expert 0's {tuple(w1.shape)}, {tuple(w2.shape)}")
-        order = quant.split_fp4_nibbles if fmt == "fp4" else (lambda w: w)
         w13[i, :inter].copy_(order(a1))
         w13[i, inter:].copy_(order(a3))
         w2s[i].copy_(order(a2))
