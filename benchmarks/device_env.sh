@@ -4,6 +4,6 @@
 source .devbundle/activate
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 mkdir -p /tmp/dsv4pkg/dsv4
-for d in model kernels cache workers cluster protos; do ln -sfn "$PWD/$d" "/tmp/dsv4pkg/dsv4/$d"; done
+for d in model kernels cache workers cluster protos wire; do ln -sfn "$PWD/$d" "/tmp/dsv4pkg/dsv4/$d"; done
 export PYTHONPATH=/tmp/dsv4pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -15,8 +15,9 @@ import json
 
 import numpy as np
 
-from dsv4.cluster.placement import ExpertPlacement, HashAffinity
+from dsv4.cluster.placement import HashAffinity
 from dsv4.model.config import ModelConfig
+from dsv4.wire.placement import ExpertPlacement
 
 
 def main() -> None:

@@ -44,9 +44,9 @@ from typing import Any, TextIO
 
 from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.generation_service import GenerationService
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest
 from dsv4.cluster.text_stream import TextFinal
 from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest
 
 
 class BatchInputError(ValueError):

@@ -1,6 +1,7 @@
 """The `dsv4` command. This module is the composition root: each subcommand imports what it wires together
 inside its handler, so the rest of `dsv4.cluster` (coordinator, scheduler, server) never imports model code,
-and `dsv4 generate` starts without loading torch.
+and `dsv4 generate` starts without loading torch. The engine itself is composed here too (`start_engine`):
+workers from `dsv4.workers`, the coordinator from `dsv4.cluster`, which never import each other.
 
     dsv4 serve                      a local Ray cluster, the tiny default model, gRPC on :50051
     dsv4 generate "PROMPT"          stream a completion from a running server
@@ -15,9 +16,12 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dsv4.cluster.config import DEFAULT_PORT, NUMERICS, SchedulerConfig, ServeConfig, default_numerics
+from dsv4.wire.config import DEFAULT_PORT, NUMERICS, SchedulerConfig, ServeConfig, default_numerics
+
+if TYPE_CHECKING:
+    from dsv4.cluster.engine_ray import Engine
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
@@ -64,11 +68,20 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                        scheduler=scheduler, seed=args.seed, enforce_eager=args.enforce_eager, **_server_options(args))
 
 
+def start_engine(config: ServeConfig) -> Engine:
+    """The workers loaded and wired, then the coordinator over them; raises with a clear message if resources
+    are missing. Used by `serve`, `batch` and the tests' engines."""
+    from dsv4.cluster.engine_ray import start_coordinator
+    from dsv4.workers.launch import start_workers
+
+    group = start_workers(config)
+    return start_coordinator(config, group.actors, group.infos, group.info, group.placement, group.num_hash_layers)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from dsv4.cluster.engine_ray import RayEngineClient
     from dsv4.cluster.server import serve_forever
     from dsv4.cluster.tokenizer import ModelTokenizer
-    from dsv4.workers.launch import start_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = serve_config(args)
@@ -86,7 +99,6 @@ def _batch(args: argparse.Namespace) -> int:
     from dsv4.cluster.batch import read_prompts, run_batch_file
     from dsv4.cluster.engine_ray import RayEngineClient
     from dsv4.cluster.tokenizer import ModelTokenizer
-    from dsv4.workers.launch import start_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = read_prompts(args.input)  # a bad line fails here, before any worker starts

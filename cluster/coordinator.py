@@ -16,12 +16,14 @@ import random
 import time
 
 from dsv4.cache.manager import KVCacheManager
-from dsv4.cluster.config import ServeConfig
-from dsv4.cluster.engine_client import LoadReport, ModelInfo, WorkerLoad
-from dsv4.cluster.messages import WorkerInfo, WorkerResult
-from dsv4.cluster.placement import ExpertPlacement, HashAffinity
-from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput
+from dsv4.cluster.engine_client import LoadReport, WorkerLoad
+from dsv4.cluster.placement import HashAffinity
 from dsv4.cluster.scheduler import Scheduler, StepPlans
+from dsv4.wire.config import ServeConfig
+from dsv4.wire.messages import WorkerInfo, WorkerResult
+from dsv4.wire.model_info import ModelInfo
+from dsv4.wire.placement import ExpertPlacement
+from dsv4.wire.request import FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 MAX_STEPS_IN_FLIGHT = 2

@@ -10,25 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dsv4.cluster.request import GenerateRequest, RequestOutput
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    model_path: str                 # the checkpoint directory being served
-    served_model_name: str
-    vocab_size: int
-    max_model_len: int              # prompt + output tokens per request
-    bos_token_id: int
-    eos_token_ids: tuple[int, ...]
-    num_workers: int
-    numerics: str                   # "reference", "exact-fp32" or "fast"
-    num_hidden_layers: int
-    num_routed_experts: int
-    num_experts_per_tok: int
-    hidden_size: int
-    kv_cache_tokens: int = 0        # positions of context all workers' KV caches hold together
-    max_running_requests: int = 0   # sequence slots over all workers
+from dsv4.wire.model_info import ModelInfo
+from dsv4.wire.request import GenerateRequest, RequestOutput
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from dsv4.cluster.engine_client import EngineClient, ModelInfo
-from dsv4.cluster.request import GenerateRequest, InvalidRequest, SamplingParams
+from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.text_stream import StreamEvent, TextStream
 from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.wire.model_info import ModelInfo
+from dsv4.wire.request import GenerateRequest, InvalidRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 

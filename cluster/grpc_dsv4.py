@@ -7,11 +7,12 @@ from importlib import metadata
 
 import grpc
 
-from dsv4.cluster.engine_client import LoadReport, ModelInfo
+from dsv4.cluster.engine_client import LoadReport
 from dsv4.cluster.generation_service import GenerationService
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 from dsv4.protos import dsv4_pb2, dsv4_pb2_grpc
+from dsv4.wire.model_info import ModelInfo
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 
 SERVICE_NAME = dsv4_pb2.DESCRIPTOR.services_by_name["Dsv4Engine"].full_name
 

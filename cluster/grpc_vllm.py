@@ -21,8 +21,8 @@ import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from dsv4.cluster.generation_service import GenerationService
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 from dsv4.cluster.text_stream import TextDelta, TextFinal
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 

@@ -1,9 +1,8 @@
-"""Where experts live, and where a request's hash-routed tokens will go.
+"""Where a request's hash-routed tokens will go, under an expert map (`dsv4.wire.placement.ExpertPlacement`).
 
-The expert map is a first-class object (default: contiguous shards) so it can change (redundant hot experts,
-EPLB) without touching the workers' exchange code. The first MoE layers route by token id (`tid2eid`), so their
-destinations are known as soon as a prompt is tokenized: `HashAffinity` turns a prompt into the fraction of its
-hash-layer (token, expert) pairs each worker owns, which placement uses to keep tokens near their experts.
+The first MoE layers route by token id (`tid2eid`), so their destinations are known as soon as a prompt is
+tokenized: `HashAffinity` turns a prompt into the fraction of its hash-layer (token, expert) pairs each worker
+owns, which placement uses to keep tokens near their experts.
 Tables are read with safetensors' numpy API: the coordinator never imports torch.
 """
 
@@ -11,28 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 
-
-@dataclass(frozen=True)
-class ExpertPlacement:
-    owner: tuple[int, ...]          # owner[e] = rank that holds expert e
-    num_workers: int
-
-    @classmethod
-    def contiguous(cls, num_experts: int, num_workers: int) -> ExpertPlacement:
-        """Experts split into `num_workers` contiguous shards, sizes differing by at most one."""
-        if num_workers < 1 or num_workers > num_experts:
-            raise ValueError(f"cannot shard {num_experts} experts over {num_workers} workers")
-        bounds = [num_experts * r // num_workers for r in range(num_workers + 1)]
-        return cls(tuple(r for r in range(num_workers) for _ in range(bounds[r], bounds[r + 1])), num_workers)
-
-    def experts_of(self, rank: int) -> tuple[int, ...]:
-        return tuple(e for e, r in enumerate(self.owner) if r == rank)
+from dsv4.wire.placement import ExpertPlacement
 
 
 class HashAffinity:

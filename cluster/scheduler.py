@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dsv4.cache.manager import KVCacheManager
-from dsv4.cluster.config import SchedulerConfig
-from dsv4.cluster.messages import NewRequest, ScheduledChunk, WorkerPlan
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
+from dsv4.wire.config import SchedulerConfig
+from dsv4.wire.messages import NewRequest, ScheduledChunk, WorkerPlan
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
 
 
 class Status(enum.Enum):

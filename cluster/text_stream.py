@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput, TokenLogprobs
 from dsv4.cluster.tokenizer import ModelTokenizer
+from dsv4.wire.request import FinishReason, GenerateRequest, RequestOutput, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,8 +60,8 @@ def ray_cluster():
 
 
 def start_test_engine(checkpoint, **overrides):
-    from dsv4.cluster.config import SchedulerConfig, ServeConfig
-    from dsv4.workers.launch import start_engine
+    from dsv4.cluster.cli import start_engine
+    from dsv4.wire.config import SchedulerConfig, ServeConfig
 
     settings = dict(num_workers=2, device="cpu", max_model_len=512, kv_cache_bytes=64 << 20,
                     scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_prefill_chunk=128))

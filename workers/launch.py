@@ -1,8 +1,10 @@
-"""Start the engine on Ray: one worker actor per GPU (or CPU process) in a placement group, their process group
-from a rank map (rank 0 picks a free port, no hard-coded ports), then the coordinator actor.
+"""Start the workers on Ray: one worker actor per GPU (or CPU process) in a placement group, their process group
+from a rank map (rank 0 picks a free port, no hard-coded ports), each loaded with its shard of the experts.
 
-Used by `dsv4 serve` (and so by `ray job submit ... -- dsv4 serve`): with RAY_ADDRESS set it joins that cluster,
-otherwise it starts a local one in-process.
+The engine is these workers plus the coordinator actor that drives them; `dsv4.cluster.cli.start_engine` (the
+composition root) starts one after the other, since `workers` and `cluster` never import each other. Used by
+`dsv4 serve` and `dsv4 batch` (and so by `ray job submit ... -- dsv4 serve`): with RAY_ADDRESS set it joins that
+cluster, otherwise it starts a local one in-process.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dsv4.cluster.config import ServeConfig
-from dsv4.cluster.coordinator import Coordinator
-from dsv4.cluster.engine_client import ModelInfo
-from dsv4.cluster.messages import WorkerInfo
-from dsv4.cluster.placement import ExpertPlacement
 from dsv4.model.config import ModelConfig, preset
+from dsv4.wire.config import ServeConfig
+from dsv4.wire.messages import WorkerInfo
+from dsv4.wire.model_info import ModelInfo
+from dsv4.wire.placement import ExpertPlacement
 from dsv4.workers.worker import Worker
 
 PLACEMENT_TIMEOUT_S = 600
@@ -80,14 +81,18 @@ def available_gpus() -> int:
 
 
 @dataclass
-class Engine:
-    coordinator: ray.actor.ActorHandle
-    workers: list[ray.actor.ActorHandle]
+class WorkerGroup:
+    """Loaded, wired workers: everything the coordinator is started with, besides the serving config."""
+
+    actors: list[ray.actor.ActorHandle]     # by rank
+    infos: list[WorkerInfo]                 # by rank: each worker's cache geometry and experts
     info: ModelInfo
+    placement: ExpertPlacement
+    num_hash_layers: int                    # the hash-routed MoE layers, for the coordinator's HashAffinity
 
 
-def start_engine(config: ServeConfig) -> Engine:
-    """Workers loaded and wired, coordinator running. Raises with a clear message if resources are missing."""
+def start_workers(config: ServeConfig) -> WorkerGroup:
+    """Workers loaded and wired into one process group. Raises with a clear message if resources are missing."""
     model = ModelConfig.from_file(Path(config.model_dir) / "config.json")
     init_ray(config.num_workers)
     placement = ExpertPlacement.contiguous(model.n_routed_experts, config.num_workers)
@@ -105,10 +110,4 @@ def start_engine(config: ServeConfig) -> Engine:
     host, port = ray.get(workers[0].rendezvous_address.remote())
     ray.get([w.init_distributed.remote(host, port) for w in workers])
     infos = ray.get([w.load.remote() for w in workers])
-    info = model_info(config, model, infos)
-    # The coordinator lives beside the driver (the gRPC server): on KubeRay that is the head pod, without a GPU.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=10_000, scheduling_strategy=here).remote(
-        config, workers, infos, info, placement, model.num_hash_layers)
-    ray.get(coordinator.is_healthy.remote())
-    return Engine(coordinator, workers, info)
+    return WorkerGroup(workers, infos, model_info(config, model, infos), placement, model.num_hash_layers)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dsv4.cluster.request import SamplingParams, TokenLogprobs
+from dsv4.wire.request import SamplingParams, TokenLogprobs
 
 _MASK32 = 0xFFFFFFFF
 

@@ -18,12 +18,12 @@ import torch.distributed as dist
 
 from dsv4.cache.pools import allocate_pools
 from dsv4.cache.spec import plan_cache
-from dsv4.cluster.config import ServeConfig
-from dsv4.cluster.messages import WorkerInfo, WorkerPlan, WorkerResult
-from dsv4.cluster.request import SamplingParams, TokenLogprobs
 from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
 from dsv4.model.numerics import Numerics, NumericsMode
+from dsv4.wire.config import ServeConfig
+from dsv4.wire.messages import WorkerInfo, WorkerPlan, WorkerResult
+from dsv4.wire.request import SamplingParams, TokenLogprobs
 from dsv4.workers.expert_parallel import ExpertParallel, FixedCapacityExpertParallel, LocalExperts
 from dsv4.workers.memory import kv_cache_budget
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to

@@ -29,11 +29,12 @@ from typing import Any
 import grpc
 import pytest
 
-from dsv4.cluster.engine_client import EngineClient, LoadReport, ModelInfo, WorkerLoad
-from dsv4.cluster.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
+from dsv4.cluster.engine_client import EngineClient, LoadReport, WorkerLoad
 from dsv4.cluster.server import build_server
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.tokenizer_file import write_tokenizer_files
+from dsv4.wire.model_info import ModelInfo
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
 
 VOCAB_SIZE = 512
 MAX_MODEL_LEN = 256

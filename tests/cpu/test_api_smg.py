@@ -32,9 +32,9 @@ from api_fakes import (  # noqa: F401
     wait_until,
 )
 
-from dsv4.cluster.request import TokenLogprobs
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
+from dsv4.wire.request import TokenLogprobs
 
 SMG = shutil.which("smg") or shutil.which("smg", path=str(Path(sys.executable).parent))
 pytestmark = pytest.mark.skipif(SMG is None, reason="the smg gateway is not installed (pip install smg)")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from api_fakes import make_tokenizer_dir
 
-from dsv4.cluster.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams, TokenLogprobs
 from dsv4.cluster.text_stream import StopStringMatcher, TextDelta, TextFinal, TextStream
 from dsv4.cluster.tokenizer import REPLACEMENT_CHAR, ModelTokenizer
+from dsv4.wire.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams, TokenLogprobs
 
 MULTIBYTE = "héllo wörld 你好 🙂!"
 

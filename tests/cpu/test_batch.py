@@ -19,13 +19,13 @@ from api_fakes import FakeEngine, tokenizer, tokenizer_dir  # noqa: F401
 
 from dsv4.cluster.batch import BatchInputError, parse_prompt, read_prompts, run_batch, run_batch_file
 from dsv4.cluster.cli import build_parser, serve_config
-from dsv4.cluster.config import DEFAULT_PORT, ServeConfig
 from dsv4.cluster.engine_ray import RayEngineClient
 from dsv4.cluster.generation_service import GenerationService
-from dsv4.cluster.request import GenerateRequest, InvalidRequest, RequestOutput
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.generate import greedy_generate
 from dsv4.model.numerics import Numerics
+from dsv4.wire.config import DEFAULT_PORT, ServeConfig
+from dsv4.wire.request import GenerateRequest, InvalidRequest, RequestOutput
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_PROMPTS = ROOT / "deploy" / "jobs" / "batch" / "prompts.jsonl"

@@ -39,7 +39,7 @@ from packaging.requirements import Requirement
 from smg.launch_router import parse_router_args
 
 from dsv4.cluster.cli import build_parser
-from dsv4.cluster.config import DEFAULT_PORT
+from dsv4.wire.config import DEFAULT_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -1,21 +1,25 @@
 """Imports point one way: kernels <- model <- workers; cache sits beside model; cluster never imports model,
-kernels, workers or torch (the coordinator and server stay light). `cluster/cli.py` is the composition root and
-may import the rest inside its subcommand handlers only."""
+kernels, workers or torch (the coordinator and server stay light), and workers never import cluster: what both
+exchange (config, requests, plans, results, model info, expert placement) lives in wire, a leaf that imports
+only the standard library. `cluster/cli.py` is the composition root (it starts the engine: workers, then the
+coordinator) and may import the rest inside its functions only."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("kernels", "model", "cache", "workers", "cluster", "protos")
+PACKAGES = ("kernels", "model", "cache", "workers", "cluster", "protos", "wire")
 ALLOWED = {
     "kernels": {"kernels"},
     "model": {"kernels", "model"},
     "cache": {"kernels", "model", "cache"},
-    "workers": {"kernels", "model", "cache", "workers", "cluster"},
-    "cluster": {"cluster", "protos", "cache"},
+    "workers": {"kernels", "model", "cache", "workers", "wire"},
+    "cluster": {"cluster", "protos", "cache", "wire"},
     "protos": {"protos"},
+    "wire": {"wire"},
 }
 # pure-Python modules the coordinator imports: no torch, no model code
 NO_TORCH = {"cache/allocator.py", "cache/manager.py", "cache/__init__.py"}
@@ -47,5 +51,7 @@ def test_imports_point_one_way(package, path):
         if name.startswith("dsv4."):
             target = name.split(".")[1]
             assert target in ALLOWED[package], f"{rel} imports {name}"
-        if package == "cluster" or rel in NO_TORCH:
+        if package in ("cluster", "wire") or rel in NO_TORCH:
             assert name.split(".")[0] not in ("torch", "triton"), f"{rel} imports {name}"
+        if package == "wire":   # a leaf both sides load: not even numpy
+            assert name.split(".")[0] in sys.stdlib_module_names | {"dsv4"}, f"{rel} imports {name}"

@@ -5,7 +5,7 @@ import collections
 
 import torch
 
-from dsv4.cluster.request import SamplingParams
+from dsv4.wire.request import SamplingParams
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample, sample_to_host, uniform
 
 

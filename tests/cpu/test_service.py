@@ -12,13 +12,13 @@ import torch
 from api_fakes import TIMEOUT_S, ServerThread, wait_until
 
 from dsv4.cache.spec import plan_cache
-from dsv4.cluster.config import SchedulerConfig
 from dsv4.cluster.engine_ray import RayEngineClient
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.generate import greedy_generate
 from dsv4.model.numerics import Numerics
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
+from dsv4.wire.config import SchedulerConfig
 
 REFERENCE = Numerics.parse("reference")
 

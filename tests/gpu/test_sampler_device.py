@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsv4.cluster.request import SamplingParams
+from dsv4.wire.request import SamplingParams
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample
 
 pytestmark = pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""Typed request and output messages shared by the server, the coordinator and the scheduler.
+"""Typed request and output messages shared by the server, the coordinator and the scheduler; the workers' sampler
+reads `SamplingParams` and returns `TokenLogprobs`.
 
 A request travels in full once (server -> coordinator); after that only `RequestOutput` deltas come back.
 Everything a user can get wrong is checked in `SamplingParams.validate` / `GenerateRequest.validate`, which raise

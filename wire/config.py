@@ -1,4 +1,5 @@
-"""Serving configuration: one typed, validated root for the coordinator, the workers and the server."""
+"""Serving configuration: one typed, validated root for the coordinator, the workers and the server (all three
+read it, so it lives here, below them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 DEFAULT_PORT = 50051
-NUMERICS = ("reference", "exact-fp32", "fast")   # dsv4.model.numerics.NumericsMode (cluster imports no model code)
+NUMERICS = ("reference", "exact-fp32", "fast")   # dsv4.model.numerics.NumericsMode (wire imports no model code)
 
 
 def default_numerics(device: str) -> str:

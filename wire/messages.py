@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.cluster.request import SamplingParams, TokenLogprobs
+from dsv4.wire.request import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
