@@ -34,6 +34,7 @@ for stage in "$@"; do
       run moe-tilings 200 python3 benchmarks/fast_cases_moe.py --tilings --out "$OUT" ;;
     model-tests) run model-tests 280 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_model_fast_gpu.py \
         tests/gpu/test_runner_graphs.py ;;
+    ablation) run ablation 400 python3 benchmarks/fast_ablation.py ;;   # which fast family departs from its twin
     engine-quick) run engine-quick 200 python3 benchmarks/engine.py --layers 4 --batches 1,64 --long-context 0 \
         --prefill 2048 --reference-layers 0 --hf-layers 0 --out "$OUT" ;;
     engine) run engine 420 python3 benchmarks/engine.py --out "$OUT" ;;

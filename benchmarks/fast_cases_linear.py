@@ -55,16 +55,18 @@ def weight_bytes(n: int, k: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- cases
-def decode_case(name: str, n: int, k: int, m: int) -> Case:
+def decode_case(name: str, n: int, k: int, m: int, mma_fp8: bool = True) -> Case:
     w, s = fp8_weight(n, k, m)
     x = activations(m, k, m + 1)
     prepared = linear.prepare_fp8(w, s)
     moved = weight_bytes(n, k) + m * k * 2 + m * n * 2
     floor_us = moved / HBM_BPS * 1e6
-    return Case(f"fast fp8_linear {name}", f"M={m}, {n}x{k}",
-                lambda: linear.fp8_linear(x, prepared),
+    def run():
+        return linear.fp8_linear(x, prepared, mma_fp8=mma_fp8)
+
+    return Case(f"fast fp8_linear {name}{'' if mma_fp8 else ' (bf16 MMA)'}", f"M={m}, {n}x{k}", run,
                 lambda: linear._twin_fp8_linear(x, w, s, True, torch.bfloat16),
-                lambda: accuracy(linear.fp8_linear(x, prepared), x, w, s), moved,
+                lambda: accuracy(run(), x, w, s), moved,
                 f">= 60% floor graph ({(LAUNCH_GRAPH_US + floor_us) / 0.6:.1f} us)", None,
                 (LAUNCH_GRAPH_US + floor_us) / 0.6, ref_reps=3)
 
@@ -145,6 +147,7 @@ def grouped_cases() -> list[Case]:
 
 def cases() -> list[Case]:
     out = [decode_case(name, n, k, m) for name, (n, k) in FLASH.items() for m in DECODE_M]
+    out += [decode_case(name, *FLASH[name], m, mma_fp8=False) for name in ("wq_b", "wo_b", "wq_a") for m in (1, 64)]
     out += grouped_cases()
     for name, m in PREFILL:
         n, k = FLASH[name]

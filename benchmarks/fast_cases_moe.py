@@ -70,7 +70,9 @@ def accuracy(y, x, pair_row, pair_expert, pair_weight, ex, limit=LIMIT, max_pair
 
 # ---------------------------------------------------------------------------------------------- cases
 def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: bool = True,
-             tiles: tuple = (None, None), checked: bool = True) -> Case:
+             tiles: tuple = (None, None), checked: bool = True, triton: bool = False) -> Case:
+    """The production path (`moe.expert_forward`: the CUDA decode GEMMs up to 16 pairs per expert), or with
+    `triton` (or a forced MMA / tiling) the Triton grouped GEMMs."""
     x = torch.randn(num_tokens, D, generator=gen(num_tokens), device=DEV).bfloat16()
     pair_row, pair_expert, pair_weight = routed(num_tokens, ex.num_experts, num_tokens + 1)
     num_pairs = pair_expert.shape[0]
@@ -80,8 +82,10 @@ def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: b
     bm = moe.block_m_for(num_pairs, ex.num_experts)
 
     def run():
-        return _moe_triton.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm, mma_fp8=mma_fp8,
-                                          tiles=tiles)
+        if triton or not mma_fp8 or tiles != (None, None):
+            return _moe_triton.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm, mma_fp8=mma_fp8,
+                                              tiles=tiles)
+        return moe.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT)
 
     if num_tokens == 1:
         target, graph_us = f"<= 2x floor graph ({2 * floor_us:.1f} us)", 2 * floor_us
@@ -150,13 +154,40 @@ def shared_case(num_tokens: int) -> Case:
                 f">= 60% floor graph ({(1 + floor_us) / 0.6:.1f} us)", None, (1 + floor_us) / 0.6, ref_reps=3)
 
 
+def shared_linear_case(num_tokens: int) -> Case:
+    """The shared expert as two FP8 linears (the decode swap-AB kernel) around a torch SwiGLU, for comparison."""
+    from dsv4.kernels.fast import linear
+
+    g = gen(7)
+
+    def one(n: int, k: int):
+        w = torch.randn(n, k, generator=g, device=DEV).mul(32).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return w, torch.randint(112, 118, (n // 128, k // 128), generator=g, device=DEV,
+                                dtype=torch.uint8).view(torch.float8_e8m0fnu)
+
+    ex = moe.stack_experts([(*one(INTER, D), *one(INTER, D), *one(D, INTER))], "fp8")
+    w13, w2 = linear.prepare_fp8(ex.w13[0], ex.s13[0]), linear.prepare_fp8(ex.w2[0], ex.s2[0])
+    x = torch.randn(num_tokens, D, generator=g, device=DEV).bfloat16()
+    moved = expert_bytes(ex) + num_tokens * D * 4
+
+    def run():
+        gu = linear.fp8_linear(x, w13).float()
+        h = torch.nn.functional.silu(gu[:, :INTER].clamp(max=LIMIT)) * gu[:, INTER:].clamp(-LIMIT, LIMIT)
+        return linear.fp8_linear(h.bfloat16(), w2)
+
+    return Case("fast shared expert as 2 FP8 linears + SwiGLU", f"T={num_tokens}", run, lambda: None, lambda: "-",
+                moved, "-")
+
+
 def cases() -> list[Case]:
     ex = fp4_experts(0)
     out = [moe_case(ex, t) for t in TOKENS]
+    out += [moe_case(ex, t, " (Triton)", triton=True) for t in (1, 8, 64)]
     out.append(moe_case(ex, 64, " (bf16 MMA)", mma_fp8=False))
     out += [dispatch_case(t) for t in (64, 4096)]
     out += [combine_case(t) for t in (64, 4096)]
     out += [shared_case(t) for t in (1, 64)]
+    out += [shared_linear_case(t) for t in (1, 64)]
     return out
 
 

@@ -26,7 +26,8 @@ import torch
 from dsv4.kernels.knobs import knobs
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "routing.cu", "router_certified.cu", "kv_store.cu", "compress.cu", "indexer.cu")
+SOURCES = ("bindings.cpp", "routing.cu", "router_certified.cu", "kv_store.cu", "compress.cu", "indexer.cu",
+           "moe_decode.cu")
 HEADERS = ("common.cuh", "routing.cuh", "ops.h")
 CUDA_FLAGS = ("-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills")
 CXX_FLAGS = ("-O3",)

@@ -148,7 +148,10 @@ class FastExperts:
             if isinstance(module, MoE) and getattr(module, "fast_shared", None) is None:
                 if module.shared_experts.w1.weight.device.type == "meta":
                     continue
-                module.fast_shared = stack([module.shared_experts])
+                module.fast_shared = shared = stack([module.shared_experts])
+                if shared.fmt == "fp8":     # views of the stack, with the cuBLAS scale layout derived once
+                    module.fast_shared_linears = (linear.prepare_fp8(shared.w13[0], shared.s13[0]),
+                                                  linear.prepare_fp8(shared.w2[0], shared.s2[0]))
                 if module.held:
                     module.fast_experts = stack([module.local_expert(i) for i in range(len(module.held))])
 
@@ -167,9 +170,13 @@ class FastExperts:
 
 
     def shared(self, moe: MoE, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
-        """The shared expert through the grouped kernel as one expert of weight 1 (its SwiGLU fused): [T, D]."""
+        """The shared expert [T, D]: FP8 as two FP8 linears around a fused SwiGLU, else through the grouped kernel
+        as one expert of weight 1."""
         if getattr(moe, "fast_shared", None) is None:
             self.prepare(moe)
+        linears = getattr(moe, "fast_shared_linears", None)
+        if linears is not None:
+            return moe_kernels.shared_expert_forward(x, *linears, moe.shared_experts.limit)
         rows = torch.arange(x.shape[0], device=x.device)
         return moe_kernels.expert_forward(x.to(ACT), rows, torch.zeros_like(rows, dtype=torch.int32),
                                           torch.ones(x.shape[0], device=x.device), moe.fast_shared,

@@ -409,6 +409,17 @@ def _split_reduce_kernel(part_ptr, pair_weight_ptr, sorted_pair_ptr, block_bucke
 
 
 @triton.jit
+def _swiglu_kernel(gu_ptr, h_ptr, inter, limit, BLOCK: tl.constexpr):
+    """One row of gu [T, 2I] bf16 (gate, then up) -> h [T, I] bf16, `_swiglu_store`'s math with weight 1."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < inter
+    g = tl.minimum(tl.load(gu_ptr + t * 2 * inter + cols, mask=ok, other=0.0).to(tl.float32), limit)
+    v = tl.clamp(tl.load(gu_ptr + t * 2 * inter + inter + cols, mask=ok, other=0.0).to(tl.float32), -limit, limit)
+    tl.store(h_ptr + t * inter + cols, (g * tl.sigmoid(g) * v).to(tl.bfloat16), mask=ok)
+
+
+@triton.jit
 def _combine_kernel(y_ptr, out_ptr, D, k, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -557,6 +568,16 @@ def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.T
     _grouped_gemm(h, h_scale, common, w2, s2, strides2, y, y, num_experts, inter, d, limit, num_blocks, tiles2,
                   False, flags)
     return y
+
+
+def swiglu(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    """gu [T, 2I] bf16 contiguous -> h = bf16(silu(min(g, L)) * clamp(v, -L, L)) [T, I]."""
+    num_rows, inter = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty(num_rows, inter, dtype=torch.bfloat16, device=gu.device)
+    if num_rows:
+        block = min(1024, triton.next_power_of_2(inter))
+        _swiglu_kernel[(num_rows, triton.cdiv(inter, block))](gu, h, inter, float(limit), BLOCK=block, num_warps=4)
+    return h
 
 
 def combine_pairs(y: torch.Tensor, k: int) -> torch.Tensor:

@@ -104,13 +104,16 @@ def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, scale: torch.Tensor | None = None,
                quant_act: bool = True, *, out_dtype: torch.dtype = torch.bfloat16,
-               prefill_threshold: int = PREFILL_THRESHOLD, use_cublas: bool = True) -> torch.Tensor:
+               prefill_threshold: int = PREFILL_THRESHOLD, use_cublas: bool = True, mma_fp8: bool = True
+               ) -> torch.Tensor:
     """y = x W^T for an FP8 weight: x [..., K] bf16, weight float8_e4m3fn [N, K] + scale e8m0 [ceil(N/128), K/128]
     (or an `Fp8Weight`) -> [..., N] out_dtype (bf16; fp32 for callers that round later).
 
     quant_act: x is fake-quantized to FP8 per 128 first (the reference); False = W8A16, x used as is. fp32
     accumulation; see the module docstring for paths and error. prefill_threshold / use_cublas select the
-    large-M path: M >= prefill_threshold uses cuBLAS (quant_act, bf16 output, N % 128 == 0) when use_cublas."""
+    large-M path: M >= prefill_threshold uses cuBLAS (quant_act, bf16 output, N % 128 == 0) when use_cublas.
+    mma_fp8 False: the Triton path widens both e4m3 operands to bf16 (exact) for a bf16 MMA, whose fp32
+    accumulation is closer to the reference's exact sums than Hopper's FP8 MMA (~14 bits inside each 128-block)."""
     w = _as_weight(weight, scale)
     n, k = w.weight.shape
     if x.shape[-1] != k:
@@ -126,7 +129,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, scale: torch.T
         return _cublas_fp8_linear(x2, w).view(*lead, n)
     from dsv4.kernels.fast import _linear_triton
 
-    return _linear_triton.fp8_gemm(x2, w.weight, w.scale, 1, quant_act, out_dtype).view(*lead, n)
+    return _linear_triton.fp8_gemm(x2, w.weight, w.scale, 1, quant_act, out_dtype, mma_fp8=mma_fp8).view(*lead, n)
 
 
 def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, quant_act: bool = False, *,

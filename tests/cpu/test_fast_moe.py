@@ -133,6 +133,31 @@ def test_dispatch_pairs(routing, num_pairs, num_experts):
 def test_block_m():
     assert moe.block_m_for(6, 64) == 16 and moe.block_m_for(1536, 64) == 32 and moe.block_m_for(24576, 64) == 64
     assert moe.block_m_for(100, 1) == 64 and moe.block_m_for(0, 64) == 16
+    # the CUDA decode GEMMs: 8-row blocks up to 2 expected pairs per expert (8 tokens x top-6 on 64 experts)
+    assert moe.decode_block_m(6, 64) == 8 and moe.decode_block_m(128, 64) == 8
+    assert moe.decode_block_m(129, 64) == 0 and moe.decode_block_m(384, 64) == 0
+
+
+def test_decode_kernel_support():
+    from dsv4.kernels.fast import _moe_cuda
+
+    assert _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 8)
+    assert not _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 16)      # only 8-row blocks
+    assert not _moe_cuda.supports(make_experts("fp4", 2, 1024, 512, 0), 8)        # K steps of 1024
+    assert not _moe_cuda.supports(make_experts("fp8", 2, 1024, 1024, 0), 8)
+
+
+def test_shared_expert_as_two_linears():
+    """The shared expert's path (FP8 linears around the SwiGLU) against the per-pair float64 reference with one
+    expert of weight 1."""
+    from dsv4.kernels.fast import linear
+
+    ex = make_experts("fp8", 1, 256, 384, 8)
+    x = rows(9, 256, 9)
+    y = moe.shared_expert_forward(x, linear.prepare_fp8(ex.w13[0], ex.s13[0]), linear.prepare_fp8(ex.w2[0], ex.s2[0]),
+                                  LIMIT)
+    pair_row, pair_expert = torch.arange(9), torch.zeros(9, dtype=torch.int32)
+    assert_pairs_close(y, reference(x, pair_row, pair_expert, torch.ones(9), ex), pair_expert, 1)
 
 
 # ---------------------------------------------------------------------------------------------- twin

@@ -1,6 +1,7 @@
-"""Fast routed experts on the GPU (Triton dispatch + grouped FP4/FP8 GEMMs + combine) against a float64 per-pair
-reference built from the quantizers and dequantizers, at V4-Flash EP-4 rank shapes (64 local experts of D = 4096,
-I = 2048, FP4, top-6) and V4-Pro widths; corner routings; CUDA-graph capture + replay.
+"""Fast routed experts on the GPU (Triton dispatch + grouped FP4/FP8 GEMMs or the CUDA decode GEMMs + combine)
+against a float64 per-pair reference built from the quantizers and dequantizers, at V4-Flash EP-4 rank shapes
+(64 local experts of D = 4096, I = 2048, FP4, top-6) and V4-Pro widths; corner routings; CUDA-graph capture +
+replay.
 
 Tolerances (products exact, fp32 sums; the FP8 MMA accumulates ~14 mantissa bits inside each 32-deep dot): per
 pair relative L2 error of y against the float64 reference (official rounding points for g, v, h; y unrounded)
@@ -88,7 +89,8 @@ def reference(x, pair_row, pair_expert, pair_weight, ex: moe.ExpertWeights, pair
     return out
 
 
-def check(y, ref, pair_expert, num_experts, pairs: torch.Tensor | None = None) -> None:
+def check(y, ref, pair_expert, num_experts, pairs: torch.Tensor | None = None, mean_bound: float = 3e-3,
+          all_bound: float = 6e-3, equal_at_least: float = 0.7) -> None:
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     off = (pair_expert < 0) | (pair_expert >= num_experts)
     assert bool((y[off] == 0).all()), "off-rank pairs must give zero rows"
@@ -101,12 +103,14 @@ def check(y, ref, pair_expert, num_experts, pairs: torch.Tensor | None = None) -
         return
     yv, rv = y[on].double(), ref[on]
     per_pair = (yv - rv).norm(dim=1) / rv.norm(dim=1).clamp(min=1e-300)
+    print(f"pairs: max {float(per_pair.max()):.2e}, mean {float(per_pair.mean()):.2e}, all "
+          f"{float((yv - rv).norm() / rv.norm()):.2e}, equal {float((y[on] == rv.bfloat16()).float().mean()):.3f}")
     # a pair's error is its output's bf16 rounding (~2e-3) unless an element of g, v or h sits at a bf16 / e4m3
     # rounding boundary and flips (seen up to 1.9e-2 on the H200): bound the worst pair, the mean tightly
     assert float(per_pair.max()) <= 3e-2, float(per_pair.max())
-    assert float(per_pair.mean()) <= 3e-3, float(per_pair.mean())
-    assert float((yv - rv).norm() / rv.norm()) <= 6e-3, float((yv - rv).norm() / rv.norm())
-    assert float((y[on] == rv.bfloat16()).float().mean()) >= 0.7     # FP8 experts: 0.74 on the H200
+    assert float(per_pair.mean()) <= mean_bound, float(per_pair.mean())
+    assert float((yv - rv).norm() / rv.norm()) <= all_bound, float((yv - rv).norm() / rv.norm())
+    assert float((y[on] == rv.bfloat16()).float().mean()) >= equal_at_least    # FP8 experts: 0.74 on the H200
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +125,19 @@ def test_flash_decode(flash_fp4, num_tokens):
     pair_row, pair_expert, pair_weight = routed(num_tokens, 64, 2, off_rank=0.2)
     y = moe.expert_forward(x, pair_row, pair_expert, pair_weight, flash_fp4, LIMIT)
     check(y, reference(x, pair_row, pair_expert, pair_weight, flash_fp4), pair_expert, 64)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8, 21])
+def test_decode_kernel_and_triton_agree_with_the_reference(flash_fp4, num_tokens):
+    """The CUDA decode GEMMs (blocks of 8 rows up to 2 pairs per expert: 21 tokens x 6 on 64 experts) and the Triton
+    grouped GEMMs on the same pairs: both within the tolerances of the float64 reference."""
+    x = rows(num_tokens, 4096, 26)
+    pair_row, pair_expert, pair_weight = routed(num_tokens, 64, 27, off_rank=0.2)
+    assert moe.decode_block_m(pair_expert.shape[0], 64) == 8
+    ref = reference(x, pair_row, pair_expert, pair_weight, flash_fp4)
+    for decode_kernel in (True, False):
+        y = moe.expert_forward(x, pair_row, pair_expert, pair_weight, flash_fp4, LIMIT, decode_kernel=decode_kernel)
+        check(y, ref, pair_expert, 64)
 
 
 def test_flash_prefill(flash_fp4):
@@ -169,6 +186,25 @@ def test_shared_expert_as_one_expert():
     pair_weight = torch.ones(64, device=DEV)
     y = moe.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT)
     check(y, reference(x, pair_row, pair_expert, pair_weight, ex), pair_expert, 1)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 600])
+def test_shared_expert_as_two_linears(num_tokens):
+    """The engine's shared-expert path: two FP8 linears (decode kernel, cuBLAS from 512 rows) around the fused
+    SwiGLU, against the same float64 reference as one expert of weight 1. The linears promote their FP8 MMA sums
+    per 128 of K, as DeepGEMM does (the grouped GEMM promotes per 32), so g, v and h flip a bf16 rounding more
+    often: on the H200 mean pair error 4.3e-3 and 52 % of y equal to the reference's bf16 at 64 rows (2.4e-3 and
+    74 % through the grouped GEMM)."""
+    from dsv4.kernels.fast import linear
+
+    ex = make_experts("fp8", 1, 4096, 2048, 28)
+    x = rows(num_tokens, 4096, 29)
+    y = moe.shared_expert_forward(x, linear.prepare_fp8(ex.w13[0], ex.s13[0]), linear.prepare_fp8(ex.w2[0], ex.s2[0]),
+                                  LIMIT)
+    pair_row = torch.arange(num_tokens, device=DEV)
+    pair_expert = torch.zeros(num_tokens, dtype=torch.int32, device=DEV)
+    check(y, reference(x, pair_row, pair_expert, torch.ones(num_tokens, device=DEV), ex), pair_expert, 1,
+          mean_bound=6e-3, all_bound=6e-3, equal_at_least=0.45)
 
 
 # ---------------------------------------------------------------------------------------------- corners
