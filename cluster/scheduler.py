@@ -7,6 +7,10 @@ lives there). Blocks for the positions a step writes are reserved before the ste
 newest running request is preempted (its blocks freed, its tokens so far re-prefilled later) and nothing
 crashes.
 
+Cost per step is bounded by the requests that run or are admitted, not by every request known: each worker keeps
+its running requests in arrival order (a sorted list: admission inserts, release removes), the waiting ones sit
+in one arrival-ordered heap (aborted entries are skipped lazily), and the counts are kept as they change.
+
 The coordinator keeps up to two steps in flight, so the scheduler plans a step before it knows the tokens the
 previous one sampled: it counts tokens "scheduled" (will exist once in-flight steps return) apart from tokens
 "known" (returned). A request that stops on a token it did not know about yet wastes one extra token, which is
@@ -16,7 +20,9 @@ in-flight step on the same worker).
 
 from __future__ import annotations
 
+import bisect
 import enum
+import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +81,11 @@ class Scheduler:
         self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
         self.affinity = affinity
         self.requests: dict[str, RequestState] = {}
+        self._running: list[list[RequestState]] = [[] for _ in managers]     # per worker, by arrival
+        self._waiting: list[tuple[int, str]] = []          # heap of (arrival, id); stale entries skipped
+        self._num_queued = 0                               # WAITING + PREEMPTED
+        self._planning = False
+        self._requeue: list[RequestState] = []             # preempted while planning: queued after the pass
         self._arrivals = itertools.count()
         self._step_ids = itertools.count()
         self._pending_drops: list[list[str]] = [[] for _ in managers]
@@ -89,7 +100,10 @@ class Scheduler:
         if len(request.prompt_token_ids) >= capacity:
             raise InvalidRequest("prompt", f"{len(request.prompt_token_ids)} tokens do not fit the KV cache of any "
                                            f"worker ({capacity} positions)")
-        self.requests[request.request_id] = RequestState(request, seed, next(self._arrivals))
+        state = RequestState(request, seed, next(self._arrivals))
+        self.requests[request.request_id] = state
+        self._num_queued += 1
+        self._enqueue(state)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel: blocks freed at once. The final output, or None if unknown or already finished."""
@@ -130,7 +144,7 @@ class Scheduler:
                 continue
             state.inflight -= 1
             if state.status is Status.PREEMPTED and state.inflight == 0:
-                state.status = Status.WAITING
+                self._enqueue(state)
             if state.status is Status.FINISHED and state.inflight == 0:
                 del self.requests[rid]
 
@@ -141,15 +155,27 @@ class Scheduler:
         new: list[list[NewRequest]] = [[] for _ in self.managers]
         budget = [self.config.max_num_batched_tokens] * len(self.managers)
         ran: list[str] = []
-        for state in self._running_in_order():            # decodes and unfinished prefills of running requests
-            self._schedule_running(state, chunks, budget, ran)
-        for state in self._waiting_in_order():
+        self._planning = True
+        for running in self._running:                     # decodes and unfinished prefills, per worker by arrival
+            for state in list(running):                   # (preemption removes from the list)
+                self._schedule_running(state, chunks, budget, ran)
+        while self._waiting:
+            arrival, request_id = self._waiting[0]
+            state = self.requests.get(request_id)
+            if state is None or state.status is not Status.WAITING or state.arrival != arrival:
+                heapq.heappop(self._waiting)              # aborted while waiting
+                continue
             if not self._admit(state, budget):
                 break                                       # FIFO: later arrivals wait behind the first
+            heapq.heappop(self._waiting)
             new[state.worker].append(NewRequest(state.request_id, self._resume_tokens(state),
                                                 len(state.output_ids), state.request.sampling, state.seed,
                                                 self.managers[state.worker].get(state.request_id).slot))
             self._schedule_running(state, chunks, budget, ran)
+        self._planning = False
+        for state in self._requeue:                        # victims of this pass wait for the next one
+            heapq.heappush(self._waiting, (state.arrival, state.request_id))
+        self._requeue.clear()
         if not ran:
             return None
         step_id = next(self._step_ids)
@@ -174,7 +200,7 @@ class Scheduler:
         manager = self.managers[w]
         before = len(manager.get(state.request_id).blocks)
         while not manager.reserve(state.request_id, state.num_computed + n):
-            victim = self._victim(w, not_in=set(ran) | {state.request_id})
+            victim = self._victim(w, not_in=set(ran) | {state.request_id})     # only when out of blocks
             if victim is None:
                 if self._running_count(w) == 1:             # alone and still out of blocks: the context is full
                     self._finished_outputs.append(self._finish(state, FinishReason.LENGTH))
@@ -205,6 +231,8 @@ class Scheduler:
         w = max(candidates, key=lambda w: (self.managers[w].num_free_blocks, -self._running_count(w), affinity[w], -w))
         self.managers[w].admit(state.request_id, 0)
         state.status, state.worker = Status.RUNNING, w
+        self._num_queued -= 1
+        bisect.insort(self._running[w], state, key=lambda s: s.arrival)
         state.num_computed = 0
         state.num_scheduled_outputs = len(state.output_ids)
         return True
@@ -214,17 +242,29 @@ class Scheduler:
 
     def _preempt(self, state: RequestState) -> None:
         self._release(state)
-        state.status = Status.PREEMPTED if state.inflight else Status.WAITING
+        self._num_queued += 1
+        if state.inflight:
+            state.status = Status.PREEMPTED
+        else:
+            self._enqueue(state)
+
+    def _enqueue(self, state: RequestState) -> None:
+        state.status = Status.WAITING
+        if self._planning:
+            self._requeue.append(state)
+        else:
+            heapq.heappush(self._waiting, (state.arrival, state.request_id))
 
     def _victim(self, worker: int, not_in: set[str]) -> RequestState | None:
         """The newest running request of the worker that is not already part of this step."""
-        running = [s for s in self._running_in_order() if s.worker == worker and s.request_id not in not_in]
-        return running[-1] if running else None
+        return next((s for s in reversed(self._running[worker]) if s.request_id not in not_in), None)
 
     def _finish(self, state: RequestState, reason: FinishReason, token: int | None = None,
                 matched: int | None = None, new_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         if state.status is Status.RUNNING:
             self._release(state)
+        else:                                               # waiting or preempted (blocks already freed)
+            self._num_queued -= 1
         state.status, state.finish_reason = Status.FINISHED, reason
         if state.inflight == 0:
             del self.requests[state.request_id]
@@ -232,6 +272,8 @@ class Scheduler:
         return self._output(state, new, reason, matched, new_logprobs)
 
     def _release(self, state: RequestState) -> None:
+        running = self._running[state.worker]
+        del running[next(i for i, s in enumerate(running) if s is state)]
         self.managers[state.worker].release(state.request_id)
         self._pending_drops[state.worker].append(state.request_id)
         state.worker = None
@@ -242,21 +284,17 @@ class Scheduler:
                              new_logprobs=new_logprobs)
 
     # ------------------------------------------------------------------------------------------ views
-    def _running_in_order(self) -> list[RequestState]:
-        return sorted((s for s in self.requests.values() if s.status is Status.RUNNING), key=lambda s: s.arrival)
-
-    def _waiting_in_order(self) -> list[RequestState]:
-        return sorted((s for s in self.requests.values() if s.status is Status.WAITING), key=lambda s: s.arrival)
-
     def _running_count(self, worker: int) -> int:
-        return sum(1 for s in self.requests.values() if s.status is Status.RUNNING and s.worker == worker)
+        return len(self._running[worker])
 
     @property
     def num_waiting(self) -> int:
-        return sum(1 for s in self.requests.values() if s.status in (Status.WAITING, Status.PREEMPTED))
+        """Requests queued for admission: new, or preempted (their in-flight steps returned or not)."""
+        return self._num_queued
 
     def running_on(self, worker: int) -> list[RequestState]:
-        return [s for s in self.requests.values() if s.status is Status.RUNNING and s.worker == worker]
+        """The worker's running requests, by arrival."""
+        return list(self._running[worker])
 
     def has_work(self) -> bool:
-        return any(s.status is not Status.FINISHED for s in self.requests.values())
+        return self._num_queued > 0 or any(self._running)

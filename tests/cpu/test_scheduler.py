@@ -1,0 +1,249 @@
+"""The `Scheduler` alone (no Ray, no workers): in-flight counts, the token budget and chunked prefill, decodes
+before prefills, FIFO admission, preemption and resume, and a property-based state machine (random arrivals,
+aborts, steps returned with up to two in flight) whose invariants tie the scheduler's queues to the block
+managers and whose teardown drains everything to zero requests and zero blocks in use."""
+
+from __future__ import annotations
+
+import collections
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from dsv4.cache.manager import KVCacheManager
+from dsv4.cluster.scheduler import Scheduler, Status
+from dsv4.wire.config import SchedulerConfig
+from dsv4.wire.request import FinishReason, GenerateRequest, SamplingParams
+
+EOS = 0
+BLOCK = 16
+
+
+def make(num_workers: int = 1, num_slots: int = 4, num_blocks: int = 64, max_model_len: int = 4096,
+         **config) -> Scheduler:
+    managers = [KVCacheManager(num_slots, num_blocks, BLOCK) for _ in range(num_workers)]
+    return Scheduler(SchedulerConfig(**config), managers, max_model_len, (EOS,))
+
+
+def request(rid: str, prompt_len: int, max_tokens: int = 8) -> GenerateRequest:
+    return GenerateRequest(rid, tuple(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+class Driver:
+    """Plays the workers: plans steps, keeps up to two in flight, and returns the oldest with a sampled token
+    (never EOS) for every chunk that reached its request's end when it was planned."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.in_flight: collections.deque = collections.deque()
+        self.outputs: dict[str, list] = collections.defaultdict(list)
+        self.next_token = 1
+
+    def plan(self):
+        requests = self.scheduler.requests
+        before = {rid: s.num_scheduled_outputs for rid, s in requests.items()}
+        plans = self.scheduler.schedule()
+        if plans is None:
+            return None
+        admitted = {n.request_id for p in plans.plans for n in p.new_requests}
+        # a chunk samples when it reaches its request's end: the scheduled outputs grew by one
+        samplers = [c.request_id for p in plans.plans for c in p.chunks
+                    if requests[c.request_id].num_scheduled_outputs
+                    > (len(requests[c.request_id].output_ids) if c.request_id in admitted else before[c.request_id])]
+        self.in_flight.append((plans, samplers))
+        return plans
+
+    def return_oldest(self) -> None:
+        plans, samplers = self.in_flight.popleft()
+        for rid in samplers:
+            self.next_token += 1
+            out = self.scheduler.on_token(rid, self.next_token)
+            if out is not None:
+                self.outputs[rid].append(out)
+        self.scheduler.step_returned(plans.request_ids)
+
+    def step(self):
+        plans = self.plan()
+        if len(self.in_flight) == 2 or (plans is None and self.in_flight):
+            self.return_oldest()
+        return plans
+
+    def drain(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if self.step() is None and not self.in_flight and not self.scheduler.has_work():
+                return
+        raise AssertionError("the scheduler did not drain")
+
+
+def chunks_of(plans, worker: int = 0) -> list[tuple[str, int]]:
+    return [(c.request_id, c.num_tokens) for c in plans.plans[worker].chunks]
+
+
+# ---------------------------------------------------------------------------------------------- unit tests
+def test_budget_chunked_prefill_and_decodes_first():
+    sched = make(max_num_batched_tokens=64, max_prefill_chunk=32)
+    for rid in ("a", "b", "c"):
+        sched.add(request(rid, 50), seed=1)
+    driver = Driver(sched)
+    first = driver.plan()
+    assert chunks_of(first) == [("a", 32), ("b", 32)]          # the budget admits two first chunks; c waits
+    assert [n.request_id for n in first.plans[0].new_requests] == ["a", "b"] and sched.num_waiting == 1
+    second = driver.plan()                                     # planned before the first returns
+    assert chunks_of(second) == [("a", 18), ("b", 18), ("c", 28)]
+    assert sched.requests["a"].inflight == 2 and sched.requests["c"].inflight == 1
+    driver.return_oldest()
+    assert sched.requests["a"].inflight == 1 and sched.requests["a"].output_ids == []
+    driver.return_oldest()                                     # a and b finished their prompts: one token each
+    assert len(sched.requests["a"].output_ids) == 1 and sched.requests["a"].inflight == 0
+    third = driver.plan()
+    assert chunks_of(third)[:2] == [("a", 1), ("b", 1)]        # decodes of running requests before prefill
+    assert chunks_of(third)[2] == ("c", 22)
+
+
+def test_decodes_run_ahead_of_returned_tokens_by_one_step():
+    sched = make()
+    sched.add(request("a", 5, max_tokens=4), seed=1)
+    driver = Driver(sched)
+    driver.plan()                                              # the prompt: samples output 1
+    assert chunks_of(driver.plan()) == [("a", 1)]              # output 2 planned before output 1 is known
+    assert driver.plan() is None or len(driver.in_flight) == 3
+    driver.drain()
+    assert len(driver.outputs["a"]) == 4 and driver.outputs["a"][-1].finish_reason is FinishReason.LENGTH
+    assert sched.requests == {} and sched.managers[0].num_free_blocks == 64
+
+
+def test_fifo_admission_and_slots():
+    sched = make(num_slots=2)
+    for rid in ("a", "b", "c"):
+        sched.add(request(rid, 4), seed=1)
+    plans = Driver(sched).plan()
+    assert [n.request_id for n in plans.plans[0].new_requests] == ["a", "b"]     # two slots
+    assert sched.num_waiting == 1 and [s.request_id for s in sched.running_on(0)] == ["a", "b"]
+
+
+def test_head_of_line_request_blocks_later_ones():
+    """FIFO: a first request that does not fit now keeps smaller later arrivals waiting behind it."""
+    sched = make(num_blocks=8)                                 # 128 positions
+    sched.add(request("big", 100, max_tokens=40), seed=1)
+    driver = Driver(sched)
+    driver.plan()
+    sched.add(request("next", 100), seed=1)                    # needs 7 blocks; 1 free
+    sched.add(request("small", 4), seed=1)
+    plans = driver.plan()
+    assert plans is not None and all(c.request_id == "big" for c in plans.plans[0].chunks)
+    assert sched.requests["small"].status is Status.WAITING
+
+
+def test_preemption_frees_blocks_and_resumes_with_the_outputs_so_far():
+    """Two requests that fit at admission but not at full length: the newer is preempted (blocks freed, its state
+    dropped on the worker), re-admitted later with its prompt plus the outputs it had, and completes."""
+    sched = make(num_blocks=6, max_prefill_chunk=256, max_num_batched_tokens=256)   # 96 positions
+    sched.add(request("old", 20, max_tokens=50), seed=1)
+    sched.add(request("new", 20, max_tokens=50), seed=2)
+    driver = Driver(sched)
+    preempted_at = None
+    for _ in range(200):
+        plans = driver.step()
+        new = sched.requests.get("new")
+        if new is not None and new.status in (Status.PREEMPTED, Status.WAITING) and new.output_ids:
+            preempted_at = len(new.output_ids)
+            assert plans is not None and "new" in plans.plans[0].finished_ids
+            assert "new" not in {n.request_id for n in plans.plans[0].new_requests}     # not re-admitted at once
+            break
+    assert preempted_at is not None, "the newest request is preempted when blocks run out"
+    assert "new" not in sched.managers[0] and sched.num_waiting == 1
+    assert sched.requests["old"].status is Status.RUNNING
+    resumed = None
+    for _ in range(400):
+        plans = driver.step()
+        if plans is not None:
+            resumed = next((n for n in plans.plans[0].new_requests if n.request_id == "new"), None)
+        if resumed is not None:
+            break
+    assert resumed is not None and resumed.num_prior_outputs >= preempted_at
+    assert resumed.token_ids[:20] == tuple(range(1, 21)) and len(resumed.token_ids) == 20 + resumed.num_prior_outputs
+    driver.drain()
+    assert len([t for o in driver.outputs["new"] for t in o.new_token_ids]) == 50
+    assert sched.requests == {} and sched.managers[0].num_free_blocks == 6
+
+
+def test_abort_of_waiting_and_running_requests():
+    sched = make(num_slots=1)
+    sched.add(request("a", 4), seed=1)
+    sched.add(request("b", 4), seed=1)
+    driver = Driver(sched)
+    driver.plan()
+    assert sched.abort("b").finish_reason is FinishReason.ABORT and sched.num_waiting == 0
+    assert sched.abort("a").finish_reason is FinishReason.ABORT
+    assert sched.abort("a") is None and sched.abort("unknown") is None
+    driver.drain()
+    assert sched.requests == {} and not sched.has_work() and sched.managers[0].num_free_blocks == 64
+
+
+def test_requests_spread_over_workers_by_headroom():
+    sched = make(num_workers=2)
+    for rid in ("a", "b", "c", "d"):
+        sched.add(request(rid, 20), seed=1)
+    Driver(sched).plan()
+    assert sorted(len(sched.running_on(w)) for w in range(2)) == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------- state machine
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random arrivals, aborts and steps on two workers with small caches: the queues agree with the managers
+    at every point, and everything drains to zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.scheduler = make(num_workers=2, num_slots=3, num_blocks=12, max_model_len=160,
+                              max_num_batched_tokens=48, max_prefill_chunk=24)
+        self.driver = Driver(self.scheduler)
+        self.next_id = 0
+        self.live: list[str] = []
+
+    @rule(prompt_len=st.integers(1, 100), max_tokens=st.integers(1, 40))
+    def arrive(self, prompt_len, max_tokens):
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        self.scheduler.add(request(rid, prompt_len, max_tokens), seed=self.next_id)
+        self.live.append(rid)
+
+    @rule(data=st.data())
+    def abort(self, data):
+        if self.live:
+            self.scheduler.abort(self.live.pop(data.draw(st.integers(0, len(self.live) - 1))))
+
+    @rule(steps=st.integers(1, 6))
+    def run(self, steps):
+        for _ in range(steps):
+            self.driver.step()
+
+    @invariant()
+    def queues_agree_with_the_managers(self):
+        sched = self.scheduler
+        states = list(sched.requests.values())
+        assert sched.num_waiting == sum(s.status in (Status.WAITING, Status.PREEMPTED) for s in states)
+        for w, manager in enumerate(sched.managers):
+            running = [s for s in states if s.status is Status.RUNNING and s.worker == w]
+            listed = sched.running_on(w)
+            assert {s.request_id for s in listed} == {s.request_id for s in running}
+            assert [s.arrival for s in listed] == sorted(s.arrival for s in listed)
+            assert set(manager.sequence_ids) == {s.request_id for s in running}
+            assert len(running) <= 3
+        for s in states:
+            assert s.inflight >= 0 and s.num_computed <= s.scheduled_len
+            assert s.status is not Status.FINISHED or s.inflight > 0       # finished ones linger only in flight
+        assert sched.has_work() == any(s.status is not Status.FINISHED for s in states)
+
+    def teardown(self):
+        self.driver.drain()
+        sched = self.scheduler
+        assert sched.requests == {} and sched.num_waiting == 0 and not sched.has_work()
+        assert all(m.num_free_blocks == m.num_total_blocks and not m.sequence_ids for m in sched.managers)
+        for rid, outputs in self.driver.outputs.items():        # every request that ended says so exactly once
+            assert sum(o.finished for o in outputs) <= 1, rid
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
