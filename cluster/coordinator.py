@@ -4,7 +4,9 @@ accounting, the expert placement and the load statistics, and drives the workers
 It carries metadata only: plans out, sampled token ids (and log-probabilities where asked) back. The step loop
 keeps up to two steps in flight — while workers execute step N, step N+1 is planned and queued behind it — so
 scheduling overlaps execution.
-Streams go back to the server through a Ray streaming generator per request.
+Outputs go back per step, not per token per request: `output_batches` is one Ray streaming generator per
+subscriber (the server), yielding one list of every request's new outputs per step; the server fans them out to
+its streams (`engine_ray.RayEngineClient`). Requests come in by `submit`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class Coordinator:
         affinity = HashAffinity.from_checkpoint(config.model_dir, num_hash_layers, placement)
         self.scheduler = Scheduler(config.scheduler, managers, model_info.max_model_len, model_info.eos_token_ids,
                                    affinity)
-        self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._subscribers: list[asyncio.Queue[list[RequestOutput]]] = []
+        self._outbox: list[RequestOutput] = []      # outputs since the last flush to the subscribers
         self.expert_token_counts = [0] * len(placement.owner)
         self.steps_done = 0
         # With two steps in flight, steps complete every max(worker time, Ray round trip + planning): the interval
@@ -58,31 +61,34 @@ class Coordinator:
     async def is_healthy(self) -> bool:
         return self._failure is None
 
-    async def generate(self, request: GenerateRequest):
-        """Stream `RequestOutput` deltas until one has a finish reason (a Ray streaming generator)."""
+    async def submit(self, request: GenerateRequest) -> None:
+        """Queue a request (InvalidRequest names a bad field); its outputs arrive on `output_batches`."""
         request.validate(self.info.vocab_size, self.info.max_model_len)
         if self._failure is not None:
             raise RuntimeError(f"engine failed: {self._failure}")
         seed = request.sampling.seed if request.sampling.seed is not None else self._seeds.getrandbits(63)
         self.scheduler.add(request, seed)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.streams[request.request_id] = queue
         self._ensure_loop()
         self._wake.set()
+
+    async def output_batches(self):
+        """A Ray streaming generator of every request's outputs, one list per step (or per abort). The first item
+        is an empty list: the subscription exists once it arrives, so nothing submitted afterwards is missed."""
+        queue: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
+        self._subscribers.append(queue)
         try:
+            yield []
             while True:
-                output = await queue.get()
-                yield output
-                if output.finished:
-                    return
+                yield await queue.get()
         finally:
-            self.streams.pop(request.request_id, None)
+            self._subscribers.remove(queue)
 
     async def abort(self, request_id: str) -> bool:
         output = self.scheduler.abort(request_id)
         if output is None:
             return False
         self._deliver(output)
+        self._flush()
         return True
 
     async def loads(self) -> LoadReport:
@@ -112,6 +118,7 @@ class Coordinator:
                 plans = self.scheduler.schedule() if len(in_flight) < MAX_STEPS_IN_FLIGHT else None
                 for output in self.scheduler.take_finished_outputs():
                     self._deliver(output)
+                self._flush()
                 if plans is not None:
                     futures = [w.execute.remote(p) for w, p in zip(self.workers, plans.plans, strict=True)]
                     in_flight.append((plans, futures))
@@ -120,6 +127,7 @@ class Coordinator:
                 if in_flight:
                     done, futures = in_flight.popleft()
                     self._process(done, await asyncio.gather(*futures))
+                    self._flush()
                 elif not self.scheduler.has_work():
                     self._wake.clear()
                     await self._wake.wait()
@@ -133,6 +141,7 @@ class Coordinator:
                 if output is not None:
                     self._deliver(RequestOutput(output.request_id, (), output.num_prompt_tokens,
                                                 output.num_output_tokens, FinishReason.ERROR, error=self._failure))
+            self._flush()
 
     def _process(self, plans: StepPlans, results: list[WorkerResult]) -> None:
         for result in results:
@@ -152,6 +161,11 @@ class Coordinator:
         self.worker_seconds.append(max(r.seconds for r in results))
 
     def _deliver(self, output: RequestOutput) -> None:
-        queue = self.streams.get(output.request_id)
-        if queue is not None:
-            queue.put_nowait(output)
+        self._outbox.append(output)
+
+    def _flush(self) -> None:
+        """The outputs gathered since the last flush, as one batch to every subscriber."""
+        if self._outbox:
+            for queue in self._subscribers:
+                queue.put_nowait(self._outbox)
+            self._outbox = []

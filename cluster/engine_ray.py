@@ -3,6 +3,7 @@ what the gRPC server calls."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.placement import ExpertPlacement
-from dsv4.wire.request import GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput
 
 
 @dataclass
@@ -46,22 +47,66 @@ def _unwrap(error: RayTaskError) -> Exception:
 
 
 class RayEngineClient:
+    """The server's side of the coordinator: one subscription to its per-step output batches, fanned out to a
+    queue per request stream (no Ray object per token). If the subscription breaks (the coordinator died), every
+    open stream ends with an ERROR output naming the cause, and the next request subscribes again."""
+
     def __init__(self, coordinator: ray.actor.ActorHandle, model_info: ModelInfo):
         self._coordinator = coordinator
         self._info = model_info
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._fan_out: asyncio.Task | None = None
+        self._subscribed: asyncio.Future | None = None
 
     def model_info(self) -> ModelInfo:
         return self._info
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        if request.request_id in self._streams:
+            raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        await self._subscribe()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request.request_id] = queue           # before submitting: no output can be missed
         try:
-            async for ref in self._coordinator.generate.remote(request):
-                yield await ref
-        except RayTaskError as e:
-            cause = _unwrap(e)
-            if isinstance(cause, InvalidRequest):
-                raise cause from None
-            raise
+            try:
+                await self._coordinator.submit.remote(request)
+            except RayTaskError as e:
+                cause = _unwrap(e)
+                if isinstance(cause, InvalidRequest):
+                    raise cause from None
+                raise
+            while True:
+                output = await queue.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+
+    async def _subscribe(self) -> None:
+        if self._fan_out is None or self._fan_out.done():
+            loop = asyncio.get_running_loop()
+            self._subscribed = loop.create_future()
+            self._fan_out = loop.create_task(self._run_fan_out(self._subscribed))
+        await asyncio.shield(self._subscribed)
+
+    async def _run_fan_out(self, subscribed: asyncio.Future) -> None:
+        try:
+            async for ref in self._coordinator.output_batches.remote():
+                batch = await ref
+                if not subscribed.done():
+                    subscribed.set_result(None)
+                for output in batch:
+                    queue = self._streams.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output)
+            raise RuntimeError("the coordinator's output stream ended")
+        except Exception as e:                     # the coordinator died: end every open stream, loudly
+            if not subscribed.done():
+                subscribed.set_exception(e)
+            error = f"{type(e).__name__}: {e}"
+            for request_id, queue in list(self._streams.items()):
+                queue.put_nowait(RequestOutput(request_id, (), 0, 0, FinishReason.ERROR, error=error))
 
     async def abort(self, request_id: str) -> bool:
         return await self._coordinator.abort.remote(request_id)

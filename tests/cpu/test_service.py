@@ -166,3 +166,30 @@ def test_fast_numerics_serve_over_two_workers(fast_stub, tiny_model):
     loads = fast_stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
     assert all(w.num_running_requests == 0 and w.free_blocks == w.total_blocks for w in loads.workers)
     assert sum(loads.expert_token_counts) % (4 * 6) == 0
+
+
+def test_outputs_come_back_one_batch_per_step(ray_service):
+    """The coordinator streams one list of outputs per step to its subscribers, not a Ray object per token per
+    request: four concurrent requests of 12 tokens come back in about 12 batches, not 48 objects."""
+    import ray
+
+    from dsv4.wire.request import GenerateRequest, SamplingParams
+
+    coordinator = ray_service.coordinator
+    batches = coordinator.output_batches.remote()
+    assert ray.get(next(batches)) == []                       # subscribed: nothing submitted from here is missed
+    ids = [f"batched-{i}" for i in range(4)]
+    for i, rid in enumerate(ids):
+        ray.get(coordinator.submit.remote(GenerateRequest(rid, tuple(range(2, 10 + i)), SamplingParams(
+            max_tokens=12, temperature=0.0, ignore_eos=True))))
+    finished, per_request, seen = set(), {rid: 0 for rid in ids}, []
+    while finished != set(ids):
+        batch = [o for o in ray.get(next(batches)) if o.request_id in per_request]
+        seen.append({o.request_id for o in batch})
+        for o in batch:
+            per_request[o.request_id] += len(o.new_token_ids)
+            if o.finished:
+                finished.add(o.request_id)
+    ray.cancel(batches)                                       # unsubscribe (the generator's finally runs)
+    assert per_request == {rid: 12 for rid in ids}
+    assert len(seen) <= 16 and max(len(s) for s in seen) == 4, seen
