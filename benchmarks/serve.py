@@ -2,10 +2,16 @@
 
 1. Correctness: greedy completions streamed from the service (N workers, expert-parallel all-to-all) equal the
    single-process model's greedy decode, token for token.
-2. Timing: tokens/s at concurrency 1 and 16 (prompt + output tokens), time to first token, time per output token.
+2. Timing, in the anchors' protocol (SGLang's and vLLM's serving benchmarks): random token prompts of
+   --prompt-len, --max-tokens outputs each (ignore_eos), at each --concurrency level a pool of that many clients
+   runs --prompts-per-level x concurrency requests. Per level: TTFT and TPOT P50 / mean / P99, output and total
+   tokens/s (and per GPU), and the engine's own step time beside the interval between step completions, so the
+   control plane's cost is visible (`GetLoads` gauges over the level's last 100 steps).
 
     python benchmarks/serve.py --preset small --device cuda --workers 2 --out results/
-Writes serve-<device>-<date>.json / .md and the server log into --out.
+    python benchmarks/serve.py --preset small --device cuda --workers 1 --numerics fast --prompt-len 8192 \
+        --max-tokens 1024 --concurrency 1,16,64,256 --prompts-per-level 2 --out results/   # the anchors' table
+Writes serve-<device>-<preset>-<date>.json / .md and the server log into --out.
 """
 
 from __future__ import annotations
@@ -65,18 +71,34 @@ def stream(stub, prompt: list[int], max_tokens: int, **params) -> dict:
     return {"ids": ids, "ttft": (first or end) - start, "total": end - start}
 
 
-def timing(stub, prompts: list[list[int]], max_tokens: int) -> dict:
+def percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"p50": at(0.5), "mean": sum(ordered) / len(ordered), "p99": at(0.99)}
+
+
+def timing(stub, prompts: list[list[int]], max_tokens: int, concurrency: int, num_gpus: int) -> dict:
+    """Run every prompt with `concurrency` clients at a time; latency percentiles and throughput."""
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         runs = list(pool.map(lambda p: stream(stub, p, max_tokens, temperature=0.0), prompts))
     wall = time.perf_counter() - start
     outputs = sum(len(r["ids"]) for r in runs)
-    tpot = [(r["total"] - r["ttft"]) / max(len(r["ids"]) - 1, 1) for r in runs]
-    return {"concurrency": len(prompts), "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": outputs,
-            "wall_s": round(wall, 3), "output_tokens_per_s": round(outputs / wall, 2),
-            "total_tokens_per_s": round((outputs + sum(len(p) for p in prompts)) / wall, 2),
-            "mean_ttft_s": round(sum(r["ttft"] for r in runs) / len(runs), 4),
-            "mean_tpot_ms": round(1000 * sum(tpot) / len(tpot), 2)}
+    total = outputs + sum(len(p) for p in prompts)
+    ttft = percentiles([1000 * r["ttft"] for r in runs])
+    tpot = percentiles([1000 * (r["total"] - r["ttft"]) / max(len(r["ids"]) - 1, 1) for r in runs])
+    gauges = dict(stub.GetLoads(pb.GetLoadsRequest(), timeout=30).extra)
+    interval, worker = gauges.get("mean_step_interval_seconds", 0.0), gauges.get("mean_worker_seconds", 0.0)
+    return {"concurrency": concurrency, "requests": len(prompts), "prompt_tokens": sum(len(p) for p in prompts),
+            "output_tokens": outputs, "wall_s": round(wall, 3), "output_tokens_per_s": round(outputs / wall, 2),
+            "total_tokens_per_s": round(total / wall, 2),
+            "total_tokens_per_s_per_gpu": round(total / wall / num_gpus, 2),
+            "ttft_ms": {k: round(v, 2) for k, v in ttft.items()}, "tpot_ms": {k: round(v, 3) for k, v in tpot.items()},
+            "step_interval_ms": round(1000 * interval, 3), "worker_step_ms": round(1000 * worker, 3),
+            "control_plane_share": round((interval - worker) / interval, 3) if interval else None}
 
 
 def main() -> int:
@@ -89,6 +111,9 @@ def main() -> int:
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts, one level each")
+    parser.add_argument("--prompts-per-level", type=int, default=1,
+                        help="requests per level = this x the concurrency (at least 1)")
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--commit", default=os.environ.get("DSV4_COMMIT", "unknown"))
     parser.add_argument("--out", type=Path, required=True)
@@ -113,8 +138,13 @@ def main() -> int:
             expected = [greedy_generate(single, p, 32, numerics) for p in checks]
             equal = [a == b for a, b in zip(served, expected, strict=True)]
             del single
-            prompts16 = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(16)]
-            runs = [timing(stub, prompts16[:1], args.max_tokens), timing(stub, prompts16, args.max_tokens)]
+            num_gpus = args.workers if args.device == "cuda" else 1
+            runs = []
+            for level in (int(c) for c in args.concurrency.split(",")):
+                prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist()
+                           for _ in range(max(1, args.prompts_per_level) * level)]
+                runs.append(timing(stub, prompts, args.max_tokens, level, num_gpus))
+                print(json.dumps(runs[-1]), flush=True)
             loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=30)
     finally:
         server.terminate()
@@ -128,16 +158,20 @@ def main() -> int:
               "expert_token_counts_sum": sum(loads.expert_token_counts), "engine_gauges": dict(loads.extra)}
     stem = f"serve-{args.device}-{args.preset}-{date}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(f"| {r['concurrency']} | {r['prompt_tokens']} | {r['output_tokens']} | {r['wall_s']} | "
-                     f"{r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['mean_ttft_s']} | "
-                     f"{r['mean_tpot_ms']} |" for r in runs)
+    rows = "\n".join(f"| {r['concurrency']} | {r['requests']} | {r['wall_s']} | {r['output_tokens_per_s']} | "
+                     f"{r['total_tokens_per_s_per_gpu']} | {r['ttft_ms']['p50']} / {r['ttft_ms']['mean']} / "
+                     f"{r['ttft_ms']['p99']} | {r['tpot_ms']['p50']} / {r['tpot_ms']['mean']} / "
+                     f"{r['tpot_ms']['p99']} | "
+                     f"{r['worker_step_ms']} / {r['step_interval_ms']} | {r['control_plane_share']} |" for r in runs)
     (args.out / f"{stem}.md").write_text(
         f"# dsv4 serve, {args.preset} preset, {args.workers} {args.device} workers\n\n"
         f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, commit {args.commit}, {date}, "
         f"{args.numerics} numerics.\n\nGreedy outputs streamed from the service (CUDA kernels where the device has "
         f"them) equal the single-process model's on the PyTorch reference path: {equal}.\n\n"
-        f"| concurrency | prompt tokens | output tokens | wall s | output tok/s | "
-        f"total tok/s | mean TTFT s | mean TPOT ms |\n|---|---|---|---|---|---|---|---|\n{rows}\n\n"
+        f"Prompts of {args.prompt_len} random tokens, {args.max_tokens} outputs each (ignore_eos).\n\n"
+        f"| concurrency | requests | wall s | output tok/s | total tok/s/GPU | TTFT ms P50 / mean / P99 | "
+        f"TPOT ms P50 / mean / P99 | worker step / step interval ms | control-plane share |\n"
+        f"|---|---|---|---|---|---|---|---|---|\n{rows}\n\n"
         f"Engine gauges (last 100 steps): {dict(loads.extra)}\n")
     print((args.out / f"{stem}.md").read_text())
     return 0 if all(equal) else 1
