@@ -6,10 +6,11 @@ strings, abort-on-cancel and engine-error handling behave the same on every API.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from dsv4.cluster.engine_client import EngineClient
@@ -40,10 +41,16 @@ class GenerationService:
         return time.time() - self.start_time
 
     def prompt_token_ids(self, text: str | None, token_ids: Sequence[int] | None) -> tuple[int, ...]:
-        """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given."""
+        """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given. A text longer
+        than the context's tokens can come from is rejected before it is tokenized (servicers call this off the
+        event loop: `build_off_loop`)."""
         if text is not None:
             if not text:
                 raise InvalidRequest("prompt.text", "must not be empty")
+            per_token = self.tokenizer.max_chars_per_token
+            if per_token is not None and len(text) > per_token * self.model_info.max_model_len:
+                raise InvalidRequest("prompt.text", f"{len(text)} characters cannot fit the context of "
+                                                    f"{self.model_info.max_model_len} tokens")
             return tuple(self.tokenizer.encode(text))
         if token_ids is None:
             raise InvalidRequest("prompt", "set either text or token ids")
@@ -59,6 +66,11 @@ class GenerationService:
                                   SamplingParams(max_tokens=max_tokens, **sampling))
         request.validate(self.model_info.vocab_size, self.model_info.max_model_len)
         return request
+
+    async def build_off_loop(self, build: Callable[..., GenerateRequest], *args: Any) -> GenerateRequest:
+        """Run a servicer's request builder (tokenization included) in a worker thread, so a long text never
+        stalls the event loop's other streams and health checks."""
+        return await asyncio.to_thread(build, self, *args)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
         """Run `request` on the engine: text deltas, then exactly one `TextFinal`.

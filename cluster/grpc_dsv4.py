@@ -101,7 +101,7 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
         # Written with context.write rather than as an async generator: a cancelled call then raises
         # CancelledError right here, and `aclosing` aborts the engine request at once.
         try:
-            gen_request = request_from_proto(self._service, request)
+            gen_request = await self._service.build_off_loop(request_from_proto, request)
             async with contextlib.aclosing(self._service.stream(gen_request)) as events:
                 async for event in events:
                     await context.write(response_from_event(gen_request.request_id, event))

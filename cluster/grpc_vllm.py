@@ -135,7 +135,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
 
     async def Generate(self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
-            gen_request = request_from_proto(self._service, request)
+            gen_request = await self._service.build_off_loop(request_from_proto, request)
             num_logprobs = gen_request.sampling.logprobs
             async with contextlib.aclosing(self._service.stream(gen_request)) as events:
                 async for event in events:

@@ -8,6 +8,7 @@ taken back from a stream.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,17 @@ class ModelTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of text one token can stand for, where that is a bound: a byte-level BPE without a
+        normalizer maps every byte to a byte of some token, and a character is at least one byte, so a text of
+        more than this many characters per token of context cannot fit. None for other tokenizers (an unknown-word
+        token or a normalizer can stand for any length)."""
+        tok = self._tokenizer
+        if type(tok.decoder).__name__ != "ByteLevel" or tok.normalizer is not None:
+            return None
+        return max(len(piece) for piece in tok.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, BOS first (DeepSeek prepends it; a text that already starts with it keeps one)."""

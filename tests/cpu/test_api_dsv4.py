@@ -236,6 +236,22 @@ def test_every_bad_request_is_invalid_argument_naming_the_field(stub, tokenizer,
         check_stream(generate(stub, text=PROMPT, sampling_params=greedy(2)), tokenizer)  # still serving
 
 
+def test_a_text_longer_than_the_context_can_hold_is_rejected_before_tokenizing(stub, tokenizer,  # noqa: F811
+                                                                               model_info) -> None:
+    """More characters than max_context_length tokens of the byte-level tokenizer can stand for: INVALID_ARGUMENT
+    naming prompt.text at once (no tokenization), and the server keeps serving."""
+    import time
+
+    text = "a" * (tokenizer.max_chars_per_token * model_info.max_context_length + 1)
+    start = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, text=text, sampling_params=greedy(2))
+    assert time.perf_counter() - start < 1.0
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("prompt.text:") and "cannot fit" in info.value.details()
+    check_stream(generate(stub, text=PROMPT, sampling_params=greedy(2)), tokenizer)
+
+
 def test_a_running_request_id_cannot_be_reused(stub, tokenizer) -> None:  # noqa: F811
     call = stub.Generate(pb.GenerateRequest(request_id="dup", text=PROMPT,
                                             sampling_params=pb.SamplingParams(ignore_eos=True)), timeout=TIMEOUT_S)
