@@ -22,6 +22,7 @@ from dsv4.wire.request import GenerateRequest, InvalidRequest, SamplingParams
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 1 << 24  # SamplingParams.validate's upper bound
+MAX_ABORT_IDS = 1024
 
 
 class GenerationService:
@@ -114,7 +115,10 @@ class GenerationService:
             yield event
 
     async def abort(self, request_ids: Sequence[str]) -> list[str]:
-        """Cancel requests; returns the ids the engine was running. Unknown ids are ignored."""
+        """Cancel requests; returns the ids the engine was running. Unknown ids are ignored; more than
+        MAX_ABORT_IDS in one call is an InvalidRequest (each is a round trip to the coordinator)."""
+        if len(request_ids) > MAX_ABORT_IDS:
+            raise InvalidRequest("request_ids", f"at most {MAX_ABORT_IDS} ids per Abort, got {len(request_ids)}")
         return [request_id for request_id in request_ids if await self.engine.abort(request_id)]
 
     async def _abort_quietly(self, request_id: str) -> None:

@@ -110,7 +110,10 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
 
     async def Abort(self, request: dsv4_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> dsv4_pb2.AbortResponse:
-        return dsv4_pb2.AbortResponse(aborted_ids=await self._service.abort(list(request.request_ids)))
+        try:
+            return dsv4_pb2.AbortResponse(aborted_ids=await self._service.abort(list(request.request_ids)))
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def GetModelInfo(self, request: dsv4_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> dsv4_pb2.GetModelInfoResponse:

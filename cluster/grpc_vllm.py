@@ -156,7 +156,10 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
 
     async def Abort(self, request: vllm_engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> vllm_engine_pb2.AbortResponse:
-        await self._service.abort(list(request.request_ids))
+        try:
+            await self._service.abort(list(request.request_ids))
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return vllm_engine_pb2.AbortResponse()
 
     async def GetModelInfo(self, request: vllm_engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_WATCH_INTERVAL_S = 1.0
-# Long prompts as packed token ids exceed gRPC's 4 MiB default (a 1M-token prompt is up to 5 MB).
-MAX_MESSAGE_BYTES = 64 << 20
+# Long prompts as packed token ids exceed gRPC's 4 MiB default (a 1M-token prompt is up to 5 MB); beyond 8 MiB a
+# message is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
+MAX_MESSAGE_BYTES = 8 << 20
 
 
 class EngineHealthServicer(health_pb2_grpc.HealthServicer):

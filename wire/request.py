@@ -48,6 +48,11 @@ class SamplingParams:
 
     MAX_TEMPERATURE = 100.0
     MAX_LOGPROBS = 20                  # OpenAI's cap on top_logprobs (and vLLM's default max_logprobs)
+    # Size limits: every stop string is matched against each new token's text, every stop id against each token,
+    # so unbounded lists cost every step of the request (and travel with it to the coordinator).
+    MAX_STOP_STRINGS = 32
+    MAX_STOP_CHARS = 1024              # per stop string
+    MAX_STOP_TOKEN_IDS = 256
 
     def validate(self, vocab_size: int) -> None:
         if not 1 <= self.max_tokens <= 1 << 24:
@@ -64,6 +69,12 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequest("sampling_params.min_tokens",
                                  f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest("sampling_params.stop_token_ids",
+                                 f"at most {self.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        if len(self.stop) > self.MAX_STOP_STRINGS:
+            raise InvalidRequest("sampling_params.stop",
+                                 f"at most {self.MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequest("sampling_params.stop_token_ids",
@@ -71,6 +82,9 @@ class SamplingParams:
         for text in self.stop:
             if not text:
                 raise InvalidRequest("sampling_params.stop", "stop strings must not be empty")
+            if len(text) > self.MAX_STOP_CHARS:
+                raise InvalidRequest("sampling_params.stop",
+                                     f"stop strings have at most {self.MAX_STOP_CHARS} characters, got {len(text)}")
         max_logprobs = min(self.MAX_LOGPROBS, vocab_size)
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise InvalidRequest("sampling_params.logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs}")
@@ -86,9 +100,13 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
+    MAX_ID_CHARS = 256                 # the id is echoed in every response and travels with every plan
+
     def validate(self, vocab_size: int, max_model_len: int) -> None:
         if not self.request_id:
             raise InvalidRequest("request_id", "must not be empty")
+        if len(self.request_id) > self.MAX_ID_CHARS:
+            raise InvalidRequest("request_id", f"at most {self.MAX_ID_CHARS} characters, got {len(self.request_id)}")
         if not self.prompt_token_ids:
             raise InvalidRequest("prompt", "must not be empty")
         for token_id in self.prompt_token_ids:

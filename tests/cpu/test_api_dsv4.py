@@ -130,6 +130,12 @@ def test_abort_mid_stream_ends_the_stream_and_frees_the_request(stub, tokenizer)
     assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT_S).active_requests == 0
 
 
+def test_abort_lists_are_bounded(stub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Abort(pb.AbortRequest(request_ids=[f"r{i}" for i in range(1025)]), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("request_ids:")
+
+
 def test_abort_of_unknown_ids_is_not_an_error(stub) -> None:
     assert list(stub.Abort(pb.AbortRequest(request_ids=["no-such-request", ""]), timeout=TIMEOUT_S).aborted_ids) == []
 
@@ -169,6 +175,10 @@ def _bad_requests(vocab: int, context: int) -> list[tuple[str, dict]]:
         ("sampling_params.min_tokens", {**ok, "sampling_params": pb.SamplingParams(min_tokens=-1)}),
         ("sampling_params.stop_token_ids", {**ok, "sampling_params": pb.SamplingParams(stop_token_ids=[vocab])}),
         ("sampling_params.stop", {**ok, "sampling_params": pb.SamplingParams(stop=[""])}),
+        ("sampling_params.stop", {**ok, "sampling_params": pb.SamplingParams(stop=["x"] * 33)}),
+        ("sampling_params.stop", {**ok, "sampling_params": pb.SamplingParams(stop=["x" * 1025])}),
+        ("sampling_params.stop_token_ids", {**ok, "sampling_params": pb.SamplingParams(stop_token_ids=[3] * 257)}),
+        ("request_id", {**ok, "request_id": "r" * 257}),
         ("sampling_params.logprobs", {**ok, "sampling_params": pb.SamplingParams(logprobs=-1)}),
         ("sampling_params.logprobs", {**ok, "sampling_params": pb.SamplingParams(logprobs=21)}),
     ]
