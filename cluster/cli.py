@@ -60,7 +60,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     workers = args.workers if args.workers is not None else (gpus if device == "cuda" else 2)
     model_dir = args.model or str(ensure_default_model())
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_prefill_chunk=args.max_prefill_chunk)
+                                max_prefill_chunk=args.max_prefill_chunk, max_waiting=args.max_waiting_requests)
     numerics = args.numerics or default_numerics(device)
     return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=numerics, device=device,
                        kv_cache_bytes=kv_cache_bytes(args.kv_cache_gib, device),
@@ -136,6 +136,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per worker per step")
     p.add_argument("--max-prefill-chunk", type=int, default=defaults.max_prefill_chunk,
                    help="prompt tokens of one request per step")
+    p.add_argument("--max-waiting-requests", type=int, default=defaults.max_waiting,
+                   help="requests queued for admission; beyond it new ones get RESOURCE_EXHAUSTED")
     p.add_argument("--seed", type=int, default=0, help="base seed for requests that bring none")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (fast numerics capture decode graphs)")
 

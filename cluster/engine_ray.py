@@ -17,7 +17,7 @@ from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.placement import ExpertPlacement
-from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, RequestOutput
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RayEngineClient:
                 await self._coordinator.submit.remote(request)
             except RayTaskError as e:
                 cause = _unwrap(e)
-                if isinstance(cause, InvalidRequest):
+                if isinstance(cause, (InvalidRequest, EngineOverloaded)):
                     raise cause from None
                 raise
             while True:

@@ -17,7 +17,7 @@ from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.text_stream import StreamEvent, TextStream
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.model_info import ModelInfo
-from dsv4.wire.request import GenerateRequest, InvalidRequest, SamplingParams
+from dsv4.wire.request import EngineOverloaded, GenerateRequest, InvalidRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ class GenerationService:
                 if engine_done:
                     return
             final_events = text.on_error("the engine stream ended without a finished output")
-        except InvalidRequest as exc:
-            if not started:  # rejected up front: the servicer answers INVALID_ARGUMENT
+        except (InvalidRequest, EngineOverloaded) as exc:
+            if not started:  # rejected up front: INVALID_ARGUMENT / RESOURCE_EXHAUSTED from the servicer
                 raise
             final_events = text.on_error(str(exc))
         except Exception as exc:  # the engine failed: the client gets an error result, the server keeps going

@@ -22,7 +22,7 @@ from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb
 
 from dsv4.cluster.generation_service import GenerationService
 from dsv4.cluster.text_stream import TextDelta, TextFinal
-from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
+from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 
@@ -148,6 +148,8 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                         await context.write(_complete(event, num_logprobs))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineOverloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     async def HealthCheck(self, request: vllm_engine_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
                           ) -> vllm_engine_pb2.HealthCheckResponse:

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from dsv4.cache.manager import KVCacheManager
 from dsv4.wire.config import SchedulerConfig
 from dsv4.wire.messages import NewRequest, ScheduledChunk, WorkerPlan
-from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
+from dsv4.wire.request import (
+    EngineOverloaded,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequest,
+    RequestOutput,
+    TokenLogprobs,
+)
 
 
 class Status(enum.Enum):
@@ -95,6 +102,9 @@ class Scheduler:
     def add(self, request: GenerateRequest, seed: int) -> None:
         if request.request_id in self.requests:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        if self._num_queued >= self.config.max_waiting:
+            raise EngineOverloaded(f"{self._num_queued} requests are waiting for admission (the limit, "
+                                   "scheduler.max_waiting); retry later")
         # A prompt must fit one worker's cache; outputs beyond what fits end with "length" when it is full.
         capacity = max(m.num_total_blocks for m in self.managers) * self.managers[0].block_size
         if len(request.prompt_token_ids) >= capacity:

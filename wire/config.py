@@ -20,6 +20,7 @@ class SchedulerConfig:
     max_num_seqs: int = 32                 # running sequences per worker (its cache slots)
     max_num_batched_tokens: int = 512      # tokens per worker per step (prefill chunks + decode tokens)
     max_prefill_chunk: int = 256           # tokens of one prompt per step (chunked prefill)
+    max_waiting: int = 4096                # requests queued for admission; beyond it new ones are refused
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -23,6 +23,10 @@ class InvalidRequest(ValueError):
         return InvalidRequest, (self.field, self.message)
 
 
+class EngineOverloaded(RuntimeError):
+    """The engine's waiting queue is full: retry later (the servicers answer RESOURCE_EXHAUSTED)."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"      # an EOS / stop token id, or a stop string matched by the server
     LENGTH = "length"  # max_tokens reached, or the context is full

@@ -34,7 +34,14 @@ from dsv4.cluster.server import build_server
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.tokenizer_file import write_tokenizer_files
 from dsv4.wire.model_info import ModelInfo
-from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, RequestOutput, TokenLogprobs
+from dsv4.wire.request import (
+    EngineOverloaded,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequest,
+    RequestOutput,
+    TokenLogprobs,
+)
 
 VOCAB_SIZE = 512
 MAX_MODEL_LEN = 256
@@ -58,7 +65,7 @@ class FakeEngine:
 
     def __init__(self, tokenizer: ModelTokenizer, *, model_path: str = "", max_model_len: int = MAX_MODEL_LEN,
                  step_delay_s: float = 0.002, script: Sequence[int] = (), fail_after_tokens: int | None = None,
-                 num_workers: int = 2):
+                 num_workers: int = 2, max_running: int | None = None):
         self._vocab_size = tokenizer.vocab_size
         self._max_model_len = max_model_len
         self._model_path = model_path or str(tokenizer.path)
@@ -66,6 +73,7 @@ class FakeEngine:
         self._script = tuple(script)          # emitted first, in order, whatever the prompt
         self._fail_after = fail_after_tokens  # raise RuntimeError after this many tokens
         self._num_workers = num_workers
+        self._max_running = max_running       # refuse more concurrent requests (EngineOverloaded), like a full queue
         # Generated tokens decode to printable ASCII, so every text is easy to read in a failing test.
         self._printable_ids = [i for i in range(self._vocab_size)
                                if (text := tokenizer.decode([i])) and text.isascii() and text.isprintable()]
@@ -99,6 +107,8 @@ class FakeEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if request.request_id in self._running:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        if self._max_running is not None and len(self._running) >= self._max_running:
+            raise EngineOverloaded(f"{len(self._running)} requests are running (the stand-in's limit)")
         state = _Running(request, zlib.crc32(request.request_id.encode()) % self._num_workers)
         self._running[request.request_id] = state
         # The request runs on its own, like in a real engine: a consumer that goes away frees nothing.

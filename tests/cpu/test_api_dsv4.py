@@ -130,6 +130,23 @@ def test_abort_mid_stream_ends_the_stream_and_frees_the_request(stub, tokenizer)
     assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT_S).active_requests == 0
 
 
+def test_a_full_engine_answers_resource_exhausted(tokenizer) -> None:  # noqa: F811
+    """Builds its own stand-in engine that takes one request at a time: the second is refused with
+    RESOURCE_EXHAUSTED (retryable), and the first still completes."""
+    server = ServerThread(FakeEngine(tokenizer, max_running=1, step_delay_s=0.02), tokenizer).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = dsv4_pb2_grpc.Dsv4EngineStub(channel)
+            first = stub.Generate(pb.GenerateRequest(text=PROMPT, sampling_params=greedy(8)), timeout=TIMEOUT_S)
+            _first_chunk(first)
+            with pytest.raises(grpc.RpcError) as info:
+                generate(stub, text=PROMPT, sampling_params=greedy(2))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+            assert list(first)[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        server.stop()
+
+
 def test_abort_lists_are_bounded(stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.Abort(pb.AbortRequest(request_ids=[f"r{i}" for i in range(1025)]), timeout=TIMEOUT_S)

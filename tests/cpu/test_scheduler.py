@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -14,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from dsv4.cache.manager import KVCacheManager
 from dsv4.cluster.scheduler import Scheduler, Status
 from dsv4.wire.config import SchedulerConfig
-from dsv4.wire.request import FinishReason, GenerateRequest, SamplingParams
+from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, SamplingParams
 
 EOS = 0
 BLOCK = 16
@@ -179,6 +180,17 @@ def test_abort_of_waiting_and_running_requests():
     assert sched.abort("a") is None and sched.abort("unknown") is None
     driver.drain()
     assert sched.requests == {} and not sched.has_work() and sched.managers[0].num_free_blocks == 64
+
+
+def test_a_full_waiting_queue_refuses_new_requests():
+    sched = make(num_slots=1, max_waiting=2)
+    sched.add(request("a", 4), seed=1)
+    sched.add(request("b", 4), seed=1)
+    with pytest.raises(EngineOverloaded, match="max_waiting"):
+        sched.add(request("c", 4), seed=1)
+    Driver(sched).plan()                                       # a admitted: one place in the queue again
+    sched.add(request("c", 4), seed=1)
+    assert sched.num_waiting == 2
 
 
 def test_requests_spread_over_workers_by_headroom():
