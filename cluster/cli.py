@@ -85,10 +85,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = serve_config(args)
+    tokenizer = ModelTokenizer.from_dir(config.model_dir)     # before the workers: a bad file fails at once
     print(f"dsv4: starting {config.num_workers} {config.device} workers for {config.model_dir}", file=sys.stderr,
           flush=True)
     engine = start_engine(config)
-    tokenizer = ModelTokenizer.from_dir(config.model_dir)
     print(f"dsv4: serving {engine.info.served_model_name} on {config.host}:{config.port} "
           f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
     asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port))
@@ -107,10 +107,10 @@ def _batch(args: argparse.Namespace) -> int:
     config = serve_config(args)
     print(f"dsv4: {len(prompts)} prompts from {args.input}; starting {config.num_workers} {config.device} workers "
           f"for {config.model_dir}", file=sys.stderr, flush=True)
+    tokenizer = ModelTokenizer.from_dir(config.model_dir)     # before the workers: a bad file fails at once
     engine = start_engine(config)
-    summary = asyncio.run(run_batch_file(RayEngineClient(engine.coordinator, engine.info),
-                                         ModelTokenizer.from_dir(config.model_dir), prompts, args.output,
-                                         args.max_concurrency, args.input))
+    summary = asyncio.run(run_batch_file(RayEngineClient(engine.coordinator, engine.info), tokenizer, prompts,
+                                         args.output, args.max_concurrency, args.input))
     print(f"dsv4: wrote {summary.num_requests} completions ({summary.num_output_tokens} tokens) to {args.output}; "
           f"{summary.num_failed} failed", file=sys.stderr, flush=True)
     return 1 if summary.num_failed else 0

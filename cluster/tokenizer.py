@@ -47,10 +47,21 @@ class ModelTokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelTokenizer:
+        """Raises FileNotFoundError / ValueError naming the file: the CLI loads this before any weight, so a
+        missing or corrupt tokenizer fails in a second rather than after the whole model has loaded."""
         model_dir = Path(model_dir)
-        tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (the server tokenizes text prompts with it)")
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:       # the Rust library raises plain Exception on a malformed file
+            raise ValueError(f"{path}: not a tokenizers file ({e})") from None
         config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
         return cls(tokenizer, config, model_dir)
 
     def _id_of(self, token: str | None) -> int | None:

@@ -159,3 +159,28 @@ def test_missing_logprobs_are_an_engine_error(tokenizer: ModelTokenizer) -> None
     stream = TextStream(tokenizer, GenerateRequest("r", (0, 5), SamplingParams(logprobs=2)))
     with pytest.raises(RuntimeError, match="0 log-probabilities for 2 tokens"):
         stream.on_output(RequestOutput("r", (7, 8), 2, 2))
+
+
+def test_a_missing_or_corrupt_tokenizer_is_named(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        ModelTokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        ModelTokenizer.from_dir(tmp_path)
+
+
+def test_serve_fails_at_once_on_a_model_without_a_tokenizer(tmp_path, tiny_checkpoint) -> None:
+    """`dsv4 serve` checks the tokenizer before it starts a worker or loads a weight."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    (model / "tokenizer.json").unlink()
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "dsv4.cluster.cli", "serve", "--model", str(model), "--device",
+                          "cpu", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "tokenizer.json" in run.stderr, run.stderr[-2000:]
+    assert "starting" not in run.stderr and time.perf_counter() - start < 60
