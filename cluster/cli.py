@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine = start_engine(config)
     print(f"dsv4: serving {engine.info.served_model_name} on {config.host}:{config.port} "
           f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
-    asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port))
+    asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port,
+                              api_key=args.api_key or None))
     return 0
 
 
@@ -148,6 +150,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
+    p.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
+                   help="require 'authorization: Bearer <key>' on every call but health checks "
+                        "(default: $DSV4_API_KEY; unset: no key)")
     p.set_defaults(handler=_serve)
 
 
@@ -183,12 +188,22 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference service")
+    parser.add_argument("--version", action="version", version=f"dsv4 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
     _add_batch(sub)
     _add_checkpoint(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("dsv4")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

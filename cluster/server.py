@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from dsv4.cluster import grpc_dsv4, grpc_vllm
+from dsv4.cluster.auth import ApiKeyInterceptor
 from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.generation_service import GenerationService
 from dsv4.cluster.tokenizer import ModelTokenizer
@@ -74,28 +75,32 @@ def _address(host: str, port: int) -> str:
 
 
 def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1",
-                 port: int = 50051) -> grpc.aio.Server:
+                 port: int = 50051, api_key: str | None = None) -> grpc.aio.Server:
     """A server with every service registered and `host:port` bound; `await server.start()` to serve.
 
-    Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on.
+    Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on. With `api_key`,
+    every call but health checks needs `authorization: Bearer <api_key>` metadata (`auth.ApiKeyInterceptor`).
     """
     service = GenerationService(engine, tokenizer)
     names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     dsv4_pb2_grpc.add_Dsv4EngineServicer_to_server(grpc_dsv4.Dsv4EngineServicer(service, names), server)
     vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(grpc_vllm.VllmEngineServicer(service), server)
     health_pb2_grpc.add_HealthServicer_to_server(EngineHealthServicer(engine, names[:2]), server)
     reflection.enable_server_reflection(names, server)
     bound_port = server.add_insecure_port(_address(host, port))
-    logger.info("dsv4 gRPC server bound to %s (%s)", _address(host, bound_port), ", ".join(names))
+    logger.info("dsv4 gRPC server bound to %s (%s)%s", _address(host, bound_port), ", ".join(names),
+                "" if api_key is None else ", API key required")
     return server
 
 
 async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "0.0.0.0", port: int = 50051,
-                        grace_s: float = 5.0) -> None:
+                        grace_s: float = 5.0, api_key: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation), then stop, giving open streams `grace_s` to finish."""
-    server = build_server(engine, tokenizer, host, port)
+    server = build_server(engine, tokenizer, host, port, api_key)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

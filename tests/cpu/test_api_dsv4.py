@@ -147,6 +147,38 @@ def test_a_full_engine_answers_resource_exhausted(tokenizer) -> None:  # noqa: F
         server.stop()
 
 
+def test_an_api_key_is_required_on_every_call_but_health(tokenizer) -> None:  # noqa: F811
+    """Builds its own server with --api-key: no key or a wrong one is UNAUTHENTICATED on unary and streaming calls
+    of both protos; the key works; health checks need none."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from smg_grpc_proto.generated import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+    server = ServerThread(FakeEngine(tokenizer), tokenizer, api_key="s3cret").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = dsv4_pb2_grpc.Dsv4EngineStub(channel)
+            vllm = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+            calls = (lambda md: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT_S, metadata=md),
+                     lambda md: list(stub.Generate(pb.GenerateRequest(text=PROMPT, sampling_params=greedy(2)),
+                                                   timeout=TIMEOUT_S, metadata=md)),
+                     lambda md: vllm.GetModelInfo(vllm_engine_pb2.GetModelInfoRequest(), timeout=TIMEOUT_S,
+                                                  metadata=md))
+            for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as info:
+                        call(metadata)
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (metadata, info.value)
+            key = (("authorization", "Bearer s3cret"),)
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT_S, metadata=key).vocab_size > 0
+            responses = list(stub.Generate(pb.GenerateRequest(text=PROMPT, sampling_params=greedy(2)),
+                                           timeout=TIMEOUT_S, metadata=key))
+            check_stream(responses, tokenizer)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
 def test_abort_lists_are_bounded(stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.Abort(pb.AbortRequest(request_ids=[f"r{i}" for i in range(1025)]), timeout=TIMEOUT_S)
