@@ -89,8 +89,16 @@ def test_a_file_skips_blank_lines_and_rejects_repeated_ids(tmp_path):
         read_prompts(path)
 
 
-def test_the_example_job_prompts_parse():
-    assert len(read_prompts(EXAMPLE_PROMPTS)) >= 2
+def test_the_example_job_prompts_parse_and_fit_the_default_model(tiny_checkpoint):
+    """Every line of the shipped example is valid for the default (tiny) model: vocabulary and context."""
+    from dsv4.cluster.batch import build_requests
+    from dsv4.cluster.generation_service import GenerationService
+    from dsv4.cluster.tokenizer import ModelTokenizer
+
+    prompts = read_prompts(EXAMPLE_PROMPTS)
+    assert len(prompts) >= 2
+    default = ModelTokenizer.from_dir(tiny_checkpoint)
+    assert len(build_requests(GenerationService(FakeEngine(default), default), prompts)) == len(prompts)
 
 
 def test_batch_takes_the_engine_options_of_serve():
