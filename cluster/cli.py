@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsv4.cluster.metrics import DEFAULT_PORT as METRICS_PORT
 from dsv4.wire.config import DEFAULT_PORT, NUMERICS, SchedulerConfig, ServeConfig, default_numerics
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"dsv4: serving {engine.info.served_model_name} on {config.host}:{config.port} "
           f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
     asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port,
-                              api_key=args.api_key or None))
+                              api_key=args.api_key or None, metrics_port=args.metrics_port))
     return 0
 
 
@@ -150,6 +151,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
+    p.add_argument("--metrics-port", type=int, default=METRICS_PORT,
+                   help=f"Prometheus /metrics port (default {METRICS_PORT}; 0: off)")
     p.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
                    help="require 'authorization: Bearer <key>' on every call but health checks "
                         "(default: $DSV4_API_KEY; unset: no key)")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from dsv4.cluster.engine_client import EngineClient
+from dsv4.cluster.metrics import ServerMetrics
 from dsv4.cluster.text_stream import StreamEvent, TextStream
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.model_info import ModelInfo
@@ -26,9 +27,10 @@ MAX_ABORT_IDS = 1024
 
 
 class GenerationService:
-    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer):
+    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.metrics = metrics      # request latencies and token counts, observed on every stream
         self.model_info: ModelInfo = engine.model_info()
         self.start_time = time.time()
         self._active: set[str] = set()  # ids of requests streaming through this server
@@ -83,6 +85,7 @@ class GenerationService:
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         self._active.add(request.request_id)
+        timer = self.metrics.request() if self.metrics is not None else None
         text = TextStream(self.tokenizer, request)
         outputs = self.engine.generate(request)
         engine_done = False  # the engine finished the request, or we aborted it after a stop string
@@ -95,6 +98,8 @@ class GenerationService:
                     await self._abort_quietly(request.request_id)
                 engine_done = output.finished or text.stop_matched
                 for event in events:
+                    if timer is not None:
+                        timer.on_event(event)
                     yield event
                 if engine_done:
                     return
@@ -112,6 +117,8 @@ class GenerationService:
                 await self._abort_quietly(request.request_id)
             await _close(outputs)
         for event in final_events:
+            if timer is not None:
+                timer.on_event(event)
             yield event
 
     async def abort(self, request_ids: Sequence[str]) -> list[str]:

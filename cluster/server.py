@@ -23,6 +23,7 @@ from dsv4.cluster import grpc_dsv4, grpc_vllm
 from dsv4.cluster.auth import ApiKeyInterceptor
 from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.generation_service import GenerationService
+from dsv4.cluster.metrics import ServerMetrics
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.protos import dsv4_pb2_grpc
 
@@ -75,13 +76,14 @@ def _address(host: str, port: int) -> str:
 
 
 def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1",
-                 port: int = 50051, api_key: str | None = None) -> grpc.aio.Server:
+                 port: int = 50051, api_key: str | None = None, metrics: ServerMetrics | None = None
+                 ) -> grpc.aio.Server:
     """A server with every service registered and `host:port` bound; `await server.start()` to serve.
 
     Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on. With `api_key`,
     every call but health checks needs `authorization: Bearer <api_key>` metadata (`auth.ApiKeyInterceptor`).
     """
-    service = GenerationService(engine, tokenizer)
+    service = GenerationService(engine, tokenizer, metrics)
     names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
     interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
     server = grpc.aio.server(interceptors=interceptors,
@@ -98,10 +100,21 @@ def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "1
 
 
 async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "0.0.0.0", port: int = 50051,
-                        grace_s: float = 5.0, api_key: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation), then stop, giving open streams `grace_s` to finish."""
-    server = build_server(engine, tokenizer, host, port, api_key)
+                        grace_s: float = 5.0, api_key: str | None = None, metrics_port: int = 0) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation), then stop, giving open streams `grace_s` to finish.
+    metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
+    metrics = ServerMetrics(engine.model_info().served_model_name) if metrics_port else None
+    server = build_server(engine, tokenizer, host, port, api_key, metrics)
     await server.start()
+    poller = http = None
+    if metrics is not None:
+        try:
+            http = metrics.serve_http(metrics_port, host)
+        except OSError as e:          # e.g. a second server on this machine: serve on, without metrics
+            logger.warning("dsv4 metrics off: port %d: %s (pass --metrics-port)", metrics_port, e)
+        else:
+            logger.info("dsv4 metrics at http://%s/metrics", _address(host, metrics_port))
+            poller = asyncio.get_running_loop().create_task(poll_loads(engine, metrics))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled = []
@@ -116,4 +129,17 @@ async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: s
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
+        if poller is not None:
+            poller.cancel()
+            http.shutdown()
         await server.stop(grace_s)
+
+
+async def poll_loads(engine: EngineClient, metrics: ServerMetrics, interval_s: float = 1.0) -> None:
+    """The engine gauges from the coordinator's load report, once per interval (a failed poll is skipped)."""
+    while True:
+        try:
+            metrics.observe_loads(await engine.loads())
+        except Exception:
+            logger.debug("load poll failed", exc_info=True)
+        await asyncio.sleep(interval_s)

@@ -252,8 +252,9 @@ class EventLoopThread:
 class ServerThread:
     """`build_server` on its own event loop, so tests can use plain blocking gRPC clients."""
 
-    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, api_key: str | None = None):
-        self._engine, self._tokenizer, self._api_key = engine, tokenizer, api_key
+    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, api_key: str | None = None,
+                 metrics=None):
+        self._engine, self._tokenizer, self._api_key, self._metrics = engine, tokenizer, api_key, metrics
         self._loop: EventLoopThread | None = None
         self._server: grpc.aio.Server | None = None
         self.address = ""
@@ -262,7 +263,8 @@ class ServerThread:
         port = free_port()
 
         async def start() -> None:
-            self._server = build_server(self._engine, self._tokenizer, "127.0.0.1", port, self._api_key)
+            self._server = build_server(self._engine, self._tokenizer, "127.0.0.1", port, self._api_key,
+                                        self._metrics)
             await self._server.start()
 
         self._loop = EventLoopThread()

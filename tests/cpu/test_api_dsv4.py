@@ -7,6 +7,8 @@ and say so.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +179,52 @@ def test_an_api_key_is_required_on_every_call_but_health(tokenizer) -> None:  # 
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop()
+
+
+def test_metrics_agree_with_what_the_clients_saw(tokenizer) -> None:  # noqa: F811
+    """Builds its own server with metrics: after 6 concurrent streams the token counters equal the streamed
+    tokens exactly, each latency histogram counted every request (TTFT, e2e) or every later token (ITL), and the
+    `/metrics` endpoint serves the same text; the engine gauges come from a load report."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dsv4.cluster.metrics import ServerMetrics
+    from dsv4.cluster.server import poll_loads
+
+    engine = FakeEngine(tokenizer)
+    metrics = ServerMetrics("dsv4-fake")
+    server = ServerThread(engine, tokenizer, metrics=metrics).start()
+    http = metrics.serve_http(0, "127.0.0.1")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = dsv4_pb2_grpc.Dsv4EngineStub(channel)
+            with ThreadPoolExecutor(6) as pool:
+                completes = list(pool.map(lambda n: check_stream(generate(stub, text=PROMPT * n,
+                                                                          sampling_params=greedy(3 + n)), tokenizer),
+                                          range(1, 7)))
+        report = asyncio.run(engine.loads())
+        with contextlib.suppress(TimeoutError):                # the feeder of serve_forever, a few rounds
+            asyncio.run(asyncio.wait_for(poll_loads(engine, metrics, interval_s=0.01), 0.05))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{http.server_port}/metrics", timeout=10).read().decode()
+    finally:
+        http.shutdown()
+        server.stop()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body) for s in family.samples}
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted({"model_name": "dsv4-fake", **labels}.items())))]
+
+    outputs = sum(c.completion_tokens for c in completes)
+    assert value("dsv4:generation_tokens_total") == outputs
+    assert value("dsv4:prompt_tokens_total") == sum(c.prompt_tokens for c in completes)
+    assert value("dsv4:request_success_total", finished_reason="length") == 6
+    assert value("dsv4:time_to_first_token_seconds_count") == 6 == value("dsv4:e2e_request_latency_seconds_count")
+    assert value("dsv4:inter_token_latency_seconds_count") == outputs - 6
+    assert value("dsv4:num_requests_running") == report.num_running_requests
+    used = sum(w.total_blocks - w.free_blocks for w in report.workers)
+    assert value("dsv4:kv_cache_usage_perc") == used / sum(w.total_blocks for w in report.workers)
 
 
 def test_abort_lists_are_bounded(stub) -> None:
