@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dsv4.cluster.server import serve_forever
     from dsv4.cluster.tokenizer import ModelTokenizer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = serve_config(args)
     tokenizer = ModelTokenizer.from_dir(config.model_dir)     # before the workers: a bad file fails at once
     print(f"dsv4: starting {config.num_workers} {config.device} workers for {config.model_dir}", file=sys.stderr,
@@ -103,7 +103,7 @@ def _batch(args: argparse.Namespace) -> int:
     from dsv4.cluster.engine_ray import RayEngineClient
     from dsv4.cluster.tokenizer import ModelTokenizer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = read_prompts(args.input)  # a bad line fails here, before any worker starts
     if not Path(args.output).resolve().parent.is_dir():
         raise FileNotFoundError(f"--output {args.output}: the directory does not exist")
@@ -122,6 +122,8 @@ def _batch(args: argparse.Namespace) -> int:
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     """What starts an engine: shared by `serve` and `batch`, resolved by `serve_config`."""
     defaults = SchedulerConfig()
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="of the server's log (info: one line per finished request)")
     p.add_argument("--model", help="checkpoint directory (default: a tiny synthetic model, created on first run)")
     p.add_argument("--workers", type=int, help="worker actors (default: one per GPU, or 2 on CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

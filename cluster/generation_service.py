@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from dsv4.cluster.engine_client import EngineClient
-from dsv4.cluster.metrics import ServerMetrics
+from dsv4.cluster.metrics import RequestTimer, ServerMetrics
 from dsv4.cluster.text_stream import StreamEvent, TextStream
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.model_info import ModelInfo
@@ -85,7 +85,7 @@ class GenerationService:
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         self._active.add(request.request_id)
-        timer = self.metrics.request() if self.metrics is not None else None
+        timer = RequestTimer(self.metrics, request.request_id)
         text = TextStream(self.tokenizer, request)
         outputs = self.engine.generate(request)
         engine_done = False  # the engine finished the request, or we aborted it after a stop string
@@ -98,8 +98,7 @@ class GenerationService:
                     await self._abort_quietly(request.request_id)
                 engine_done = output.finished or text.stop_matched
                 for event in events:
-                    if timer is not None:
-                        timer.on_event(event)
+                    timer.on_event(event)
                     yield event
                 if engine_done:
                     return
@@ -117,8 +116,7 @@ class GenerationService:
                 await self._abort_quietly(request.request_id)
             await _close(outputs)
         for event in final_events:
-            if timer is not None:
-                timer.on_event(event)
+            timer.on_event(event)
             yield event
 
     async def abort(self, request_ids: Sequence[str]) -> list[str]:

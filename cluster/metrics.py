@@ -10,11 +10,13 @@ interval and the workers' own step time) are refreshed from the coordinator's `G
 
 from __future__ import annotations
 
+import logging
 import time
 
 from dsv4.cluster.engine_client import LoadReport
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 
+request_log = logging.getLogger("dsv4.requests")
 DEFAULT_PORT = 9464          # the OpenTelemetry Prometheus exporter's port; the gRPC API keeps 50051
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)
@@ -47,9 +49,6 @@ class ServerMetrics:
         self.e2e = Histogram("dsv4:e2e_request_latency_seconds", "End-to-end request latency", m,
                              buckets=LATENCY_BUCKETS, registry=r)
 
-    def request(self) -> RequestTimer:
-        return RequestTimer(self)
-
     def observe_loads(self, report: LoadReport) -> None:
         name = self.model_name
         self.running.labels(name).set(report.num_running_requests)
@@ -72,27 +71,39 @@ class ServerMetrics:
 
 
 class RequestTimer:
-    """One request's latencies, fed the stream's events in order."""
+    """One request's latencies, fed the stream's events in order: observed into the metrics (if any), and one
+    INFO line per finished request on the `dsv4.requests` logger (id, reason, tokens, TTFT, TPOT, end to end)."""
 
-    def __init__(self, metrics: ServerMetrics):
-        self._m = metrics
+    def __init__(self, metrics: ServerMetrics | None, request_id: str):
+        self._m, self._request_id = metrics, request_id
         self._start = self._last = time.perf_counter()
-        self._first = True
+        self._first_at: float | None = None
+        self._num_tokens = 0
 
     def on_event(self, event: StreamEvent) -> None:
-        now, name = time.perf_counter(), self._m.model_name
+        now, m = time.perf_counter(), self._m
         if isinstance(event, TextDelta) and event.token_ids:
-            if self._first:
-                self._m.ttft.labels(name).observe(now - self._start)
-                self._first = False
-                gaps = len(event.token_ids) - 1           # the rest of a first delta came with it
-            else:
-                gaps = len(event.token_ids)
-            for _ in range(gaps):
-                self._m.itl.labels(name).observe((now - self._last) / len(event.token_ids))
-            self._m.generation_tokens.labels(name).inc(len(event.token_ids))
+            n = len(event.token_ids)
+            gaps = n if self._first_at is not None else n - 1     # the rest of a first delta came with it
+            if m is not None:
+                name = m.model_name
+                if self._first_at is None:
+                    m.ttft.labels(name).observe(now - self._start)
+                for _ in range(gaps):
+                    m.itl.labels(name).observe((now - self._last) / n)
+                m.generation_tokens.labels(name).inc(n)
+            if self._first_at is None:
+                self._first_at = now
+            self._num_tokens += n
             self._last = now
         elif isinstance(event, TextFinal):
-            self._m.e2e.labels(name).observe(now - self._start)
-            self._m.prompt_tokens.labels(name).inc(event.num_prompt_tokens)
-            self._m.request_success.labels(name, event.finish_reason.value).inc()
+            if m is not None:
+                m.e2e.labels(m.model_name).observe(now - self._start)
+                m.prompt_tokens.labels(m.model_name).inc(event.num_prompt_tokens)
+                m.request_success.labels(m.model_name, event.finish_reason.value).inc()
+            ttft = (self._first_at or now) - self._start
+            tpot = (self._last - self._first_at) / (self._num_tokens - 1) if self._num_tokens > 1 else 0.0
+            request_log.info("request %s finished: %s, %d prompt + %d output tokens, TTFT %.1f ms, TPOT %.2f ms, "
+                             "e2e %.1f ms%s", self._request_id, event.finish_reason.value, event.num_prompt_tokens,
+                             len(event.output_ids), 1e3 * ttft, 1e3 * tpot, 1e3 * (now - self._start),
+                             f", error: {event.error}" if event.error else "")

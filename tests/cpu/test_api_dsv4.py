@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -225,6 +226,15 @@ def test_metrics_agree_with_what_the_clients_saw(tokenizer) -> None:  # noqa: F8
     assert value("dsv4:num_requests_running") == report.num_running_requests
     used = sum(w.total_blocks - w.free_blocks for w in report.workers)
     assert value("dsv4:kv_cache_usage_perc") == used / sum(w.total_blocks for w in report.workers)
+
+
+def test_each_finished_request_logs_one_line(stub, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="dsv4.requests"):
+        responses = generate(stub, request_id="logged-1", text=PROMPT, sampling_params=greedy(3))
+    lines = [r.getMessage() for r in caplog.records if "logged-1" in r.getMessage()]
+    complete = responses[-1].complete
+    assert len(lines) == 1 and lines[0].startswith("request logged-1 finished: length, "), lines
+    assert f"{complete.prompt_tokens} prompt + 3 output tokens, TTFT " in lines[0] and "TPOT" in lines[0]
 
 
 def test_abort_lists_are_bounded(stub) -> None:
