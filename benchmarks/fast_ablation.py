@@ -56,38 +56,21 @@ class OnHost:
             return method
 
         def call(*args, **kwargs):
-            written: list[tuple[torch.Tensor, torch.Tensor]] = []
-            memo: dict[int, object] = {}
-            host_args = [self._host(a, written, memo) for a in args]
-            host_kwargs = {k: self._host(v, written, memo) for k, v in kwargs.items()}
-            out = method(*host_args, **host_kwargs)
-            for device_t, host_t in written:
+            copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}     # id -> (device tensor, host copy)
+
+            def tensor(t: torch.Tensor) -> torch.Tensor:
+                if not t.is_cuda:
+                    return t
+                if id(t) not in copies:        # a tensor passed twice is copied once
+                    copies[id(t)] = (t, t.cpu().clone())
+                return copies[id(t)][1]
+
+            out = method(*_to_host(args, tensor, self._module), **_to_host(kwargs, tensor, self._module))
+            for device_t, host_t in copies.values():       # the in-place stores back to the device
                 device_t.copy_(host_t)
             return _to_device(out)
 
         return call
-
-    def _host(self, obj, written, memo):
-        if id(obj) in memo:
-            return memo[id(obj)]
-        if isinstance(obj, torch.Tensor):
-            host = obj.cpu().clone() if obj.is_cuda else obj
-            if obj.is_cuda:
-                written.append((obj, host))
-        elif isinstance(obj, torch.nn.Module):
-            host = self._module(obj)
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            values = {f.name: self._host(getattr(obj, f.name), written, memo) for f in dataclasses.fields(obj)}
-            host = dataclasses.replace(obj, **{k: v for k, v in values.items()
-                                              if any(f.name == k and f.init for f in dataclasses.fields(obj))})
-        elif isinstance(obj, dict):
-            host = {k: self._host(v, written, memo) for k, v in obj.items()}
-        elif isinstance(obj, (list, tuple)):
-            host = type(obj)(self._host(v, written, memo) for v in obj)
-        else:
-            host = obj
-        memo[id(obj)] = host
-        return host
 
     def _module(self, module: torch.nn.Module):
         if id(module) not in self.modules:
@@ -95,15 +78,25 @@ class OnHost:
         return self.modules[id(module)]
 
 
-def _weights_on_host(obj):
+def _to_host(obj, tensor, module):
+    """obj with its tensors replaced by tensor(t) and its modules by module(m), through dataclasses (their init
+    fields), dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, tuple):
-        return tuple(_weights_on_host(v) for v in obj)
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(obj, **{f.name: _weights_on_host(getattr(obj, f.name))
+        return tensor(obj)
+    if isinstance(obj, torch.nn.Module):
+        return module(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _to_host(getattr(obj, f.name), tensor, module)
                                            for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, dict):
+        return {k: _to_host(v, tensor, module) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v, tensor, module) for v in obj)
     return obj
+
+
+def _weights_on_host(obj):
+    return _to_host(obj, torch.Tensor.cpu, _module_proxy)
 
 
 def _module_proxy(module: torch.nn.Module):

@@ -127,21 +127,31 @@ def dispatch_case(num_tokens: int) -> Case:
                 lambda: moe.dispatch_pairs(pair_expert, E, bm), check, pair_expert.numel() * 8, "-")
 
 
-def shared_case(num_tokens: int) -> Case:
-    """The shared expert (FP8, 4096 -> 2048 -> 4096) as one expert of the fused pipeline, every token weight 1."""
-    g = gen(7)
-
+def fp8_shared_expert(g: torch.Generator) -> moe.ExpertWeights:
+    """The shared expert (FP8, 4096 -> 2048 -> 4096) as one stacked expert."""
     def one(n: int, k: int):
         w = torch.randn(n, k, generator=g, device=DEV).mul(32).clamp(-448, 448).to(torch.float8_e4m3fn)
         return w, torch.randint(112, 118, (n // 128, k // 128), generator=g, device=DEV,
                                 dtype=torch.uint8).view(torch.float8_e8m0fnu)
 
-    ex = moe.stack_experts([(*one(INTER, D), *one(INTER, D), *one(D, INTER))], "fp8")
+    return moe.stack_experts([(*one(INTER, D), *one(INTER, D), *one(D, INTER))], "fp8")
+
+
+def shared_inputs(num_tokens: int):
+    """(experts, x, pair_row, pair_expert, pair_weight, bytes moved) of the shared-expert cases: every token is a
+    pair of the one expert, weight 1."""
+    g = gen(7)
+    ex = fp8_shared_expert(g)
     x = torch.randn(num_tokens, D, generator=g, device=DEV).bfloat16()
     pair_row = torch.arange(num_tokens, device=DEV)
     pair_expert = torch.zeros(num_tokens, dtype=torch.int32, device=DEV)
     pair_weight = torch.ones(num_tokens, device=DEV)
-    moved = expert_bytes(ex) + num_tokens * D * 4
+    return ex, x, pair_row, pair_expert, pair_weight, expert_bytes(ex) + num_tokens * D * 4
+
+
+def shared_case(num_tokens: int) -> Case:
+    """The shared expert as one expert of the fused grouped pipeline."""
+    ex, x, pair_row, pair_expert, pair_weight, moved = shared_inputs(num_tokens)
     floor_us = moved / HBM_BPS * 1e6
 
     def run():
@@ -155,28 +165,18 @@ def shared_case(num_tokens: int) -> Case:
 
 
 def shared_linear_case(num_tokens: int) -> Case:
-    """The shared expert as two FP8 linears (the decode swap-AB kernel) around a torch SwiGLU, for comparison."""
+    """The shared expert as the engine runs it (`moe.shared_expert_forward`: two FP8 linears around the fused
+    SwiGLU), beside the grouped-pipeline case."""
     from dsv4.kernels.fast import linear
 
-    g = gen(7)
-
-    def one(n: int, k: int):
-        w = torch.randn(n, k, generator=g, device=DEV).mul(32).clamp(-448, 448).to(torch.float8_e4m3fn)
-        return w, torch.randint(112, 118, (n // 128, k // 128), generator=g, device=DEV,
-                                dtype=torch.uint8).view(torch.float8_e8m0fnu)
-
-    ex = moe.stack_experts([(*one(INTER, D), *one(INTER, D), *one(D, INTER))], "fp8")
+    ex, x, pair_row, pair_expert, pair_weight, moved = shared_inputs(num_tokens)
     w13, w2 = linear.prepare_fp8(ex.w13[0], ex.s13[0]), linear.prepare_fp8(ex.w2[0], ex.s2[0])
-    x = torch.randn(num_tokens, D, generator=g, device=DEV).bfloat16()
-    moved = expert_bytes(ex) + num_tokens * D * 4
 
     def run():
-        gu = linear.fp8_linear(x, w13).float()
-        h = torch.nn.functional.silu(gu[:, :INTER].clamp(max=LIMIT)) * gu[:, INTER:].clamp(-LIMIT, LIMIT)
-        return linear.fp8_linear(h.bfloat16(), w2)
+        return moe.shared_expert_forward(x, w13, w2, LIMIT)
 
-    return Case("fast shared expert as 2 FP8 linears + SwiGLU", f"T={num_tokens}", run, lambda: None, lambda: "-",
-                moved, "-")
+    return Case("fast shared_expert_forward (2 FP8 linears + SwiGLU)", f"T={num_tokens}", run, lambda: None,
+                lambda: accuracy(run(), x, pair_row, pair_expert, pair_weight, ex), moved, "-")
 
 
 def cases() -> list[Case]:

@@ -21,15 +21,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
                                                              Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method or ""
-        if method.startswith(HEALTH_PREFIX):
-            return await continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
-            return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if handler is None or (handler_call_details.method or "").startswith(HEALTH_PREFIX) or \
+                hmac.compare_digest(given.encode(), self._expected):
+            return handler
         return _denied_like(handler, "missing or wrong API key: send 'authorization: Bearer <key>' metadata")
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsv4.cluster import package_version
 from dsv4.cluster.metrics import DEFAULT_PORT as METRICS_PORT
 from dsv4.wire.config import DEFAULT_PORT, NUMERICS, SchedulerConfig, ServeConfig, default_numerics
 
@@ -193,22 +194,13 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference service")
-    parser.add_argument("--version", action="version", version=f"dsv4 {_version()}")
+    parser.add_argument("--version", action="version", version=f"dsv4 {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
     _add_batch(sub)
     _add_checkpoint(sub)
     return parser
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("dsv4")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

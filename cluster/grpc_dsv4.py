@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from importlib import metadata
 
 import grpc
 
+from dsv4.cluster import package_version
 from dsv4.cluster.engine_client import LoadReport
 from dsv4.cluster.generation_service import GenerationService
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
@@ -124,7 +124,7 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
     async def GetServerInfo(self, request: dsv4_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
                             ) -> dsv4_pb2.GetServerInfoResponse:
         return dsv4_pb2.GetServerInfoResponse(
-            server_version=_package_version(), uptime_seconds=self._service.uptime_seconds,
+            server_version=package_version(), uptime_seconds=self._service.uptime_seconds,
             active_requests=self._service.num_active, services=self._hosted_services,
             numerics=self._service.model_info.numerics, kv_cache_tokens=self._service.model_info.kv_cache_tokens,
             max_running_requests=self._service.model_info.max_running_requests)
@@ -132,10 +132,3 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
     async def GetLoads(self, request: dsv4_pb2.GetLoadsRequest, context: grpc.aio.ServicerContext
                        ) -> dsv4_pb2.GetLoadsResponse:
         return loads_to_proto(await self._service.engine.loads())
-
-
-def _package_version() -> str:
-    try:
-        return metadata.version("dsv4")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -151,18 +151,17 @@ def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.T
         raise ValueError(f"pair arrays differ in shape: {tuple(pair_row.shape)}, {tuple(pair_expert.shape)}, "
                          f"{tuple(pair_weight.shape)}")
     x = x.to(torch.bfloat16).contiguous()
-    block_m = block_m_for(pair_expert.shape[0], experts.num_experts)
-    if x.is_cuda:
-        from dsv4.kernels.fast import _moe_cuda, _moe_triton
+    num_pairs, num_experts = pair_expert.shape[0], experts.num_experts
+    if not x.is_cuda:
+        return _twin_expert_forward(x, pair_row, pair_expert, pair_weight.float(), experts, swiglu_limit,
+                                    block_m_for(num_pairs, num_experts))
+    from dsv4.kernels.fast import _moe_cuda, _moe_triton
 
-        decode_m = decode_block_m(pair_expert.shape[0], experts.num_experts)
-        if decode_kernel and _moe_cuda.supports(experts, decode_m):
-            return _moe_cuda.expert_forward(x, pair_row, pair_expert.to(torch.int32), pair_weight.float(), experts,
-                                            swiglu_limit, decode_m)
-
-        return _moe_triton.expert_forward(x, pair_row, pair_expert.to(torch.int32), pair_weight.float(), experts,
-                                          swiglu_limit, block_m=block_m)
-    return _twin_expert_forward(x, pair_row, pair_expert, pair_weight.float(), experts, swiglu_limit, block_m)
+    args = (x, pair_row, pair_expert.to(torch.int32), pair_weight.float(), experts, swiglu_limit)
+    decode_m = decode_block_m(num_pairs, num_experts)
+    if decode_kernel and _moe_cuda.supports(experts, decode_m):
+        return _moe_cuda.expert_forward(*args, decode_m)
+    return _moe_triton.expert_forward(*args, block_m=block_m_for(num_pairs, num_experts))
 
 
 def block_m_for(num_pairs: int, num_experts: int) -> int:
