@@ -124,7 +124,7 @@ def _to_device(obj):
 @contextlib.contextmanager
 def variant(name: str):
     """Precision variants of the GPU kernels, all families on the GPU (patches undone on exit)."""
-    from dsv4.kernels.fast import _linear_triton, _moe_triton
+    from dsv4.kernels.fast import _moe_triton
     from dsv4.kernels.fast import linear as fast_linear
 
     patches: list[tuple[object, str, object]] = []
@@ -135,8 +135,10 @@ def variant(name: str):
 
     if "no-cublas" in name:        # prefill-sized FP8 linears on the Triton kernel instead of cuBLAS's blockwise
         patch(fast_linear, "fp8_linear", functools.partial(fast_linear.fp8_linear, use_cublas=False))
+    if "acc32-linear" in name:     # FP8 linears on Triton (no cuBLAS), the MMA's sums promoted every 32 of K
+        patch(fast_linear, "fp8_linear", functools.partial(fast_linear.fp8_linear, use_cublas=False, acc_depth=32))
     if "bf16-mma-linear" in name:  # FP8 linears with both operands widened to bf16 (exact; fp32 accumulation)
-        patch(_linear_triton, "fp8_gemm", functools.partial(_linear_triton.fp8_gemm, mma_fp8=False))
+        patch(fast_linear, "fp8_linear", functools.partial(fast_linear.fp8_linear, mma_fp8=False))
     if "bf16-mma-experts" in name:
         patch(_moe_triton, "expert_forward", functools.partial(_moe_triton.expert_forward, mma_fp8=False))
     reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--ids-seed", type=int, default=9)
     parser.add_argument("--families", default=",".join(FAMILIES), help="families to ablate one at a time ('' = none)")
     parser.add_argument("--variants", default="", help="comma-separated precision variants ('+' joins patches): "
-                        "no-cublas, bf16-mma-linear, bf16-mma-experts, fp32-reduction")
+                        "no-cublas, acc32-linear, bf16-mma-linear, bf16-mma-experts, fp32-reduction")
     parser.add_argument("--device", default="cuda", help="cpu only checks this script's plumbing")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -177,8 +179,9 @@ def main() -> None:
         runs = [("all on the GPU", fast)]
         runs += [(f"{name} on its CPU twin", dataclasses.replace(fast, **{name: OnHost(getattr(fast, name))}))
                  for name in filter(None, args.families.split(","))]
-        runs.append(("all on the CPU twins", dataclasses.replace(
-            fast, **{name: OnHost(getattr(fast, name)) for name in FAMILIES})))
+        if args.families:
+            runs.append(("all on the CPU twins", dataclasses.replace(
+                fast, **{name: OnHost(getattr(fast, name)) for name in FAMILIES})))
         print(f"{args.preset} preset, {positions} positions, checkpoint seed {args.seed}: fast vs reference",
               flush=True)
         for label, numerics in runs:

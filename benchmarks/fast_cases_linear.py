@@ -55,23 +55,24 @@ def weight_bytes(n: int, k: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- cases
-def decode_case(name: str, n: int, k: int, m: int, mma_fp8: bool = True) -> Case:
+def decode_case(name: str, n: int, k: int, m: int, mma_fp8: bool = True, acc_depth: int | None = None) -> Case:
     w, s = fp8_weight(n, k, m)
     x = activations(m, k, m + 1)
     prepared = linear.prepare_fp8(w, s)
     moved = weight_bytes(n, k) + m * k * 2 + m * n * 2
     floor_us = moved / HBM_BPS * 1e6
     def run():
-        return linear.fp8_linear(x, prepared, mma_fp8=mma_fp8)
+        return linear.fp8_linear(x, prepared, mma_fp8=mma_fp8, acc_depth=acc_depth)
 
-    return Case(f"fast fp8_linear {name}{'' if mma_fp8 else ' (bf16 MMA)'}", f"M={m}, {n}x{k}", run,
+    variant = ("" if mma_fp8 else " (bf16 MMA)") + ("" if acc_depth is None else f" (acc depth {acc_depth})")
+    return Case(f"fast fp8_linear {name}{variant}", f"M={m}, {n}x{k}", run,
                 lambda: linear._twin_fp8_linear(x, w, s, True, torch.bfloat16),
                 lambda: accuracy(run(), x, w, s), moved,
                 f">= 60% floor graph ({(LAUNCH_GRAPH_US + floor_us) / 0.6:.1f} us)", None,
                 (LAUNCH_GRAPH_US + floor_us) / 0.6, ref_reps=3)
 
 
-def prefill_case(name: str, n: int, k: int, m: int, use_cublas: bool) -> Case:
+def prefill_case(name: str, n: int, k: int, m: int, use_cublas: bool, acc_depth: int = 0) -> Case:
     w, s = fp8_weight(n, k, m + 7)
     x = activations(m, k, m + 8)
     prepared = linear.prepare_fp8(w, s)
@@ -79,9 +80,10 @@ def prefill_case(name: str, n: int, k: int, m: int, use_cublas: bool) -> Case:
     target_us = flops / (0.5 * FP8_PEAK) * 1e6
 
     def run():
-        return linear.fp8_linear(x, prepared, prefill_threshold=1, use_cublas=use_cublas)
+        return linear.fp8_linear(x, prepared, prefill_threshold=1, use_cublas=use_cublas, acc_depth=acc_depth)
 
-    return Case(f"fast fp8_linear {name} prefill {'cuBLAS' if use_cublas else 'Triton'}",
+    path = "cuBLAS" if use_cublas else "Triton" + (f" acc depth {acc_depth}" if acc_depth else "")
+    return Case(f"fast fp8_linear {name} prefill {path}",
                 f"M={m}, {n}x{k}, {flops / 1e9:.0f} GFLOP", run,
                 lambda: linear._twin_fp8_linear(x, w, s, True, torch.bfloat16), lambda: accuracy(run(), x, w, s),
                 weight_bytes(n, k) + m * k * 2 + m * n * 2, f">= 50% FP8 peak ({target_us:.0f} us cold)",
@@ -148,10 +150,12 @@ def grouped_cases() -> list[Case]:
 def cases() -> list[Case]:
     out = [decode_case(name, n, k, m) for name, (n, k) in FLASH.items() for m in DECODE_M]
     out += [decode_case(name, *FLASH[name], m, mma_fp8=False) for name in ("wq_b", "wo_b", "wq_a") for m in (1, 64)]
+    out += [decode_case(name, *FLASH[name], m, acc_depth=0) for name in ("wq_b", "wo_b", "wq_a") for m in (1, 64)]
     out += grouped_cases()
     for name, m in PREFILL:
         n, k = FLASH[name]
         out += [prefill_case(name, n, k, m, use_cublas) for use_cublas in (False, True)]
+        out.append(prefill_case(name, n, k, m, False, acc_depth=32))
     return out + anchor_cases()
 
 

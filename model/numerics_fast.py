@@ -78,7 +78,7 @@ class FastLinear:
         """o [T, g, K] -> [T, g, R] bf16 (wo_a: no activation quantization, as the official bf16 einsum)."""
         o = o.to(ACT)
         if layer.fmt is WeightFormat.FP8:
-            return linear.grouped_fp8_linear(o, layer.weight, layer.scale, quant_act=False)
+            return linear.grouped_fp8_linear(o, _fp8(layer), quant_act=False)
         w = layer.weight.view(num_groups, -1, o.shape[-1])                                  # [g, R, K]
         return torch.bmm(o.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 
@@ -87,7 +87,8 @@ class FastLinear:
         return linear.fp32_linear(h.to(ACT), weight)
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Each FP8 linear's derived scale data, once (again only for a weight that changed)."""
+        """Each FP8 linear's derived scale data and split-K counters, once (again only for a weight that
+        changed)."""
         for module in model.modules():
             if isinstance(module, Linear) and module.fmt is WeightFormat.FP8 and module.weight.device.type != "meta":
                 _fp8(module)

@@ -3,9 +3,11 @@
 - `act_quant_fp8`: per-token 1x128 FP8 quantization (bit-exact with `quant.quantize_fp8_blocks`).
 - `fp8_gemm`: y = sum over 128-blocks of K of (x_q . W_q) * s_x * s_w with fp32 accumulation, for plain and grouped
   (wo_a) FP8 weights. One kernel for every M: the weight tile is the MMA's M side and the tokens its N side
-  (swap-AB), so decode batches of 1..64 tokens fill a tensor-core tile with weight rows; split-K (fp32 partials and
-  a deterministic reduce) when the output tiles alone are too few for the SMs. Decode quantizes the activation
-  tile in registers (fused); larger M quantizes once up front (`act_quant_fp8`) and reads FP8.
+  (swap-AB), so decode batches of 1..64 tokens fill a tensor-core tile with weight rows; split-K when the output
+  tiles alone are too few for the SMs: fp32 partials summed in split order (deterministic), by each tile's last
+  program to arrive (a self-resetting arrival counter: no reduce launch) for token tiles up to 16, else by
+  `_splitk_reduce_kernel`. Decode quantizes the activation tile in registers (fused); larger M quantizes once up
+  front (`act_quant_fp8`) and reads FP8.
 - `dequant_fp8`: a transient bf16 copy of an FP8 weight (the grouped linear's large-M cuBLAS path).
 
 Launch geometry comes from shapes only and nothing syncs with the host: CUDA-graph capturable.
@@ -23,6 +25,9 @@ import triton.language as tl
 QBLOCK = 128          # activation quantization block = weight scale block = the K step of every kernel here
 QB = tl.constexpr(QBLOCK)   # the same, as kernels see globals
 DECODE_MAX_M = 64     # up to this many tokens: activation quantization fused into the GEMM's operand load
+DECODE_ACC_DEPTH = 32  # FP8 MMA sums promoted into fp32 every 32 of K at decode sizes (H200: no slower there)
+FUSED_REDUCE_MAX_T = 16  # token tiles up to this wide reduce their split-K partials in the GEMM's last program
+#                          (at 64 tokens one program summing [64, 64] x splits partials is slower than a launch)
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -71,11 +76,12 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, stride_qm, stride_sm, s
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr,
-                     M, R, K, num_n_tiles, kb_per_split,
-                     stride_xm, stride_xg, stride_sxm, stride_sxk, stride_om, stride_os,
-                     X_FP8: tl.constexpr, QUANT_ACT: tl.constexpr, MMA_FP8: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+def _swap_ab_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, part_ptr, sem_ptr,
+                         M, R, K, num_n_tiles, kb_per_split, num_splits,
+                         stride_xm, stride_xg, stride_sxm, stride_sxk, stride_om,
+                         X_FP8: tl.constexpr, QUANT_ACT: tl.constexpr, MMA_FP8: tl.constexpr,
+                         ACC_DEPTH: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
     # Program (weight tile of group g, token tile, K split). acc[n, t] = sum_k W[g*R + n, k] x[t, g, k].
     pid_n, pid_t, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     group = pid_n // num_n_tiles
@@ -87,7 +93,7 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr,
     tok64 = tok.to(tl.int64)
     num_kb = K // QB
     cols = tl.arange(0, QB)
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]               # [BN, 128] fp8
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]               # [BN, 128] fp8 / bf16
     sw_ptrs = sw_ptr + (rows // QB) * num_kb                                  # [BN] e8m0 rows
     x_ptrs = x_ptr + tok64[:, None] * stride_xm + group * stride_xg + cols[None, :]   # [BT, 128]
     sx_ptrs = sx_ptr + tok64 * stride_sxm + group * num_kb * stride_sxk
@@ -105,17 +111,47 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr,
         else:           # W8A16: x as is
             xq = tl.load(x_ptrs + kb * QB, mask=tok_ok[:, None], other=0.0)
         # One 128-deep dot per block from a zero accumulator, promoted into fp32 with the scales: e4m3 x e4m3
-        # products are exact, and the FP8 MMA's reduced-precision accumulation never spans more than 128 of K.
+        # products are exact, and the FP8 MMA's reduced-precision accumulation never spans more than 128 of K
+        # (ACC_DEPTH > 0: no more than ACC_DEPTH, the MMA results added in fp32 inside the block).
         if MMA_FP8:
-            part = tl.dot(w, tl.trans(xq))
+            if ACC_DEPTH > 0:
+                part = tl.dot(w, tl.trans(xq), max_num_imprecise_acc=ACC_DEPTH)
+            else:
+                part = tl.dot(w, tl.trans(xq))
         else:           # e4m3 values are exact in bf16
             part = tl.dot(w.to(tl.bfloat16), tl.trans(xq.to(tl.bfloat16)))
         if QUANT_ACT:   # (the scales applied after the dot: no [BN, BT] scale tile live across it)
             acc += part * sw[:, None] * sx[None, :]
         else:
             acc += part * sw[:, None]
-    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + tok64[None, :] * stride_om + rows[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
+    out_ptrs = out_ptr + tok64[None, :] * stride_om + rows[:, None]
+    mask = row_ok[:, None] & tok_ok[None, :]
+    split_stride = M * stride_om
+    part_ptrs = part_ptr + tok64[None, :] * stride_om + rows[:, None]
+    if num_splits == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    elif not FUSED_REDUCE:      # fp32 partials [S, M, G*R] for `_splitk_reduce_kernel`
+        tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
+    else:
+        # The tile's last program to finish (a per-tile arrival counter, reset by that program for the next
+        # launch or graph replay) sums the partials in split order (deterministic) and stores the output.
+        tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
+        tl.debug_barrier()                  # every thread's partial stored before the release below
+        tile = pid_n * tl.num_programs(1) + pid_t
+        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            for s0 in range(0, num_splits, 4):      # 4 loads in flight per step, added in split order
+                p0 = tl.load(part_ptrs + s0 * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+                p1 = tl.load(part_ptrs + (s0 + 1) * split_stride, mask=mask & (s0 + 1 < num_splits), other=0.0,
+                             cache_modifier=".cg")
+                p2 = tl.load(part_ptrs + (s0 + 2) * split_stride, mask=mask & (s0 + 2 < num_splits), other=0.0,
+                             cache_modifier=".cg")
+                p3 = tl.load(part_ptrs + (s0 + 3) * split_stride, mask=mask & (s0 + 3 < num_splits), other=0.0,
+                             cache_modifier=".cg")
+                total = (((total + p0) + p1) + p2) + p3
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(sem_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -197,13 +233,19 @@ def act_quant_fp8(x: torch.Tensor, q: torch.Tensor | None = None, s: torch.Tenso
 
 
 def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, num_groups: int, quant_act: bool,
-             out_dtype: torch.dtype, num_splits: int | None = None, mma_fp8: bool = True) -> torch.Tensor:
+             out_dtype: torch.dtype, num_splits: int | None = None, mma_fp8: bool = True,
+             acc_depth: int | None = None, semaphores: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, G*K] bf16 (group g = columns g*K..(g+1)*K) with weight float8_e4m3fn [G*R, K] and scale
     float8_e8m0fnu/uint8 [ceil(G*R/128), K/128] -> [M, G*R] out_dtype: column g*R + n is x[:, g] . W[g*R + n].
 
     quant_act: the reference's per-128 FP8 activation quantization (else x enters as bf16, W8A16 on a bf16 MMA).
     mma_fp8: with quant_act, e4m3 x e4m3 tensor-core products (exact; fp32 promotion per 128) instead of both
-    operands widened to bf16 (also exact; bf16 MMA). num_splits forces the split-K count (tests)."""
+    operands widened to bf16 (also exact; bf16 MMA). acc_depth (FP8 MMA): 0 = each 128-deep block summed on the
+    MMA's own accumulator; 32 = promoted into fp32 every 32 of K (Triton's max_num_imprecise_acc), 2.7x closer to
+    the exact sums; None = 32 at decode sizes (as fast there, `DECODE_ACC_DEPTH`), 0 above (where it halves the
+    Triton kernel's throughput). num_splits forces the split-K count (tests). semaphores: int32 zeros, one per
+    output tile at least (`semaphores_for`), the fused split-K reduce's arrival counters, left at zero by every
+    launch (None: allocated for the call)."""
     m, gk = x.shape
     rows, k = weight.shape
     r = rows // num_groups
@@ -213,27 +255,40 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, num_gro
     if m == 0:
         return out
     plan = plan_gemm(m, num_groups, r, k, x.device, num_splits)
-    sw = scale.view(torch.uint8)
     prequant = quant_act and m > DECODE_MAX_M
+    if acc_depth is None:
+        acc_depth = 0 if prequant else DECODE_ACC_DEPTH
     if prequant:
         xq, sx = act_quant_fp8(x)
         x_arg, sx_arg, stride_xm, stride_sxm, stride_sxk = xq, sx, xq.stride(0), sx.stride(0), sx.stride(1)
     else:
         x_arg, sx_arg, stride_xm, stride_sxm, stride_sxk = x, x, x.stride(0), 0, 0
-    dest = out if plan.num_splits == 1 else torch.empty(plan.num_splits, m, rows, dtype=torch.float32,
-                                                        device=x.device)
     num_n_tiles = triton.cdiv(r, plan.block_n)
     grid = (num_groups * num_n_tiles, triton.cdiv(m, plan.block_t), plan.num_splits)
-    _fp8_gemm_kernel[grid](
-        x_arg, sx_arg, weight, sw, dest, m, r, k, num_n_tiles, plan.kb_per_split,
-        stride_xm, k, stride_sxm, stride_sxk, rows, m * rows,
-        X_FP8=prequant, QUANT_ACT=quant_act, MMA_FP8=mma_fp8 and quant_act,
-        BLOCK_N=plan.block_n, BLOCK_T=plan.block_t, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    part, sems = out, out
+    fused = plan.block_t <= FUSED_REDUCE_MAX_T
     if plan.num_splits > 1:
+        part = torch.empty(plan.num_splits, m, rows, dtype=torch.float32, device=x.device)
+        if fused:
+            sems = semaphores if semaphores is not None and semaphores.numel() >= grid[0] * grid[1] else \
+                torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+    _swap_ab_gemm_kernel[grid](
+        x_arg, sx_arg, weight, scale.view(torch.uint8), out, part, sems, m, r, k, num_n_tiles, plan.kb_per_split,
+        plan.num_splits, stride_xm, k, stride_sxm, stride_sxk, rows,
+        X_FP8=prequant, QUANT_ACT=quant_act, MMA_FP8=mma_fp8 and quant_act, ACC_DEPTH=acc_depth,
+        FUSED_REDUCE=fused, BLOCK_N=plan.block_n, BLOCK_T=plan.block_t, num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
+    if plan.num_splits > 1 and not fused:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * rows, block),)](dest, out, m * rows, plan.num_splits, BLOCK=block,
+        _splitk_reduce_kernel[(triton.cdiv(m * rows, block),)](part, out, m * rows, plan.num_splits, BLOCK=block,
                                                               num_warps=4)
     return out
+
+
+def semaphores_for(device: torch.device) -> torch.Tensor:
+    """Split-K arrival counters for one weight's launches: int32 zeros, enough for any automatic plan (split-K
+    only runs with fewer than 2 output tiles per SM)."""
+    return torch.zeros(max(2 * num_sms(device), 256), dtype=torch.int32, device=device)
 
 
 def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

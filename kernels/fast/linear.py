@@ -38,10 +38,12 @@ class Fp8Weight:
 
     weight: float8_e4m3fn [N, K]; scale: float8_e8m0fnu [ceil(N/128), K/128] (the checkpoint's tensors, not
     copies); mm_scale: fp32 [N/128, round_up(K/128, 4)], the scales as cuBLAS's 128x128 blockwise recipe reads
-    them (`mm_scale.t()` is scale_b of mat_b = W^T), or None (not CUDA, or N not a multiple of 128)."""
+    them (`mm_scale.t()` is scale_b of mat_b = W^T), or None (not CUDA, or N not a multiple of 128);
+    semaphores: the Triton kernel's split-K arrival counters for this weight (CUDA; zero between launches)."""
     weight: torch.Tensor
     scale: torch.Tensor
     mm_scale: torch.Tensor | None = None
+    semaphores: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -64,8 +66,17 @@ def prepare_fp8(weight: torch.Tensor, scale: torch.Tensor) -> Fp8Weight:
                                                                                     torch.uint8):
         raise ValueError(f"FP8 scale must be e8m0 [{-(-n // QBLOCK)}, {k // QBLOCK}], got {scale.dtype} "
                          f"{tuple(scale.shape)}")
-    mm_scale = _mm_scale(scale) if weight.is_cuda and n % QBLOCK == 0 else None
-    return Fp8Weight(weight, scale, mm_scale)
+    if not weight.is_cuda:
+        return Fp8Weight(weight, scale)
+    return Fp8Weight(weight, scale, _mm_scale(scale) if n % QBLOCK == 0 else None,
+                     split_k_semaphores(weight.device))
+
+
+def split_k_semaphores(device: torch.device) -> torch.Tensor:
+    """One weight's split-K arrival counters for the Triton GEMMs (int32 zeros, left at zero by every launch)."""
+    from dsv4.kernels.fast import _linear_triton
+
+    return _linear_triton.semaphores_for(device)
 
 
 def e8m0_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -104,8 +115,8 @@ def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, scale: torch.Tensor | None = None,
                quant_act: bool = True, *, out_dtype: torch.dtype = torch.bfloat16,
-               prefill_threshold: int = PREFILL_THRESHOLD, use_cublas: bool = True, mma_fp8: bool = True
-               ) -> torch.Tensor:
+               prefill_threshold: int = PREFILL_THRESHOLD, use_cublas: bool = True, mma_fp8: bool = True,
+               acc_depth: int | None = None) -> torch.Tensor:
     """y = x W^T for an FP8 weight: x [..., K] bf16, weight float8_e4m3fn [N, K] + scale e8m0 [ceil(N/128), K/128]
     (or an `Fp8Weight`) -> [..., N] out_dtype (bf16; fp32 for callers that round later).
 
@@ -113,7 +124,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, scale: torch.T
     accumulation; see the module docstring for paths and error. prefill_threshold / use_cublas select the
     large-M path: M >= prefill_threshold uses cuBLAS (quant_act, bf16 output, N % 128 == 0) when use_cublas.
     mma_fp8 False: the Triton path widens both e4m3 operands to bf16 (exact) for a bf16 MMA, whose fp32
-    accumulation is closer to the reference's exact sums than Hopper's FP8 MMA (~14 bits inside each 128-block)."""
+    accumulation is closer to the reference's exact sums than Hopper's FP8 MMA (~14 bits inside each 128-block).
+    acc_depth: the Triton path's FP8 MMA promotion depth (`_linear_triton.fp8_gemm`; None: 32 at decode sizes)."""
     w = _as_weight(weight, scale)
     n, k = w.weight.shape
     if x.shape[-1] != k:
@@ -129,12 +141,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, scale: torch.T
         return _cublas_fp8_linear(x2, w).view(*lead, n)
     from dsv4.kernels.fast import _linear_triton
 
-    return _linear_triton.fp8_gemm(x2, w.weight, w.scale, 1, quant_act, out_dtype, mma_fp8=mma_fp8).view(*lead, n)
+    return _linear_triton.fp8_gemm(x2, w.weight, w.scale, 1, quant_act, out_dtype, mma_fp8=mma_fp8,
+                                   acc_depth=acc_depth, semaphores=w.semaphores).view(*lead, n)
 
 
-def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, quant_act: bool = False, *,
-                       out_dtype: torch.dtype = torch.bfloat16, prefill_threshold: int = PREFILL_THRESHOLD,
-                       use_cublas: bool = True) -> torch.Tensor:
+def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, scale: torch.Tensor | None = None,
+                       quant_act: bool = False, *, out_dtype: torch.dtype = torch.bfloat16,
+                       prefill_threshold: int = PREFILL_THRESHOLD, use_cublas: bool = True) -> torch.Tensor:
     """V4's wo_a: x [M, G, K] bf16, weight float8_e4m3fn [G*R, K], scale e8m0 [ceil(G*R/128), K/128] ->
     [M, G, R] out_dtype with y[:, g] = x[:, g] @ W[g*R:(g+1)*R]^T (R need not be a multiple of 128).
 
@@ -142,12 +155,13 @@ def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     products of bf16 x and the bf16-exact dequantized weight, fp32 accumulation, bf16 output. The weight stays FP8
     in memory; for M >= prefill_threshold (use_cublas, quant_act False) one transient bf16 copy of W is made per
     call (G*R*K*2 bytes, 64 MiB for Flash) for cuBLAS's batched bf16 GEMM, which outruns the Triton bf16 path."""
+    prepared = _as_weight(weight, scale)
+    weight, scale = prepared.weight, prepared.scale
     m, g, k = x.shape
     rows = weight.shape[0]
     if rows % g or weight.shape[1] != k:
         raise ValueError(f"grouped weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
     r = rows // g
-    scale = e8m0_scale(scale)
     if m == 0:
         return x.new_empty(0, g, r, dtype=out_dtype)
     if not x.is_cuda:
@@ -161,7 +175,8 @@ def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         out = torch.empty(m, g, r, dtype=out_dtype, device=x.device)
         torch.bmm(x.transpose(0, 1), w16.transpose(1, 2), out=out.transpose(0, 1))
         return out
-    return _linear_triton.fp8_gemm(x.view(m, g * k), weight, scale, g, quant_act, out_dtype).view(m, g, r)
+    return _linear_triton.fp8_gemm(x.view(m, g * k), weight, scale, g, quant_act, out_dtype,
+                                   semaphores=prepared.semaphores).view(m, g, r)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -172,7 +187,9 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] bf16 @ w [N, K] bf16 ^T -> [..., N] fp32 (bf16 products are exact in fp32; fp32 accumulation)."""
+    """x [..., K] bf16 @ w [N, K] bf16 ^T -> [..., N] fp32 (bf16 products are exact in fp32; fp32 accumulation).
+    cuBLAS on CUDA: at decode sizes its split-K GEMM + reduce beat the swap-AB Triton kernel on bf16 weights
+    (H200, 1024 x 4096 at M = 1: 6.1 vs 7.4 us; at M = 64: 6.9 vs 26.9 us, `benchmarks/results/fast-linear-*`)."""
     if not x.is_cuda:
         return x.float() @ w.float().t()
     lead = x.shape[:-1]

@@ -176,6 +176,21 @@ def test_triton_gemm(tri, m, splits, quant_act):
 
 
 @pytest.mark.triton
+def test_triton_split_k_counters_reset(tri):
+    """The fused split-K reduce (token tiles of 16): each tile's arrival counter is back at zero after the launch,
+    so the same counters serve the next call (and every graph replay) with the same result; uneven split counts
+    (the reduce loads 4 partials per step) included."""
+    w, s = fp8_weight(192, 1024, 21)
+    x = activations(3, 1024, 22)
+    sems = tri.semaphores_for(x.device)
+    for splits in (4, 3):
+        first = tri.fp8_gemm(x, w, s, 1, True, torch.float32, num_splits=splits, semaphores=sems)
+        assert int(sems.abs().sum()) == 0
+        assert torch.equal(tri.fp8_gemm(x, w, s, 1, True, torch.float32, num_splits=splits, semaphores=sems), first)
+        assert_fp32_close(first, reference(x, w, s, True))
+
+
+@pytest.mark.triton
 def test_triton_gemm_bf16_mma(tri):
     """mma_fp8=False widens both e4m3 operands to bf16 (exact): same values as the FP8 MMA path."""
     w, s = fp8_weight(64, 256, 13)
