@@ -110,6 +110,9 @@ def _module_proxy(module: torch.nn.Module):
                                      fast_shared_linears=_weights_on_host(getattr(module, "fast_shared_linears",
                                                                                   None)),
                                      local_expert=module.local_expert, shared_experts=module.shared_experts)
+    if hasattr(module, "wgate"):              # a compressor: its two projections (unstacked on the host) and bias
+        return types.SimpleNamespace(wkv=_module_proxy(module.wkv), wgate=_module_proxy(module.wgate),
+                                     ape=module.ape.cpu(), geometry=module.geometry)
     raise TypeError(f"no host proxy for {type(module).__name__}")
 
 

@@ -35,8 +35,7 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> None:
         """x: [T, D] attention input. Stores every entry completed by these tokens in the cache."""
         num = batch.numerics
-        a = self.wkv(x, num).float()                                                  # [T, coff*d] fp32
-        z = self.wgate(x, num).float() + self.ape[batch.positions % self.geometry.ratio]
+        a, z = num.compressor.project(self, x, batch.positions, num)        # [T, coff*d] fp32, z with the bias
         store = batch.storage.layer(self.layer_id).compressors[self.name]
         # Indexer keys are Hadamard-rotated before MXFP4 quantization; without quantization the rotation of q
         # and k cancels in q.k, so exact-fp32 skips it.

@@ -81,4 +81,5 @@ class Numerics:
         weights stacked per layer, scale copies for cuBLAS). Formats stay the checkpoint's."""
         self.experts.prepare(model)      # first: stacking re-points expert weights, which linear data refers to
         self.linear.prepare(model)
+        self.compressor.prepare(model)
 

@@ -25,6 +25,7 @@ from dsv4.model.layers import Linear, WeightFormat
 from dsv4.model.mhc import HcParams
 
 if TYPE_CHECKING:
+    from dsv4.model.compressor import Compressor
     from dsv4.model.moe import MoE
     from dsv4.model.numerics import Numerics
 
@@ -94,6 +95,15 @@ class FastLinear:
                 _fp8(module)
 
 
+def _stacked_projection(module: Compressor) -> torch.Tensor | None:
+    """The compressor's stacked wkv | wgate weight if its two weights are still views of it."""
+    stacked = getattr(module, "fast_wkv_wgate", None)
+    if stacked is None or module.wkv.weight.data_ptr() != stacked.data_ptr() \
+            or module.wgate.weight.data_ptr() != stacked[module.wkv.weight.shape[0]:].data_ptr():
+        return None
+    return stacked
+
+
 def _fp8(layer: Linear):
     prepared = getattr(layer, "fast_weight", None)
     if prepared is None or prepared.weight is not layer.weight:
@@ -122,6 +132,30 @@ class FastIndexer:
 
 
 class FastCompressor:
+    def project(self, module: Compressor, x: torch.Tensor, positions: torch.Tensor, numerics: Numerics
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, z) [T, coff*d] fp32 from one GEMM on the stacked wkv | wgate weight (`prepare`), the position bias
+        added in place; the reference's two linears where the stack is missing (weights not prepared)."""
+        stacked = _stacked_projection(module)
+        if stacked is None:
+            a = numerics.linear(module.wkv, x).float()
+            return a, numerics.linear(module.wgate, x).float() + module.ape[positions % module.geometry.ratio]
+        return compressor.project(x.reshape(-1, x.shape[-1]).to(ACT), stacked, module.ape, positions)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Stack each compressor's wkv and wgate weights into one [2W, D] tensor and make the two weights views
+        of it (no second copy): the projections run as one GEMM."""
+        from dsv4.model.compressor import Compressor
+
+        for module in model.modules():
+            if isinstance(module, Compressor) and module.wkv.weight.device.type != "meta" \
+                    and _stacked_projection(module) is None and module.wkv.fmt is WeightFormat.BF16 \
+                    and module.wgate.fmt is WeightFormat.BF16:
+                stacked = torch.cat([module.wkv.weight.data, module.wgate.weight.data])
+                width = module.wkv.weight.shape[0]
+                module.wkv.weight.data, module.wgate.weight.data = stacked[:width], stacked[width:]
+                module.fast_wkv_wgate = stacked
+
     def flush(self, a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
               layout: BatchLayout, ratio: int, norm_weight: torch.Tensor, eps: float, inv_freq: torch.Tensor,
               rotate: bool, pool: torch.Tensor, codec: EntryCodec) -> None:

@@ -19,6 +19,7 @@ from dsv4.model.kv_cache import ATTN, LayerStorage
 from dsv4.model.mhc import HcParams, hc_head, hc_post, hc_pre
 
 if TYPE_CHECKING:
+    from dsv4.model.compressor import Compressor
     from dsv4.model.layers import Linear
     from dsv4.model.moe import MoE
     from dsv4.model.numerics import Numerics
@@ -143,6 +144,16 @@ class ReferenceIndexer(_Family):
 
 
 class ReferenceCompressor(_Family):
+    def project(self, module: Compressor, x: torch.Tensor, positions: torch.Tensor, numerics: Numerics
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, z) [T, coff*d] fp32: wkv(x) and wgate(x) + ape[positions % ratio] (the official order)."""
+        a = module.wkv(x, numerics).float()
+        z = module.wgate(x, numerics).float() + module.ape[positions % module.geometry.ratio]
+        return a, z
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Nothing to derive."""
+
     def flush(self, a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
               layout: BatchLayout, ratio: int, norm_weight: torch.Tensor, eps: float, inv_freq: torch.Tensor,
               rotate: bool, pool: torch.Tensor, codec: EntryCodec) -> None:

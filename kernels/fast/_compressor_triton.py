@@ -39,7 +39,7 @@ STATE_BLOCK = 256     # state channels per state-update program
 
 # ---------------------------------------------------------------------------------------------- pool
 @triton.jit
-def _pool_kernel(a_ptr, z_ptr, skv_ptr, ssc_ptr, pos_ptr, seq_ptr, start_ptr, first_ptr, slot_ptr, ws_ptr,
+def _pool_kernel(a_ptr, z_ptr, skv_ptr, ssc_ptr, pos_ptr, seq_ptr, start_ptr, first_ptr, slot_ptr, ws_ptr, stride_row,
                  D: tl.constexpr, M: tl.constexpr, COFF: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_S: tl.constexpr):
     t = tl.program_id(0)
@@ -71,7 +71,7 @@ def _pool_kernel(a_ptr, z_ptr, skv_ptr, ssc_ptr, pos_ptr, seq_ptr, start_ptr, fi
             slot_pos = window * M + idx
             from_row = (slot_pos >= start)[:, None]
             row = tl.where(slot_pos >= start, first + slot_pos - start, 0)
-            step_off = (row * (COFF * D) + half)[:, None] + c[None, :]
+            step_off = (row * stride_row + half)[:, None] + c[None, :]
             state_off = state_base + (state_slot * (COFF * D) + half)[:, None] + c[None, :]
             av = (tl.load(a_ptr + step_off, mask=from_row, other=0.0)
                   + tl.load(skv_ptr + state_off, mask=~from_row, other=0.0))
@@ -187,7 +187,7 @@ def _finish_entry(t, ws_ptr, scratch_ptr, pos_ptr, seq_ptr, table_ptr, pool_ptr,
 
 # ---------------------------------------------------------------------------------------------- state
 @triton.jit
-def _advance_state(u, a_ptr, z_ptr, skv_ptr, ssc_ptr, start_ptr, len_ptr, first_ptr, slot_ptr, num_cblocks,
+def _advance_state(u, a_ptr, z_ptr, skv_ptr, ssc_ptr, start_ptr, len_ptr, first_ptr, slot_ptr, num_cblocks, stride_row,
                    D: tl.constexpr, M: tl.constexpr, COFF: tl.constexpr, BLOCK_W: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     seq = u // num_cblocks
@@ -203,7 +203,7 @@ def _advance_state(u, a_ptr, z_ptr, skv_ptr, ssc_ptr, start_ptr, len_ptr, first_
             slot_pos = (last_window - 1) * M + i
             from_row = (slot_pos >= start)[:, None]
             row = tl.where(slot_pos >= start, first + slot_pos - start, 0)
-            step_off = (row * (COFF * D))[:, None] + cw[None, :]
+            step_off = (row * stride_row)[:, None] + cw[None, :]
             held_off = state_base + ((M + i) * (COFF * D))[:, None] + cw[None, :]
             kv = (tl.load(a_ptr + step_off, mask=from_row, other=0.0)
                   + tl.load(skv_ptr + held_off, mask=~from_row, other=0.0))
@@ -217,7 +217,7 @@ def _advance_state(u, a_ptr, z_ptr, skv_ptr, ssc_ptr, start_ptr, len_ptr, first_
     while p0 < end:
         p = p0 + tl.arange(0, BLOCK_T)
         m = (p < end)[:, None]
-        step_off = ((first + p - start) * (COFF * D))[:, None] + cw[None, :]
+        step_off = ((first + p - start) * stride_row)[:, None] + cw[None, :]
         cur_off = state_base + (((COFF - 1) * M + p % M) * (COFF * D))[:, None] + cw[None, :]
         tl.store(skv_ptr + cur_off, tl.load(a_ptr + step_off, mask=m, other=0.0), mask=m)
         tl.store(ssc_ptr + cur_off, tl.load(z_ptr + step_off, mask=m, other=0.0), mask=m)
@@ -227,7 +227,7 @@ def _advance_state(u, a_ptr, z_ptr, skv_ptr, ssc_ptr, start_ptr, len_ptr, first_
 @triton.jit
 def _finish_state_kernel(ws_ptr, scratch_ptr, a_ptr, z_ptr, skv_ptr, ssc_ptr, pos_ptr, seq_ptr, start_ptr, len_ptr,
                          first_ptr, slot_ptr, table_ptr, pool_ptr, norm_ptr, freq_ptr, eps, inv_sqrt_d, num_tokens,
-                         table_width, num_blocks, epb, num_cblocks, D: tl.constexpr, M: tl.constexpr,
+                         table_width, num_blocks, epb, num_cblocks, stride_row, D: tl.constexpr, M: tl.constexpr,
                          COFF: tl.constexpr, NOPE: tl.constexpr, ROPE_HALF: tl.constexpr,
                          ENTRY_WIDTH: tl.constexpr, IS_FP8: tl.constexpr, ROTATE: tl.constexpr,
                          BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -237,7 +237,26 @@ def _finish_state_kernel(ws_ptr, scratch_ptr, a_ptr, z_ptr, skv_ptr, ssc_ptr, po
                       inv_sqrt_d, table_width, num_blocks, epb, D, M, NOPE, ROPE_HALF, ENTRY_WIDTH, IS_FP8, ROTATE)
     else:
         _advance_state(pid - num_tokens, a_ptr, z_ptr, skv_ptr, ssc_ptr, start_ptr, len_ptr, first_ptr, slot_ptr,
-                       num_cblocks, D, M, COFF, BLOCK_W, BLOCK_T)
+                       num_cblocks, stride_row, D, M, COFF, BLOCK_W, BLOCK_T)
+
+
+@triton.jit
+def _position_bias_kernel(z_ptr, ape_ptr, pos_ptr, stride_row, W, M, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < W
+    row = (tl.load(pos_ptr + t) % M).to(tl.int64)
+    zp = z_ptr + t.to(tl.int64) * stride_row + c
+    tl.store(zp, tl.load(zp, mask=ok, other=0.0) + tl.load(ape_ptr + row * W + c, mask=ok, other=0.0), mask=ok)
+
+
+def add_position_bias(z: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor) -> None:
+    """z [T, W] fp32 (unit column stride) += ape[positions % ratio] in place; ape [ratio, W] fp32."""
+    num_tokens, width = z.shape
+    if num_tokens:
+        block = min(1024, triton.next_power_of_2(width))
+        _position_bias_kernel[(num_tokens, triton.cdiv(width, block))](
+            z, ape.contiguous(), positions, z.stride(0), width, ape.shape[0], BLOCK=block, num_warps=4)
 
 
 def compress_flush(a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
@@ -250,14 +269,16 @@ def compress_flush(a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, sta
     d = norm_weight.shape[0]
     coff = 2 if ratio == 4 else 1
     assert state_kv.is_contiguous() and state_score.is_contiguous() and pool.is_contiguous(), "in-place outputs"
-    a, z = a.contiguous().float(), z.contiguous().float()
+    if a.dtype != torch.float32 or z.dtype != torch.float32 or a.stride(1) != 1 or z.stride(1) != 1 \
+            or a.stride(0) != z.stride(0):
+        a, z = a.float().contiguous(), z.float().contiguous()
     pooled = torch.empty((num_tokens, d), dtype=torch.float32, device=a.device)
     is_fp8 = isinstance(codec, MainFp8Codec)
     scratch = pooled if is_fp8 else torch.empty_like(pooled)
     block_c = min(d, 128 if coff == 2 else 64)
     _pool_kernel[(num_tokens, d // block_c)](
         a, z, state_kv, state_score, layout.positions, layout.token_seq, layout.seq_start, layout.seq_first_row,
-        layout.seq_slot, pooled, D=d, M=ratio, COFF=coff, BLOCK_C=block_c, BLOCK_S=min(coff * ratio, 32),
+        layout.seq_slot, pooled, a.stride(0), D=d, M=ratio, COFF=coff, BLOCK_C=block_c, BLOCK_S=min(coff * ratio, 32),
         num_warps=4)
     width = coff * d
     block_w = min(width, STATE_BLOCK)
@@ -266,6 +287,7 @@ def compress_flush(a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, sta
         pooled, scratch, a, z, state_kv, state_score, layout.positions, layout.token_seq, layout.seq_start,
         layout.seq_len, layout.seq_first_row, layout.seq_slot, table, pool, norm_weight.contiguous(),
         inv_freq.contiguous().float(), float(eps), float(torch.tensor(d ** -0.5, dtype=torch.float32)), num_tokens,
-        table.shape[1], pool.shape[0], layout.block_size // ratio, width // block_w, D=d, M=ratio, COFF=coff,
+        table.shape[1], pool.shape[0], layout.block_size // ratio, width // block_w, a.stride(0), D=d, M=ratio,
+        COFF=coff,
         NOPE=codec.nope_dim if is_fp8 else 0, ROPE_HALF=inv_freq.shape[0], ENTRY_WIDTH=codec.width,
         IS_FP8=is_fp8, ROTATE=bool(rotate), BLOCK_W=block_w, BLOCK_T=min(ratio, 8), num_warps=4)

@@ -5,17 +5,17 @@
                            per token tile (not per token); x is exactly bf16 and fn is split into three bf16 terms
                            (hi + mid + lo = fn to ~2^-27), so the three bf16 tensor-core dots have exact products
                            and fp32 accumulation: the result is as accurate as an fp32 FMA loop.
-    _hc_pre_finish_kernel  grid (T, D blocks), one warp each: sums the partials of its token, rsqrt, sigmoid
-                           pre/post, Sinkhorn on 16 scalars (every program of a token recomputes it: cheaper than
-                           another launch; scalars, not a 4x4 tile, so no normalisation is a cross-thread
-                           reduction), h = bf16(sum_j pre_j x_j) for its D block; the first D block stores post
-                           and comb. hc = 4 only (V4's).
+    _hc_pre_finish_kernel  grid (T, D blocks): sums the partials of its token, rsqrt, sigmoid pre/post, Sinkhorn
+                           (every program of a token recomputes the 4x4 Sinkhorn: cheaper than another launch),
+                           h = bf16(sum_j pre_j x_j) for its D block; the first D block stores post and comb.
     _hc_head_finish_kernel the head's collapse: sigmoid weights + eps, no Sinkhorn.
     _hc_post_kernel        grid (T, D blocks): X'_k = bf16(post_k f + sum_j comb[j, k] X_j) in fp32.
     _hc_post_mix_kernel    hc_post fused with the next site's mixes GEMM: grid (token tiles, D blocks); each
                            program writes its X' tile and the partial mixes of its K columns (all hc streams of
                            its D block) from the bf16 X' it stored, so the next hc_pre needs only its finishing
                            kernel and never re-reads X' for the GEMM.
+    _hc_post_mix_gemv_kernel  the same for up to GEMV_MAX_TOKENS tokens: one program per (token, 64 columns),
+                           fp32 FMAs instead of the bf16x3 MMA (each fn x X' product rounded once to fp32).
 
 Launch geometry comes from shapes only (CUDA-graph capturable); nothing reads device values on the host.
 """
@@ -30,8 +30,7 @@ _BLOCK_K = 64           # K columns per GEMM step (128 spills registers with the
 _MAX_BLOCK_T = 64       # tokens per GEMM program
 _TARGET_PROGRAMS = 128  # GEMM programs to aim for (about one per SM)
 _MIN_CHUNKS = 2         # K steps per GEMM program at least (fewer partials to sum)
-_BLOCK_D = 1024         # hidden columns per head-finishing / post program
-_FINISH_BLOCK_D = 256   # hidden columns per pre-finishing program (one warp: its split sums are warp shuffles)
+_BLOCK_D = 1024         # hidden columns per finishing / post program
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -95,87 +94,37 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _mix_row4(part_ptr, rows, smask, i0):
-    """Four consecutive mixes i0..i0+3 of one token, each summed over the K splits (scalars)."""
-    return (tl.sum(tl.load(part_ptr + rows + i0, mask=smask, other=0.0), axis=0),
-            tl.sum(tl.load(part_ptr + rows + i0 + 1, mask=smask, other=0.0), axis=0),
-            tl.sum(tl.load(part_ptr + rows + i0 + 2, mask=smask, other=0.0), axis=0),
-            tl.sum(tl.load(part_ptr + rows + i0 + 3, mask=smask, other=0.0), axis=0))
-
-
-@triton.jit
-def _softmax4(a, b, c, d, eps):
-    m = tl.maximum(tl.maximum(a, b), tl.maximum(c, d))
-    ea, eb, ec, ed = tl.exp(a - m), tl.exp(b - m), tl.exp(c - m), tl.exp(d - m)
-    s = ea + eb + ec + ed
-    return ea / s + eps, eb / s + eps, ec / s + eps, ed / s + eps
-
-
-@triton.jit
-def _norm4(a, b, c, d, eps):
-    s = a + b + c + d + eps
-    return a / s, b / s, c / s, d / s
-
-
-@triton.jit
-def _comb_row4(part_ptr, rows, smask, rho, scale2, base_ptr, row: tl.constexpr, eps):
-    """Row `row` of comb after its softmax (+ eps), from the row's four mixes (scalars)."""
-    i0 = 2 * 4 + 4 * row
-    a, b, c, d = _mix_row4(part_ptr, rows, smask, i0)
-    return _softmax4(a * rho * scale2 + tl.load(base_ptr + i0), b * rho * scale2 + tl.load(base_ptr + i0 + 1),
-                     c * rho * scale2 + tl.load(base_ptr + i0 + 2), d * rho * scale2 + tl.load(base_ptr + i0 + 3),
-                     eps)
-
-
-@triton.jit
-def _vec4(j, a, b, c, d):
-    return tl.where(j == 0, a, tl.where(j == 1, b, tl.where(j == 2, c, d)))
-
-
-@triton.jit
 def _hc_pre_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, h_ptr, post_ptr, comb_ptr,
                           T, D, num_splits, inv_k, norm_eps, hc_eps,
                           SINKHORN_ITERS: tl.constexpr, HC: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_D: tl.constexpr):
-    # hc = 4 (V4's): the 4x4 Sinkhorn in scalars, the same in every thread (a 4x4 tile's row and column sums
-    # would each be a cross-thread reduction, 39 of them in a serial chain).
     t, pid_d = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = (2 + HC) * HC
     rho = _token_rho(sq_ptr, t, T, num_splits, inv_k, norm_eps, BLOCK_S)
     s = tl.arange(0, BLOCK_S)
     j = tl.arange(0, HC)
+    k = tl.arange(0, HC)
     rows = (s * T + t).to(tl.int64) * M                                                   # [BLOCK_S]
     smask = s < num_splits
+    pre_mix = tl.sum(tl.load(part_ptr + rows[:, None] + j[None, :], mask=smask[:, None], other=0.0), axis=0)
+    post_mix = tl.sum(tl.load(part_ptr + rows[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), axis=0)
+    jk = 2 * HC + j[:, None] * HC + k[None, :]                                             # [HC, HC] row-major
+    comb_mix = tl.sum(tl.load(part_ptr + rows[:, None, None] + jk[None, :, :], mask=smask[:, None, None],
+                              other=0.0), axis=0)
     scale0, scale1, scale2 = tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
-    p0, p1, p2, p3 = _mix_row4(part_ptr, rows, smask, 0)
-    pre = _sigmoid(_vec4(j, p0, p1, p2, p3) * rho * scale0 + tl.load(base_ptr + j)) + hc_eps          # [HC]
-    c00, c01, c02, c03 = _comb_row4(part_ptr, rows, smask, rho, scale2, base_ptr, 0, hc_eps)
-    c10, c11, c12, c13 = _comb_row4(part_ptr, rows, smask, rho, scale2, base_ptr, 1, hc_eps)
-    c20, c21, c22, c23 = _comb_row4(part_ptr, rows, smask, rho, scale2, base_ptr, 2, hc_eps)
-    c30, c31, c32, c33 = _comb_row4(part_ptr, rows, smask, rho, scale2, base_ptr, 3, hc_eps)
-    c00, c10, c20, c30 = _norm4(c00, c10, c20, c30, hc_eps)                                # columns
-    c01, c11, c21, c31 = _norm4(c01, c11, c21, c31, hc_eps)
-    c02, c12, c22, c32 = _norm4(c02, c12, c22, c32, hc_eps)
-    c03, c13, c23, c33 = _norm4(c03, c13, c23, c33, hc_eps)
+    pre = _sigmoid(pre_mix * rho * scale0 + tl.load(base_ptr + j)) + hc_eps
+    post = 2.0 * _sigmoid(post_mix * rho * scale1 + tl.load(base_ptr + HC + j))
+    logits = comb_mix * rho * scale2 + tl.load(base_ptr + jk)
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    comb = e / tl.sum(e, axis=1)[:, None] + hc_eps
+    comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
     for _ in tl.static_range(SINKHORN_ITERS - 1):
-        c00, c01, c02, c03 = _norm4(c00, c01, c02, c03, hc_eps)                            # rows
-        c10, c11, c12, c13 = _norm4(c10, c11, c12, c13, hc_eps)
-        c20, c21, c22, c23 = _norm4(c20, c21, c22, c23, hc_eps)
-        c30, c31, c32, c33 = _norm4(c30, c31, c32, c33, hc_eps)
-        c00, c10, c20, c30 = _norm4(c00, c10, c20, c30, hc_eps)                            # columns
-        c01, c11, c21, c31 = _norm4(c01, c11, c21, c31, hc_eps)
-        c02, c12, c22, c32 = _norm4(c02, c12, c22, c32, hc_eps)
-        c03, c13, c23, c33 = _norm4(c03, c13, c23, c33, hc_eps)
+        comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
+        comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
     _collapse(x_ptr, h_ptr, pre, t, pid_d, D, HC, BLOCK_D)
-    if pid_d == 0:
-        q0, q1, q2, q3 = _mix_row4(part_ptr, rows, smask, 4)
-        post = 2.0 * _sigmoid(_vec4(j, q0, q1, q2, q3) * rho * scale1 + tl.load(base_ptr + HC + j))
-        tl.store(post_ptr + t * HC + j, post)
-        cp = comb_ptr + t * HC * HC + 4 * j
-        tl.store(cp, _vec4(j, c00, c10, c20, c30))
-        tl.store(cp + 1, _vec4(j, c01, c11, c21, c31))
-        tl.store(cp + 2, _vec4(j, c02, c12, c22, c32))
-        tl.store(cp + 3, _vec4(j, c03, c13, c23, c33))
+    first = (j + pid_d * HC) < HC           # [HC]: all true in the first D block only (a block-shaped mask)
+    tl.store(post_ptr + t * HC + j, post, mask=first)
+    tl.store(comb_ptr + t * HC * HC + j[:, None] * HC + k[None, :], comb, mask=first[:, None] & (k[None, :] < HC))
 
 
 @triton.jit
@@ -241,6 +190,36 @@ def _hc_post_mix_kernel(f_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, fn_ptr, par
     tl.store(sq_ptr + row, sq, mask=tmask)
 
 
+@triton.jit
+def _hc_post_mix_gemv_kernel(f_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, fn_ptr, part_ptr, sq_ptr, T, D, M,
+                             HC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The same outputs as `_hc_post_mix_kernel`, for a handful of tokens: grid (T, D blocks), no MMA. The program
+    # works on the flat index i = k * BLOCK_D + d (output stream k, column d of its block), so the new streams,
+    # their squares and the partial mixes (fn . X' over the block's HC x BLOCK_D columns) are one 1-D vector and
+    # one [BLOCK_M, HC * BLOCK_D] tile, every load issued up front (the MMA kernel's per-stream K loop is a
+    # chain of dependent loads; at a few tokens that chain is the kernel's time).
+    t, pid_d = tl.program_id(0), tl.program_id(1)
+    i = tl.arange(0, HC * BLOCK_D)
+    k = i // BLOCK_D
+    d = pid_d * BLOCK_D + i % BLOCK_D
+    dmask = d < D
+    t64 = t.to(tl.int64)
+    y = tl.load(post_ptr + t * HC + k) * tl.load(f_ptr + t64 * D + d, mask=dmask, other=0.0).to(tl.float32)
+    for j in tl.static_range(HC):
+        c = tl.load(comb_ptr + t * HC * HC + j * HC + k)                                  # comb[j, k(i)]
+        x = tl.load(res_ptr + (t64 * HC + j) * D + d, mask=dmask, other=0.0)
+        y += c * x.to(tl.float32)
+    yb = y.to(tl.bfloat16)
+    tl.store(out_ptr + (t64 * HC + k) * D + d, yb, mask=dmask)
+    yf = yb.to(tl.float32)                              # the next site reads the stored bf16 streams
+    m = tl.arange(0, BLOCK_M)
+    fn = tl.load(fn_ptr + m[:, None].to(tl.int64) * (HC * D) + (k * D + d)[None, :],
+                 mask=(m[:, None] < M) & dmask[None, :], other=0.0)                       # [BLOCK_M, HC*BLOCK_D]
+    row = pid_d * T + t
+    tl.store(part_ptr + row.to(tl.int64) * M + m, tl.sum(fn * yf[None, :], axis=1), mask=m < M)
+    tl.store(sq_ptr + row, tl.sum(yf * yf, axis=0))
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 def _gemm_geometry(num_tokens: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_T, number of K splits, K steps per split) from the shapes only."""
@@ -270,7 +249,7 @@ def mix_partials(x_flat: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, 
 def _check_streams(x: torch.Tensor, hc_mult: int) -> None:
     assert x.dim() == 3 and x.shape[1] == hc_mult, f"x {tuple(x.shape)} is not [T, {hc_mult}, D]"
     assert x.dtype == torch.bfloat16 and x.is_contiguous(), f"x must be contiguous bf16, got {x.dtype}"
-    assert hc_mult == 4, f"the GPU mHC kernels are written for hc_mult 4 (V4's), got {hc_mult}"
+    assert hc_mult & (hc_mult - 1) == 0, f"hc_mult {hc_mult} must be a power of two"
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
@@ -291,11 +270,11 @@ def _pre_finish(x: torch.Tensor, part: torch.Tensor, sq: torch.Tensor, scale: to
     post = torch.empty(num_tokens, hc_mult, dtype=torch.float32, device=x.device)
     comb = torch.empty(num_tokens, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
     if num_tokens:
-        block_d = min(_FINISH_BLOCK_D, triton.next_power_of_2(dim))
+        block_d = min(_BLOCK_D, triton.next_power_of_2(dim))
         _hc_pre_finish_kernel[(num_tokens, triton.cdiv(dim, block_d))](
             x, part, sq, scale.float().contiguous(), base.float().contiguous(), h, post, comb, num_tokens, dim,
             part.shape[0], 1.0 / (hc_mult * dim), norm_eps, hc_eps, SINKHORN_ITERS=sinkhorn_iters, HC=hc_mult,
-            BLOCK_S=triton.next_power_of_2(part.shape[0]), BLOCK_D=block_d, num_warps=1)
+            BLOCK_S=triton.next_power_of_2(part.shape[0]), BLOCK_D=block_d, num_warps=4)
     return h, post, comb
 
 
@@ -303,6 +282,10 @@ def _post_mix_geometry(num_tokens: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): small tiles at decode (256 programs at T = 64, D = 4096); wider D blocks for
     large T keep the partial mixes (one [T, M] slab per D block) small. Both compile without register spills."""
     return (16, 64, 4) if num_tokens <= 64 else (16, 128, 8)
+
+
+GEMV_MAX_TOKENS = 8      # up to this many tokens hc_post_pre's first kernel is `_hc_post_mix_gemv_kernel`
+_GEMV_BLOCK_D = 64       # its columns per program: a [32, 4 x 64] fp32 fn tile, 64 registers a thread
 
 
 def hc_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
@@ -314,16 +297,21 @@ def hc_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, com
     assert f.shape == (num_tokens, dim) and f.dtype == torch.bfloat16, f"f {tuple(f.shape)} {f.dtype}"
     rows = fn.shape[0]
     assert fn.shape == ((2 + hc_mult) * hc_mult, hc_mult * dim) and fn.dtype == torch.float32, "fn shape/dtype"
-    block_t, block_d, num_warps = _post_mix_geometry(num_tokens)
+    gemv = num_tokens <= GEMV_MAX_TOKENS
+    block_t, block_d, num_warps = (1, _GEMV_BLOCK_D, 4) if gemv else _post_mix_geometry(num_tokens)
     splits = triton.cdiv(dim, block_d)
     out = torch.empty_like(residual)
     part = torch.empty(splits, num_tokens, rows, dtype=torch.float32, device=f.device)
     sq = torch.empty(splits, num_tokens, dtype=torch.float32, device=f.device)
-    if num_tokens:
+    args = (f.contiguous(), residual, post.float().contiguous(), comb.float().contiguous(), out, fn.contiguous(),
+            part, sq, num_tokens, dim, rows)
+    block_m = max(16, triton.next_power_of_2(rows))
+    if num_tokens and gemv:
+        _hc_post_mix_gemv_kernel[(num_tokens, splits)](*args, HC=hc_mult, BLOCK_D=block_d, BLOCK_M=block_m,
+                                                       num_warps=num_warps)
+    elif num_tokens:
         _hc_post_mix_kernel[(triton.cdiv(num_tokens, block_t), splits)](
-            f.contiguous(), residual, post.float().contiguous(), comb.float().contiguous(), out, fn.contiguous(),
-            part, sq, num_tokens, dim, rows, HC=hc_mult, BLOCK_T=block_t, BLOCK_D=block_d,
-            BLOCK_M=max(16, triton.next_power_of_2(rows)), num_warps=num_warps)
+            *args, HC=hc_mult, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=num_warps)
     return (out,) + _pre_finish(out, part, sq, scale, base, sinkhorn_iters, hc_eps, norm_eps)
 
 

@@ -27,6 +27,26 @@ from dsv4.kernels.kv_format import IndexFp4Codec, MainFp8Codec
 CSA_RATIO = 4
 
 
+def project(x: torch.Tensor, wkv_wgate: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A compressor's two projections as one GEMM: x [T, D] bf16, wkv_wgate [2W, D] bf16 (wkv's rows, then
+    wgate's), ape [ratio, W] fp32 -> (a, z) [T, W] fp32 views of one [T, 2W] result, z += ape[positions % ratio].
+    The same values as the two fp32 linears and the indexed add (bf16 products exact, fp32 accumulation, one
+    fp32 add); on CUDA three launches (cuBLAS GEMM, its reduce, the bias) instead of seven."""
+    from dsv4.kernels.fast import linear
+
+    width = wkv_wgate.shape[0] // 2
+    y = linear.fp32_linear(x, wkv_wgate)                                                   # [T, 2W] fp32
+    a, z = y[:, :width], y[:, width:]
+    if z.is_cuda:
+        from dsv4.kernels.fast import _compressor_triton
+
+        _compressor_triton.add_position_bias(z, ape, positions)
+    else:
+        z += ape[positions % ape.shape[0]]
+    return a, z
+
+
 def compress_flush(a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                    layout: BatchLayout, ratio: int, norm_weight: torch.Tensor, eps: float, inv_freq: torch.Tensor,
                    rotate: bool, pool: torch.Tensor, codec: MainFp8Codec | IndexFp4Codec) -> None:
@@ -34,7 +54,8 @@ def compress_flush(a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, sta
     pool[block_table[s, w * ratio // block_size], w % (block_size // ratio)] (not stored where that block is
     missing: -1, out of range or past the table), and each sequence's state advances in place.
 
-    a, z [T, coff*d] fp32 (z with ape added); state_kv, state_score [num_slots, coff*ratio, coff*d] fp32;
+    a, z [T, coff*d] fp32 (z with ape added; unit column stride, the same row stride: they may be the two halves
+    of `project`'s output); state_kv, state_score [num_slots, coff*ratio, coff*d] fp32;
     ratio 4 (CSA, coff 2) or a power of two >= 2 (HCA-style, coff 1); norm_weight [d] bf16/fp32 (d a power of
     two, 64 <= d <= 512); inv_freq [rope/2] fp32; pool [num_blocks, block_size // ratio, codec.width] uint8;
     codec MainFp8Codec (nope + rope == d, rope == 2 * len(inv_freq)) or IndexFp4Codec (dim == d; Hadamard

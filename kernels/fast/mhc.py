@@ -54,7 +54,7 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     fp32; base: [(2+hc)*hc] fp32. Returns h [T, D] bf16 (the sub-layer input before its RMSNorm), post [T, hc]
     fp32 and comb [T, hc, hc] fp32 (doubly stochastic; row j = input stream, column k = output stream).
     GPU: the mixes GEMM reads fn once per 64-token tile with K split across ~128 programs, then one program per
-    (token, 256 columns) finishes (Sinkhorn in scalars, collapse). hc must be 4 on the GPU (V4's).
+    (token, 1024 columns) finishes (Sinkhorn in registers, collapse). hc must be a power of two on the GPU.
     """
     if x.is_cuda:
         from dsv4.kernels.fast import _mhc_triton

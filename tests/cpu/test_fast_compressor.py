@@ -209,3 +209,41 @@ def test_kernels_chunked_equals_one_shot_and_untouched_slots_stay(case):
     assert one_shot.pool.any() and torch.equal(chunked.pool, one_shot.pool)
     assert_same_live_state(chunked, one_shot, ratio, 23, slot=1)
     assert torch.equal(chunked.kv[2], other) and torch.isinf(chunked.score[0]).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["csa-main-tiny", "hca-8-tiny"])
+def test_kernels_read_the_halves_of_one_projection(case):
+    """a and z as the two column halves of one [T, 2W] GEMM result (`compressor.project`'s views, row stride 2W):
+    the same pools and states as contiguous copies."""
+    from dsv4.kernels.fast import _compressor_triton
+
+    def halves(a, z, *rest):
+        both = torch.cat([a, z], dim=1)
+        width = a.shape[1]
+        _compressor_triton.compress_flush(both[:, :width], both[:, width:], *rest)
+
+    ratio, d, _, codec = CASES[case]
+    want = run(_compressor_triton.compress_flush, Store(ratio, d, codec), case, TRITON_STEPS, 6)
+    got = run(halves, Store(ratio, d, codec), case, TRITON_STEPS, 6)
+    assert torch.equal(got.kv, want.kv) and torch.equal(got.score, want.score) and torch.equal(got.pool, want.pool)
+
+
+@pytest.mark.triton
+def test_position_bias_kernel_and_project():
+    """z += ape[positions % ratio] in place on a strided half (the kernel), and `project` (one GEMM on the stacked
+    weight + the bias) equal to the two fp32 linears and the indexed add."""
+    from dsv4.kernels.fast import _compressor_triton
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(6, 2 * 96, generator=g)
+    ape = torch.randn(4, 96, generator=g)
+    positions = torch.tensor([0, 5, 2, 7, 3, 9])
+    want = y[:, 96:] + ape[positions % 4]
+    _compressor_triton.add_position_bias(y[:, 96:], ape, positions)
+    assert torch.equal(y[:, 96:], want)
+    x = torch.randn(6, 128, generator=g).bfloat16()
+    wkv, wgate = (torch.randn(96, 128, generator=g).bfloat16() for _ in range(2))
+    a, z = compressor.project(x, torch.cat([wkv, wgate]), ape, positions)
+    assert torch.allclose(a, x.float() @ wkv.float().t(), rtol=0, atol=1e-5)
+    assert torch.allclose(z, x.float() @ wgate.float().t() + ape[positions % 4], rtol=0, atol=1e-5)
