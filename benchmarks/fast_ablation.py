@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from numerics_compare import logit_distance  # noqa: E402
 
 from dsv4.model.checkpoint import load_model  # noqa: E402
+from dsv4.model.compressor import Compressor  # noqa: E402
 from dsv4.model.config import preset  # noqa: E402
 from dsv4.model.generate import forward_logits  # noqa: E402
 from dsv4.model.layers import Linear  # noqa: E402
@@ -111,8 +112,10 @@ def _module_proxy(module: torch.nn.Module):
                                                                                   None)),
                                      local_expert=module.local_expert, shared_experts=module.shared_experts)
     if hasattr(module, "wgate"):              # a compressor: its two projections (unstacked on the host) and bias
-        return types.SimpleNamespace(wkv=_module_proxy(module.wkv), wgate=_module_proxy(module.wgate),
-                                     ape=module.ape.cpu(), geometry=module.geometry)
+        proxy = types.SimpleNamespace(wkv=_module_proxy(module.wkv), wgate=_module_proxy(module.wgate),
+                                      ape=module.ape.cpu(), geometry=module.geometry)
+        proxy.projections = functools.partial(Compressor.projections, proxy)
+        return proxy
     raise TypeError(f"no host proxy for {type(module).__name__}")
 
 

@@ -8,6 +8,8 @@ dims for the main compressor, Hadamard + MXFP4 for the indexer's (`dsv4.kernels.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -15,6 +17,9 @@ from dsv4.model.batch import ForwardBatch
 from dsv4.model.config import ModelConfig
 from dsv4.model.kv_cache import INDEX, CompressorGeometry
 from dsv4.model.layers import Linear, RMSNorm, WeightFormat
+
+if TYPE_CHECKING:
+    from dsv4.model.numerics import Numerics
 
 
 class Compressor(nn.Module):
@@ -31,6 +36,13 @@ class Compressor(nn.Module):
         self.register_buffer("ape", torch.empty(geometry.ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(geometry.head_dim, config.rms_norm_eps)
         self.register_buffer("rope_inv_freq", rope_inv_freq, persistent=False)
+
+    def projections(self, x: torch.Tensor, positions: torch.Tensor, numerics: Numerics
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, z) [T, coff*d] fp32: wkv(x) and wgate(x) + ape[positions % ratio], the two linears one after the
+        other (the official order; the numerics' `project` may fuse them)."""
+        a = numerics.linear(self.wkv, x).float()
+        return a, numerics.linear(self.wgate, x).float() + self.ape[positions % self.geometry.ratio]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> None:
         """x: [T, D] attention input. Stores every entry completed by these tokens in the cache."""

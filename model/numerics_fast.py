@@ -138,8 +138,7 @@ class FastCompressor:
         added in place; the reference's two linears where the stack is missing (weights not prepared)."""
         stacked = _stacked_projection(module)
         if stacked is None:
-            a = numerics.linear(module.wkv, x).float()
-            return a, numerics.linear(module.wgate, x).float() + module.ape[positions % module.geometry.ratio]
+            return module.projections(x, positions, numerics)
         return compressor.project(x.reshape(-1, x.shape[-1]).to(ACT), stacked, module.ape, positions)
 
     def prepare(self, model: torch.nn.Module) -> None:

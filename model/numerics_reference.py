@@ -147,9 +147,7 @@ class ReferenceCompressor(_Family):
     def project(self, module: Compressor, x: torch.Tensor, positions: torch.Tensor, numerics: Numerics
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, z) [T, coff*d] fp32: wkv(x) and wgate(x) + ape[positions % ratio] (the official order)."""
-        a = module.wkv(x, numerics).float()
-        z = module.wgate(x, numerics).float() + module.ape[positions % module.geometry.ratio]
-        return a, z
+        return module.projections(x, positions, numerics)
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Nothing to derive."""
