@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dsv4.cluster.engine_client import EngineClient
-from dsv4.cluster.generation_service import GenerationService
+from dsv4.cluster.generation_service import GenerationService, RequestBuilder
 from dsv4.cluster.text_stream import TextFinal
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest
@@ -193,7 +193,7 @@ def _input_field(prompt: BatchPrompt, request_field: str) -> str:
     return request_field.removeprefix("sampling_params.")
 
 
-def build_requests(service: GenerationService, prompts: Sequence[BatchPrompt],
+def build_requests(service: RequestBuilder, prompts: Sequence[BatchPrompt],
                    path: str | Path = "<input>") -> list[GenerateRequest]:
     """Validated engine requests, one per prompt: vocabulary, context length and sampling limits of the served
     model. Raises BatchInputError naming the line and field of the first prompt that breaks one."""

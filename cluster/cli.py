@@ -109,15 +109,28 @@ def _batch(args: argparse.Namespace) -> int:
     if not Path(args.output).resolve().parent.is_dir():
         raise FileNotFoundError(f"--output {args.output}: the directory does not exist")
     config = serve_config(args)
+    tokenizer = ModelTokenizer.from_dir(config.model_dir)     # before the workers: a bad file fails at once
+    check_prompts(prompts, config, tokenizer, args.input)     # every line against the model, before any worker
     print(f"dsv4: {len(prompts)} prompts from {args.input}; starting {config.num_workers} {config.device} workers "
           f"for {config.model_dir}", file=sys.stderr, flush=True)
-    tokenizer = ModelTokenizer.from_dir(config.model_dir)     # before the workers: a bad file fails at once
     engine = start_engine(config)
     summary = asyncio.run(run_batch_file(RayEngineClient(engine.coordinator, engine.info), tokenizer, prompts,
                                          args.output, args.max_concurrency, args.input))
     print(f"dsv4: wrote {summary.num_requests} completions ({summary.num_output_tokens} tokens) to {args.output}; "
           f"{summary.num_failed} failed", file=sys.stderr, flush=True)
     return 1 if summary.num_failed else 0
+
+
+def check_prompts(prompts: list[Any], config: ServeConfig, tokenizer: Any, input_path: str) -> None:
+    """`dsv4 batch`'s prompts against the vocabulary, context and sampling limits the engine will serve, read off
+    the checkpoint's config.json (no weights, no workers). Raises BatchInputError naming the first bad line."""
+    from dsv4.cluster.batch import build_requests
+    from dsv4.cluster.generation_service import RequestBuilder
+    from dsv4.model.config import ModelConfig
+    from dsv4.workers.model_info import model_info
+
+    model = ModelConfig.from_file(Path(config.model_dir) / "config.json")
+    build_requests(RequestBuilder(model_info(config, model), tokenizer), prompts, input_path)
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -151,7 +164,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the service (gRPC) on a local or existing Ray cluster")
     _add_engine_options(p)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 serves other machines: "
+                        "the manifests pass it)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT,

@@ -26,22 +26,13 @@ MAX_TOKENS_LIMIT = 1 << 24  # SamplingParams.validate's upper bound
 MAX_ABORT_IDS = 1024
 
 
-class GenerationService:
-    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, metrics: ServerMetrics | None = None):
-        self.engine = engine
+class RequestBuilder:
+    """Requests built and checked against one model's limits (vocabulary, context, sampling): what the servicers
+    and `dsv4 batch` share; `dsv4 batch` runs one on the checkpoint's config before any worker starts."""
+
+    def __init__(self, model_info: ModelInfo, tokenizer: ModelTokenizer):
+        self.model_info = model_info
         self.tokenizer = tokenizer
-        self.metrics = metrics      # request latencies and token counts, observed on every stream
-        self.model_info: ModelInfo = engine.model_info()
-        self.start_time = time.time()
-        self._active: set[str] = set()  # ids of requests streaming through this server
-
-    @property
-    def num_active(self) -> int:
-        return len(self._active)
-
-    @property
-    def uptime_seconds(self) -> float:
-        return time.time() - self.start_time
 
     def prompt_token_ids(self, text: str | None, token_ids: Sequence[int] | None) -> tuple[int, ...]:
         """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given. A text longer
@@ -69,6 +60,25 @@ class GenerationService:
                                   SamplingParams(max_tokens=max_tokens, **sampling))
         request.validate(self.model_info.vocab_size, self.model_info.max_model_len)
         return request
+
+
+class GenerationService(RequestBuilder):
+    """Requests checked against the served model and run on its engine, for every servicer."""
+
+    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, metrics: ServerMetrics | None = None):
+        super().__init__(engine.model_info(), tokenizer)
+        self.engine = engine
+        self.metrics = metrics      # request latencies and token counts, observed on every stream
+        self.start_time = time.time()
+        self._active: set[str] = set()  # ids of requests streaming through this server
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.time() - self.start_time
 
     async def build_off_loop(self, build: Callable[..., GenerateRequest], *args: Any) -> GenerateRequest:
         """Run a servicer's request builder (tokenization included) in a worker thread, so a long text never

@@ -62,7 +62,7 @@ class ServerMetrics:
         self.step_interval.labels(name).set(report.extra.get("mean_step_interval_seconds", 0.0))
         self.worker_step.labels(name).set(report.extra.get("mean_worker_seconds", 0.0))
 
-    def serve_http(self, port: int, host: str = "0.0.0.0"):
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
         """Start the `/metrics` HTTP endpoint in a daemon thread; returns the server (`.shutdown()` stops it)."""
         from prometheus_client import start_http_server
 

@@ -99,7 +99,7 @@ def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "1
     return server
 
 
-async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "0.0.0.0", port: int = 50051,
+async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1", port: int = 50051,
                         grace_s: float = 5.0, api_key: str | None = None, metrics_port: int = 0) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation), then stop, giving open streams `grace_s` to finish.
     metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""

@@ -23,6 +23,7 @@ from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.placement import ExpertPlacement
+from dsv4.workers.model_info import model_info
 from dsv4.workers.worker import Worker
 
 PLACEMENT_TIMEOUT_S = 600
@@ -45,18 +46,6 @@ def ensure_default_model() -> Path:
         write_checkpoint(preset("tiny"), tmp, seed=0)
         tmp.replace(path)
     return path
-
-
-def model_info(config: ServeConfig, model: ModelConfig, workers: list[WorkerInfo] = ()) -> ModelInfo:
-    max_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
-    return ModelInfo(model_path=config.model_dir,
-                     served_model_name=config.served_model_name or Path(config.model_dir).name,
-                     vocab_size=model.vocab_size, max_model_len=max_len, bos_token_id=model.bos_token_id,
-                     eos_token_ids=(model.eos_token_id,), num_workers=config.num_workers, numerics=config.numerics,
-                     num_hidden_layers=model.num_hidden_layers, num_routed_experts=model.n_routed_experts,
-                     num_experts_per_tok=model.num_experts_per_tok, hidden_size=model.hidden_size,
-                     kv_cache_tokens=sum(w.num_blocks * w.block_size for w in workers),
-                     max_running_requests=sum(w.num_slots for w in workers))
 
 
 def init_ray(num_workers: int) -> None:

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def test_batch_takes_the_engine_options_of_serve():
     serve = parser.parse_args(["serve", *engine_options])
     batch = parser.parse_args(["batch", "--input", "in.jsonl", "--output", "out.jsonl", *engine_options])
     serve_cfg, batch_cfg = serve_config(serve), serve_config(batch)
-    assert (serve_cfg.host, serve_cfg.port) == ("0.0.0.0", DEFAULT_PORT)   # serve's defaults are unchanged
+    assert (serve_cfg.host, serve_cfg.port) == ("127.0.0.1", DEFAULT_PORT)  # serve binds this machine only
     assert batch_cfg == dataclasses.replace(serve_cfg, host=ServeConfig.__dataclass_fields__["host"].default)
 
 
@@ -156,6 +158,20 @@ def test_a_line_outside_the_models_limits_stops_the_run_before_it_starts(tokeniz
         asyncio.run(run_batch_file(engine, tokenizer, read_prompts(path), tmp_path / "out.jsonl", 4, path))
     assert (err.value.line, err.value.field) == (2, field), err.value
     assert not engine.abort_calls and not list(tmp_path.glob("out.jsonl*"))   # nothing ran, nothing written
+
+
+def test_dsv4_batch_rejects_a_bad_line_before_any_worker_starts(tiny_checkpoint, tmp_path):
+    """The command checks every line against the checkpoint's vocabulary and context off its config.json: a token
+    id outside the vocabulary stops it with FILE:LINE: FIELD, exit status 2, before a worker (or Ray) starts."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine", "max_tokens": 2},
+                                              {"prompt_token_ids": [1, 1 << 20]}])
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "dsv4.cluster.cli", "batch", "--input", str(path), "--output",
+                           str(out), "--model", str(tiny_checkpoint), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"{path}:2: prompt_token_ids" in done.stderr and "vocabulary" in done.stderr, done.stderr
+    assert "starting" not in done.stderr and not list(tmp_path.glob("out.jsonl*")), done.stderr
 
 
 class RejectsLongPrompts(FakeEngine):
