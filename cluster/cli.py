@@ -95,7 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"dsv4: serving {engine.info.served_model_name} on {config.host}:{config.port} "
           f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
     asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port,
-                              api_key=args.api_key or None, metrics_port=args.metrics_port))
+                              shutdown_grace_s=args.shutdown_grace, api_key=args.api_key or None,
+                              metrics_port=args.metrics_port))
+    print("dsv4: stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -171,6 +173,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT,
                    help=f"Prometheus /metrics port (default {METRICS_PORT}; 0: off)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds the running streams get to finish after SIGTERM / SIGINT (default 30); new requests "
+                        "get UNAVAILABLE and health NOT_SERVING at once")
     p.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
                    help="require 'authorization: Bearer <key>' on every call but health checks "
                         "(default: $DSV4_API_KEY; unset: no key)")

@@ -26,6 +26,10 @@ MAX_TOKENS_LIMIT = 1 << 24  # SamplingParams.validate's upper bound
 MAX_ABORT_IDS = 1024
 
 
+class ServerDraining(RuntimeError):
+    """The server is shutting down: new requests are refused (the servicers answer UNAVAILABLE: retry elsewhere)."""
+
+
 class RequestBuilder:
     """Requests built and checked against one model's limits (vocabulary, context, sampling): what the servicers
     and `dsv4 batch` share; `dsv4 batch` runs one on the checkpoint's config before any worker starts."""
@@ -71,6 +75,7 @@ class GenerationService(RequestBuilder):
         self.metrics = metrics      # request latencies and token counts, observed on every stream
         self.start_time = time.time()
         self._active: set[str] = set()  # ids of requests streaming through this server
+        self.draining = False           # set by `start_draining`: no new requests, the running ones finish
 
     @property
     def num_active(self) -> int:
@@ -79,6 +84,14 @@ class GenerationService(RequestBuilder):
     @property
     def uptime_seconds(self) -> float:
         return time.time() - self.start_time
+
+    def start_draining(self) -> None:
+        """Refuse every new request from now on (ServerDraining); the streams already running go on."""
+        self.draining = True
+
+    async def healthy(self) -> bool:
+        """Serving: not draining, and the engine says it is healthy."""
+        return not self.draining and await self.engine.is_healthy()
 
     async def build_off_loop(self, build: Callable[..., GenerateRequest], *args: Any) -> GenerateRequest:
         """Run a servicer's request builder (tokenization included) in a worker thread, so a long text never
@@ -92,6 +105,8 @@ class GenerationService(RequestBuilder):
         early (the client cancelled, the stream was closed), the engine request is aborted. Use with
         `contextlib.aclosing` so that happens at once rather than when the generator is collected.
         """
+        if self.draining:
+            raise ServerDraining("the server is shutting down: retry on another replica")
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         self._active.add(request.request_id)

@@ -8,7 +8,7 @@ import grpc
 
 from dsv4.cluster import package_version
 from dsv4.cluster.engine_client import LoadReport
-from dsv4.cluster.generation_service import GenerationService
+from dsv4.cluster.generation_service import GenerationService, ServerDraining
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 from dsv4.protos import dsv4_pb2, dsv4_pb2_grpc
 from dsv4.wire.model_info import ModelInfo
@@ -109,6 +109,8 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ServerDraining as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def Abort(self, request: dsv4_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> dsv4_pb2.AbortResponse:

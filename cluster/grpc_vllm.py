@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from dsv4.cluster.generation_service import GenerationService
+from dsv4.cluster.generation_service import GenerationService, ServerDraining
 from dsv4.cluster.text_stream import TextDelta, TextFinal
 from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
 
@@ -150,10 +150,12 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ServerDraining as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def HealthCheck(self, request: vllm_engine_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
                           ) -> vllm_engine_pb2.HealthCheckResponse:
-        healthy = await self._service.engine.is_healthy()
+        healthy = await self._service.healthy()
         return vllm_engine_pb2.HealthCheckResponse(healthy=healthy, message="ok" if healthy else "engine unhealthy")
 
     async def Abort(self, request: vllm_engine_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -34,18 +34,20 @@ HEALTH_WATCH_INTERVAL_S = 1.0
 # Long prompts as packed token ids exceed gRPC's 4 MiB default (a 1M-token prompt is up to 5 MB); beyond 8 MiB a
 # message is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
 MAX_MESSAGE_BYTES = 8 << 20
+DRAINED_GRACE_S = 1.0       # after the drain: for the last responses to leave
 
 
 class EngineHealthServicer(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1 backed by `engine.is_healthy()`, asked afresh on every Check."""
+    """grpc.health.v1 backed by `GenerationService.healthy()` (the engine's health, NOT_SERVING once draining),
+    asked afresh on every Check."""
 
-    def __init__(self, engine: EngineClient, services: tuple[str, ...]):
-        self._engine = engine
+    def __init__(self, service: GenerationService, services: tuple[str, ...]):
+        self._service = service
         self._services = frozenset(("", *services))  # "" is the whole server
 
     async def _status(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
         try:
-            healthy = await self._engine.is_healthy()
+            healthy = await self._service.healthy()
         except Exception:  # an engine that cannot answer is not serving
             logger.exception("engine.is_healthy() failed")
             healthy = False
@@ -76,14 +78,15 @@ def _address(host: str, port: int) -> str:
 
 
 def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1",
-                 port: int = 50051, api_key: str | None = None, metrics: ServerMetrics | None = None
-                 ) -> grpc.aio.Server:
+                 port: int = 50051, api_key: str | None = None, metrics: ServerMetrics | None = None,
+                 service: GenerationService | None = None) -> grpc.aio.Server:
     """A server with every service registered and `host:port` bound; `await server.start()` to serve.
 
     Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on. With `api_key`,
     every call but health checks needs `authorization: Bearer <api_key>` metadata (`auth.ApiKeyInterceptor`).
+    service: the GenerationService to serve through (default: a new one over `engine`).
     """
-    service = GenerationService(engine, tokenizer, metrics)
+    service = service or GenerationService(engine, tokenizer, metrics)
     names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
     interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
     server = grpc.aio.server(interceptors=interceptors,
@@ -91,7 +94,7 @@ def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "1
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     dsv4_pb2_grpc.add_Dsv4EngineServicer_to_server(grpc_dsv4.Dsv4EngineServicer(service, names), server)
     vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(grpc_vllm.VllmEngineServicer(service), server)
-    health_pb2_grpc.add_HealthServicer_to_server(EngineHealthServicer(engine, names[:2]), server)
+    health_pb2_grpc.add_HealthServicer_to_server(EngineHealthServicer(service, names[:2]), server)
     reflection.enable_server_reflection(names, server)
     bound_port = server.add_insecure_port(_address(host, port))
     logger.info("dsv4 gRPC server bound to %s (%s)%s", _address(host, bound_port), ", ".join(names),
@@ -100,11 +103,14 @@ def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "1
 
 
 async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1", port: int = 50051,
-                        grace_s: float = 5.0, api_key: str | None = None, metrics_port: int = 0) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation), then stop, giving open streams `grace_s` to finish.
-    metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
+                        shutdown_grace_s: float = 30.0, api_key: str | None = None, metrics_port: int = 0,
+                        stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or `stop` is set, or cancellation), then drain: health NOT_SERVING and new
+    requests UNAVAILABLE at once, the running streams finish (at most `shutdown_grace_s` more seconds; then they
+    are cut), and return. metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
     metrics = ServerMetrics(engine.model_info().served_model_name) if metrics_port else None
-    server = build_server(engine, tokenizer, host, port, api_key, metrics)
+    service = GenerationService(engine, tokenizer, metrics)
+    server = build_server(engine, tokenizer, host, port, api_key, metrics, service)
     await server.start()
     poller = http = None
     if metrics is not None:
@@ -115,7 +121,7 @@ async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: s
         else:
             logger.info("dsv4 metrics at http://%s/metrics", _address(host, metrics_port))
             poller = asyncio.get_running_loop().create_task(poll_loads(engine, metrics))
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -126,13 +132,28 @@ async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: s
             pass
     try:
         await stop.wait()
+        await drain(service, shutdown_grace_s)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
         if poller is not None:
             poller.cancel()
             http.shutdown()
-        await server.stop(grace_s)
+        await server.stop(DRAINED_GRACE_S)
+
+
+async def drain(service: GenerationService, grace_s: float, poll_s: float = 0.02) -> None:
+    """Refuse new requests and wait up to grace_s for the running streams to end (logged either way)."""
+    service.start_draining()
+    running = service.num_active
+    logger.info("dsv4 draining: %d streams running, %.0f s to finish", running, grace_s)
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while service.num_active and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(poll_s)
+    if service.num_active:
+        logger.warning("dsv4 shutdown: %d streams still running after %.0f s are cut", service.num_active, grace_s)
+    else:
+        logger.info("dsv4 shutdown: every stream finished")
 
 
 async def poll_loads(engine: EngineClient, metrics: ServerMetrics, interval_s: float = 1.0) -> None:

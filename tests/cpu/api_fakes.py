@@ -244,6 +244,9 @@ class EventLoopThread:
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self.submit(coro).result(TIMEOUT_S)
 
+    def call_soon(self, callback: Callable[[], Any]) -> None:
+        self._loop.call_soon_threadsafe(callback)
+
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(TIMEOUT_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import io
 from collections.abc import Iterator
@@ -116,7 +117,7 @@ def test_generate_main_prints_logprobs_after_the_text(api_server, channel) -> No
 
 def test_serve_forever_serves_until_cancelled(engine_client, tokenizer) -> None:  # noqa: F811
     port, loop = free_port(), EventLoopThread()
-    serving = loop.submit(serve_forever(engine_client, tokenizer, "127.0.0.1", port, grace_s=0.1))
+    serving = loop.submit(serve_forever(engine_client, tokenizer, "127.0.0.1", port, shutdown_grace_s=0.1))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
             grpc.channel_ready_future(chan).result(TIMEOUT_S)
@@ -126,5 +127,38 @@ def test_serve_forever_serves_until_cancelled(engine_client, tokenizer) -> None:
         serving.cancel()
         with pytest.raises(concurrent.futures.CancelledError):
             serving.result(TIMEOUT_S)
+    finally:
+        loop.stop()
+
+
+def test_a_stop_drains_running_streams_and_refuses_new_ones(ray_service, tokenizer) -> None:  # noqa: F811
+    """SIGTERM's path (`stop` set): health turns NOT_SERVING and a new Generate gets UNAVAILABLE at once, the
+    stream already running completes every token, then serve_forever returns (well inside the grace)."""
+    from dsv4.cluster.engine_ray import RayEngineClient
+
+    port, loop = free_port(), EventLoopThread()
+    stop = asyncio.Event()
+    engine = RayEngineClient(ray_service.coordinator, ray_service.info)    # its output fan-out on this loop
+    serving = loop.submit(serve_forever(engine, tokenizer, "127.0.0.1", port, shutdown_grace_s=60.0, stop=stop))
+    request = pb.GenerateRequest(request_id="drained", text="Hello",
+                                 sampling_params=pb.SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+            grpc.channel_ready_future(chan).result(TIMEOUT_S)
+            stub, health = dsv4_pb2_grpc.Dsv4EngineStub(chan), health_pb2_grpc.HealthStub(chan)
+            stream = stub.Generate(request, timeout=TIMEOUT_S)
+            first = next(stream)
+            loop.call_soon(stop.set)
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                pass
+            late = pb.GenerateRequest(request_id="late", text="Hi", sampling_params=pb.SamplingParams(max_tokens=2))
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(late, timeout=TIMEOUT_S))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            rest = [first, *stream]
+        complete = rest[-1].complete
+        assert rest[-1].WhichOneof("response") == "complete" and complete.completion_tokens == 64
+        serving.result(TIMEOUT_S)        # returned by itself once the stream ended
     finally:
         loop.stop()
