@@ -4,7 +4,8 @@
 - Tensors are read one at a time through `safe_open` (memory-mapped): only the tensors the model instance holds
   are touched, so a rank holding a subset of the routed experts never reads the others.
 - Every tensor is checked against the model's own buffers (name, shape, dtype); a missing, misshapen or
-  mistyped tensor, or a corrupt file, raises `CheckpointError` naming the file and the tensor.
+  mistyped tensor, a tensor holding NaN or Inf, or a corrupt file, raises `CheckpointError` naming the file and
+  the tensor.
 """
 
 from __future__ import annotations
@@ -102,6 +103,23 @@ def _convert(name: str, file: Path, tensor: torch.Tensor, expected: torch.Tensor
     raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected {expected.dtype}")
 
 
+def _check_finite(name: str, file: Path, tensor: torch.Tensor) -> torch.Tensor:
+    """tensor, if it holds no NaN or Inf (float formats; FP8 e4m3fn's NaN bytes are 0x7F / 0xFF, UE8M0's 0xFF;
+    packed FP4 has none); else a CheckpointError naming it. One reduction on the tensor's device."""
+    if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        bad = ~torch.isfinite(tensor)
+    elif tensor.dtype == torch.float8_e4m3fn:
+        bad = (tensor.view(torch.uint8) & 0x7F) == 0x7F
+    elif tensor.dtype == torch.float8_e8m0fnu:
+        bad = tensor.view(torch.uint8) == 0xFF
+    else:
+        return tensor
+    count = int(bad.sum())
+    if count:
+        raise CheckpointError(f"{file.name}: tensor {name} holds {count} NaN or Inf values")
+    return tensor
+
+
 def load_checkpoint(model: torch.nn.Module, path: str | Path, progress: Progress | None = print_progress,
                     device: torch.device | str = "cpu") -> LoadReport:
     """Fill every buffer of `model` (a `Transformer`, possibly holding a subset of experts, possibly built on the
@@ -126,7 +144,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, progress: Progress
                 report.bytes_read += tensor.numel() * tensor.element_size()
                 name = to_official_name(stored)
                 report.tensors_read.append(name)
-                loaded.update({k: v.to(device) for k, v in _place(name, file, tensor, expected).items()})
+                for key, value in _place(name, file, tensor, expected).items():
+                    loaded[key] = _check_finite(key, file, value.to(device))
         if progress:
             progress(f"loading weights: {i + 1}/{total} files, {report.bytes_read / 2**30:.2f} GiB "
                      f"({file.name})")

@@ -1,6 +1,7 @@
 """Checkpoints: the official layout on disk, lazy subset loading, transformers names, and clear errors."""
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -169,6 +170,26 @@ def test_f32_scales_must_be_powers_of_two(tiny_checkpoint, tmp_path):
     bad, shard = _rewrite(tiny_checkpoint, tmp_path / "bad", lambda t: t.update({name: as_f32(t[name], 1.5)}), name)
     with pytest.raises(CheckpointError, match=rf"{shard}.*{name}.*powers of two"):
         load_model(bad, progress=None)
+
+
+@pytest.mark.parametrize("name, poison", [
+    ("layers.1.attn.wq_a.weight", 0x7F),          # FP8 e4m3fn NaN
+    ("layers.1.attn.wq_b.scale", 0xFF),           # UE8M0 NaN
+    ("layers.1.attn_norm.weight", float("inf")),  # bf16 Inf
+    ("layers.2.attn.attn_sink", float("nan")),    # fp32 NaN
+])
+def test_non_finite_weights_are_named(tiny_checkpoint, tmp_path, name, poison):
+    def edit(t):
+        tensor = t[name].clone()
+        if isinstance(poison, int):
+            tensor.view(torch.uint8).view(-1)[3] = poison
+        else:
+            tensor.view(-1)[3] = poison
+        t[name] = tensor
+
+    out, shard = _rewrite(tiny_checkpoint, tmp_path, edit, name)
+    with pytest.raises(CheckpointError, match=rf"{shard}.*{re.escape(name)}.*1 NaN or Inf"):
+        load_model(out, progress=None)
 
 
 def test_wrong_dtype_is_named(tiny_checkpoint, tmp_path):
