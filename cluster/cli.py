@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
           f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
     asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port,
                               shutdown_grace_s=args.shutdown_grace, api_key=args.api_key or None,
-                              metrics_port=args.metrics_port))
+                              metrics_port=args.metrics_port, reflection_on=args.enable_reflection))
     print("dsv4: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -173,6 +173,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model id reported to clients (default: the directory name)")
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT,
                    help=f"Prometheus /metrics port (default {METRICS_PORT}; 0: off)")
+    p.add_argument("--enable-reflection", action="store_true",
+                   help="gRPC server reflection (grpcurl list / describe); off by default")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds the running streams get to finish after SIGTERM / SIGINT (default 30); new requests "
                         "get UNAVAILABLE and health NOT_SERVING at once")

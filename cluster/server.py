@@ -4,7 +4,7 @@ Hosted services:
   * `dsv4.v1.Dsv4Engine`          the project's own API (protos/dsv4.proto)
   * `vllm.grpc.engine.VllmEngine` vLLM's worker API, so the smg gateway can serve OpenAI requests from us
   * `grpc.health.v1.Health`       SERVING while `engine.is_healthy()`
-  * server reflection             for grpcurl and friends
+  * server reflection             for grpcurl and friends, with `--enable-reflection` only
 """
 
 from __future__ import annotations
@@ -79,15 +79,17 @@ def _address(host: str, port: int) -> str:
 
 def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1",
                  port: int = 50051, api_key: str | None = None, metrics: ServerMetrics | None = None,
-                 service: GenerationService | None = None) -> grpc.aio.Server:
+                 service: GenerationService | None = None, reflection_on: bool = False) -> grpc.aio.Server:
     """A server with every service registered and `host:port` bound; `await server.start()` to serve.
 
     Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on. With `api_key`,
     every call but health checks needs `authorization: Bearer <api_key>` metadata (`auth.ApiKeyInterceptor`).
-    service: the GenerationService to serve through (default: a new one over `engine`).
+    service: the GenerationService to serve through (default: a new one over `engine`). reflection_on: gRPC
+    server reflection (for grpcurl; off by default: it lists every method to anyone who can connect).
     """
     service = service or GenerationService(engine, tokenizer, metrics)
-    names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME) \
+        + ((reflection.SERVICE_NAME,) if reflection_on else ())
     interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
     server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -95,7 +97,8 @@ def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "1
     dsv4_pb2_grpc.add_Dsv4EngineServicer_to_server(grpc_dsv4.Dsv4EngineServicer(service, names), server)
     vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(grpc_vllm.VllmEngineServicer(service), server)
     health_pb2_grpc.add_HealthServicer_to_server(EngineHealthServicer(service, names[:2]), server)
-    reflection.enable_server_reflection(names, server)
+    if reflection_on:
+        reflection.enable_server_reflection(names, server)
     bound_port = server.add_insecure_port(_address(host, port))
     logger.info("dsv4 gRPC server bound to %s (%s)%s", _address(host, bound_port), ", ".join(names),
                 "" if api_key is None else ", API key required")
@@ -104,13 +107,13 @@ def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "1
 
 async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1", port: int = 50051,
                         shutdown_grace_s: float = 30.0, api_key: str | None = None, metrics_port: int = 0,
-                        stop: asyncio.Event | None = None) -> None:
+                        stop: asyncio.Event | None = None, reflection_on: bool = False) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set, or cancellation), then drain: health NOT_SERVING and new
     requests UNAVAILABLE at once, the running streams finish (at most `shutdown_grace_s` more seconds; then they
     are cut), and return. metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
     metrics = ServerMetrics(engine.model_info().served_model_name) if metrics_port else None
     service = GenerationService(engine, tokenizer, metrics)
-    server = build_server(engine, tokenizer, host, port, api_key, metrics, service)
+    server = build_server(engine, tokenizer, host, port, api_key, metrics, service, reflection_on)
     await server.start()
     poller = http = None
     if metrics is not None:

@@ -256,8 +256,9 @@ class ServerThread:
     """`build_server` on its own event loop, so tests can use plain blocking gRPC clients."""
 
     def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, api_key: str | None = None,
-                 metrics=None):
+                 metrics=None, reflection_on: bool = False):
         self._engine, self._tokenizer, self._api_key, self._metrics = engine, tokenizer, api_key, metrics
+        self._reflection_on = reflection_on
         self._loop: EventLoopThread | None = None
         self._server: grpc.aio.Server | None = None
         self.address = ""
@@ -267,7 +268,7 @@ class ServerThread:
 
         async def start() -> None:
             self._server = build_server(self._engine, self._tokenizer, "127.0.0.1", port, self._api_key,
-                                        self._metrics)
+                                        self._metrics, reflection_on=self._reflection_on)
             await self._server.start()
 
         self._loop = EventLoopThread()
@@ -312,7 +313,7 @@ def engine_client(ray_service) -> Iterator[EngineClient]:
 
 @pytest.fixture(scope="module")
 def api_server(engine_client: EngineClient, tokenizer: ModelTokenizer) -> Iterator[ServerThread]:
-    server = ServerThread(engine_client, tokenizer).start()
+    server = ServerThread(engine_client, tokenizer, reflection_on=True).start()
     yield server
     server.stop()
 

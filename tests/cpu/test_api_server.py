@@ -77,6 +77,17 @@ def test_reflection_lists_and_describes_every_service(channel) -> None:  # noqa:
         assert found.file_descriptor_response.file_descriptor_proto, service
 
 
+def test_reflection_is_off_by_default(tokenizer) -> None:  # noqa: F811
+    server = ServerThread(FakeEngine(tokenizer), tokenizer).start()
+    try:
+        with grpc.insecure_channel(server.address) as chan:
+            with pytest.raises(grpc.RpcError) as off:
+                _reflect(chan, reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop()
+
+
 def test_stream_generate_yields_the_completion_text(api_server, channel, tokenizer) -> None:  # noqa: F811
     sampling = dict(temperature=0.0, seed=5, max_tokens=16)
     pieces = list(client.stream_generate(api_server.address, "Hello there", timeout_s=TIMEOUT_S, **sampling))
