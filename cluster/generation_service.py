@@ -18,7 +18,13 @@ from dsv4.cluster.metrics import RequestTimer, ServerMetrics
 from dsv4.cluster.text_stream import StreamEvent, TextStream
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.model_info import ModelInfo
-from dsv4.wire.request import EngineOverloaded, GenerateRequest, InvalidRequest, SamplingParams
+from dsv4.wire.request import (
+    EngineOverloaded,
+    GenerateRequest,
+    InvalidRequest,
+    SamplingParams,
+    check_prompt_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +46,8 @@ class RequestBuilder:
 
     def prompt_token_ids(self, text: str | None, token_ids: Sequence[int] | None) -> tuple[int, ...]:
         """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given. A text longer
-        than the context's tokens can come from is rejected before it is tokenized (servicers call this off the
-        event loop: `build_off_loop`)."""
+        than the context's tokens can come from is rejected before it is tokenized, token ids too many for the
+        context before they are copied (servicers call this off the event loop: `build_off_loop`)."""
         if text is not None:
             if not text:
                 raise InvalidRequest("prompt.text", "must not be empty")
@@ -52,6 +58,7 @@ class RequestBuilder:
             return tuple(self.tokenizer.encode(text))
         if token_ids is None:
             raise InvalidRequest("prompt", "set either text or token ids")
+        check_prompt_length(len(token_ids), self.model_info.max_model_len)    # before a tuple of them is made
         return tuple(token_ids)
 
     def build_request(self, request_id: str, prompt_token_ids: tuple[int, ...], max_tokens: int | None,

@@ -117,9 +117,7 @@ class GenerateRequest:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequest("prompt.token_ids",
                                      f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
-        if len(self.prompt_token_ids) >= max_model_len:
-            raise InvalidRequest("prompt", f"{len(self.prompt_token_ids)} tokens do not fit the context of "
-                                           f"{max_model_len} tokens (one position must remain to generate)")
+        check_prompt_length(len(self.prompt_token_ids), max_model_len)
         self.sampling.validate(vocab_size)
 
 
@@ -152,3 +150,10 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
+    """A prompt of num_tokens must leave one position of the context to generate in."""
+    if num_tokens >= max_model_len:
+        raise InvalidRequest("prompt", f"{num_tokens} tokens do not fit the context of {max_model_len} tokens "
+                                       "(one position must remain to generate)")
