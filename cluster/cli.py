@@ -24,7 +24,9 @@ from dsv4.cluster.metrics import DEFAULT_PORT as METRICS_PORT
 from dsv4.wire.config import DEFAULT_PORT, NUMERICS, SchedulerConfig, ServeConfig, default_numerics
 
 if TYPE_CHECKING:
+    from dsv4.cluster.batch import BatchPrompt
     from dsv4.cluster.engine_ray import Engine
+    from dsv4.cluster.tokenizer import ModelTokenizer
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
@@ -123,7 +125,8 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if summary.num_failed else 0
 
 
-def check_prompts(prompts: list[Any], config: ServeConfig, tokenizer: Any, input_path: str) -> None:
+def check_prompts(prompts: list[BatchPrompt], config: ServeConfig, tokenizer: ModelTokenizer, input_path: str
+                  ) -> None:
     """`dsv4 batch`'s prompts against the vocabulary, context and sampling limits the engine will serve, read off
     the checkpoint's config.json (no weights, no workers). Raises BatchInputError naming the first bad line."""
     from dsv4.cluster.batch import build_requests

@@ -77,17 +77,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def build_server(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1",
-                 port: int = 50051, api_key: str | None = None, metrics: ServerMetrics | None = None,
-                 service: GenerationService | None = None, reflection_on: bool = False) -> grpc.aio.Server:
-    """A server with every service registered and `host:port` bound; `await server.start()` to serve.
+def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 50051,
+                 api_key: str | None = None, reflection_on: bool = False) -> grpc.aio.Server:
+    """A server with every service registered over `service` and `host:port` bound; `await server.start()` to
+    serve.
 
     Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on. With `api_key`,
     every call but health checks needs `authorization: Bearer <api_key>` metadata (`auth.ApiKeyInterceptor`).
-    service: the GenerationService to serve through (default: a new one over `engine`). reflection_on: gRPC
-    server reflection (for grpcurl; off by default: it lists every method to anyone who can connect).
+    reflection_on: gRPC server reflection (for grpcurl; off by default: it lists every method to anyone who can
+    connect).
     """
-    service = service or GenerationService(engine, tokenizer, metrics)
     names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME) \
         + ((reflection.SERVICE_NAME,) if reflection_on else ())
     interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
@@ -113,7 +112,7 @@ async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: s
     are cut), and return. metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
     metrics = ServerMetrics(engine.model_info().served_model_name) if metrics_port else None
     service = GenerationService(engine, tokenizer, metrics)
-    server = build_server(engine, tokenizer, host, port, api_key, metrics, service, reflection_on)
+    server = build_server(service, host, port, api_key, reflection_on)
     await server.start()
     poller = http = None
     if metrics is not None:
@@ -148,10 +147,10 @@ async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: s
 async def drain(service: GenerationService, grace_s: float, poll_s: float = 0.02) -> None:
     """Refuse new requests and wait up to grace_s for the running streams to end (logged either way)."""
     service.start_draining()
-    running = service.num_active
-    logger.info("dsv4 draining: %d streams running, %.0f s to finish", running, grace_s)
-    deadline = asyncio.get_running_loop().time() + grace_s
-    while service.num_active and asyncio.get_running_loop().time() < deadline:
+    logger.info("dsv4 draining: %d streams running, %.0f s to finish", service.num_active, grace_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while service.num_active and loop.time() < deadline:
         await asyncio.sleep(poll_s)
     if service.num_active:
         logger.warning("dsv4 shutdown: %d streams still running after %.0f s are cut", service.num_active, grace_s)

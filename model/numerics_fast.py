@@ -96,10 +96,13 @@ class FastLinear:
 
 
 def _stacked_projection(module: Compressor) -> torch.Tensor | None:
-    """The compressor's stacked wkv | wgate weight if its two weights are still views of it."""
+    """The compressor's stacked wkv | wgate weight if its two weights are still views of it (not re-assigned by
+    a later load)."""
     stacked = getattr(module, "fast_wkv_wgate", None)
-    if stacked is None or module.wkv.weight.data_ptr() != stacked.data_ptr() \
-            or module.wgate.weight.data_ptr() != stacked[module.wkv.weight.shape[0]:].data_ptr():
+    if stacked is None:
+        return None
+    wkv, wgate = module.wkv.weight, module.wgate.weight
+    if wkv.data_ptr() != stacked.data_ptr() or wgate.data_ptr() != wkv.data_ptr() + wkv.numel() * wkv.element_size():
         return None
     return stacked
 
@@ -142,14 +145,13 @@ class FastCompressor:
         return compressor.project(x.reshape(-1, x.shape[-1]).to(ACT), stacked, module.ape, positions)
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Stack each compressor's wkv and wgate weights into one [2W, D] tensor and make the two weights views
-        of it (no second copy): the projections run as one GEMM."""
+        """Stack each compressor's wkv and wgate weights (both bf16 [W, D]) into one [2W, D] tensor and make the two
+        weights views of it (no second copy): the projections run as one GEMM."""
         from dsv4.model.compressor import Compressor
 
         for module in model.modules():
             if isinstance(module, Compressor) and module.wkv.weight.device.type != "meta" \
-                    and _stacked_projection(module) is None and module.wkv.fmt is WeightFormat.BF16 \
-                    and module.wgate.fmt is WeightFormat.BF16:
+                    and _stacked_projection(module) is None:
                 stacked = torch.cat([module.wkv.weight.data, module.wgate.weight.data])
                 width = module.wkv.weight.shape[0]
                 module.wkv.weight.data, module.wgate.weight.data = stacked[:width], stacked[width:]

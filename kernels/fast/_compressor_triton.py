@@ -288,6 +288,5 @@ def compress_flush(a: torch.Tensor, z: torch.Tensor, state_kv: torch.Tensor, sta
         layout.seq_len, layout.seq_first_row, layout.seq_slot, table, pool, norm_weight.contiguous(),
         inv_freq.contiguous().float(), float(eps), float(torch.tensor(d ** -0.5, dtype=torch.float32)), num_tokens,
         table.shape[1], pool.shape[0], layout.block_size // ratio, width // block_w, a.stride(0), D=d, M=ratio,
-        COFF=coff,
-        NOPE=codec.nope_dim if is_fp8 else 0, ROPE_HALF=inv_freq.shape[0], ENTRY_WIDTH=codec.width,
+        COFF=coff, NOPE=codec.nope_dim if is_fp8 else 0, ROPE_HALF=inv_freq.shape[0], ENTRY_WIDTH=codec.width,
         IS_FP8=is_fp8, ROTATE=bool(rotate), BLOCK_W=block_w, BLOCK_T=min(ratio, 8), num_warps=4)

@@ -93,7 +93,7 @@ def _swap_ab_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, part_ptr, sem_pt
     tok64 = tok.to(tl.int64)
     num_kb = K // QB
     cols = tl.arange(0, QB)
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]               # [BN, 128] fp8 / bf16
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]               # [BN, 128] fp8
     sw_ptrs = sw_ptr + (rows // QB) * num_kb                                  # [BN] e8m0 rows
     x_ptrs = x_ptr + tok64[:, None] * stride_xm + group * stride_xg + cols[None, :]   # [BT, 128]
     sx_ptrs = sx_ptr + tok64 * stride_sxm + group * num_kb * stride_sxk
@@ -126,32 +126,35 @@ def _swap_ab_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, part_ptr, sem_pt
             acc += part * sw[:, None]
     out_ptrs = out_ptr + tok64[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & tok_ok[None, :]
-    split_stride = M * stride_om
-    part_ptrs = part_ptr + tok64[None, :] * stride_om + rows[:, None]
     if num_splits == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    elif not FUSED_REDUCE:      # fp32 partials [S, M, G*R] for `_splitk_reduce_kernel`
-        tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
-    else:
-        # The tile's last program to finish (a per-tile arrival counter, reset by that program for the next
-        # launch or graph replay) sums the partials in split order (deterministic) and stores the output.
-        tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
+        return
+    # Split K: fp32 partials [S, M, G*R], summed in split order (deterministic) by `_splitk_reduce_kernel` or, with
+    # FUSED_REDUCE, by the tile's last program to finish (a per-tile arrival counter, reset by that program for
+    # the next launch or graph replay).
+    split_stride = M * stride_om
+    part_ptrs = part_ptr + tok64[None, :] * stride_om + rows[:, None]
+    tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
+    if FUSED_REDUCE:
         tl.debug_barrier()                  # every thread's partial stored before the release below
         tile = pid_n * tl.num_programs(1) + pid_t
         arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
             total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
             for s0 in range(0, num_splits, 4):      # 4 loads in flight per step, added in split order
-                p0 = tl.load(part_ptrs + s0 * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
-                p1 = tl.load(part_ptrs + (s0 + 1) * split_stride, mask=mask & (s0 + 1 < num_splits), other=0.0,
-                             cache_modifier=".cg")
-                p2 = tl.load(part_ptrs + (s0 + 2) * split_stride, mask=mask & (s0 + 2 < num_splits), other=0.0,
-                             cache_modifier=".cg")
-                p3 = tl.load(part_ptrs + (s0 + 3) * split_stride, mask=mask & (s0 + 3 < num_splits), other=0.0,
-                             cache_modifier=".cg")
+                p0 = _split_partial(part_ptrs, s0, split_stride, num_splits, mask)
+                p1 = _split_partial(part_ptrs, s0 + 1, split_stride, num_splits, mask)
+                p2 = _split_partial(part_ptrs, s0 + 2, split_stride, num_splits, mask)
+                p3 = _split_partial(part_ptrs, s0 + 3, split_stride, num_splits, mask)
                 total = (((total + p0) + p1) + p2) + p3
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(sem_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _split_partial(part_ptrs, s, split_stride, num_splits, mask):
+    """Split s's fp32 partial tile (zeros past the last split), read from L2 (other programs wrote it)."""
+    return tl.load(part_ptrs + s * split_stride, mask=mask & (s < num_splits), other=0.0, cache_modifier=".cg")
 
 
 @triton.jit

@@ -298,7 +298,8 @@ def hc_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, com
     rows = fn.shape[0]
     assert fn.shape == ((2 + hc_mult) * hc_mult, hc_mult * dim) and fn.dtype == torch.float32, "fn shape/dtype"
     gemv = num_tokens <= GEMV_MAX_TOKENS
-    block_t, block_d, num_warps = (1, _GEMV_BLOCK_D, 4) if gemv else _post_mix_geometry(num_tokens)
+    block_t, block_d, num_warps = _post_mix_geometry(num_tokens)
+    block_d = _GEMV_BLOCK_D if gemv else block_d
     splits = triton.cdiv(dim, block_d)
     out = torch.empty_like(residual)
     part = torch.empty(splits, num_tokens, rows, dtype=torch.float32, device=f.device)
@@ -308,7 +309,7 @@ def hc_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, com
     block_m = max(16, triton.next_power_of_2(rows))
     if num_tokens and gemv:
         _hc_post_mix_gemv_kernel[(num_tokens, splits)](*args, HC=hc_mult, BLOCK_D=block_d, BLOCK_M=block_m,
-                                                       num_warps=num_warps)
+                                                       num_warps=4)
     elif num_tokens:
         _hc_post_mix_kernel[(triton.cdiv(num_tokens, block_t), splits)](
             *args, HC=hc_mult, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=num_warps)

@@ -30,6 +30,7 @@ import grpc
 import pytest
 
 from dsv4.cluster.engine_client import EngineClient, LoadReport, WorkerLoad
+from dsv4.cluster.generation_service import GenerationService
 from dsv4.cluster.server import build_server
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.tokenizer_file import write_tokenizer_files
@@ -267,8 +268,8 @@ class ServerThread:
         port = free_port()
 
         async def start() -> None:
-            self._server = build_server(self._engine, self._tokenizer, "127.0.0.1", port, self._api_key,
-                                        self._metrics, reflection_on=self._reflection_on)
+            service = GenerationService(self._engine, self._tokenizer, self._metrics)
+            self._server = build_server(service, "127.0.0.1", port, self._api_key, self._reflection_on)
             await self._server.start()
 
         self._loop = EventLoopThread()
