@@ -8,9 +8,15 @@
    tokens/s (and per GPU), and the engine's own step time beside the interval between step completions, so the
    control plane's cost is visible (`GetLoads` gauges over the level's last 100 steps).
 
+3. Log-probabilities (--logprob-check): one greedy request with logprobs, alone and again inside a batch of 32
+   other streams; the two must agree token for token, their log-probabilities within --logprob-tolerance.
+
     python benchmarks/serve.py --preset small --device cuda --workers 2 --out results/
-    python benchmarks/serve.py --preset small --device cuda --workers 1 --numerics fast --prompt-len 8192 \
-        --max-tokens 1024 --concurrency 1,16,64,256 --prompts-per-level 2 --out results/   # the anchors' table
+    # the anchors' table on one H200: V4-Flash widths, one EP-4 rank's 64 experts, weights generated on the GPU
+    python benchmarks/serve.py --preset v4-flash --set n_routed_experts=64 --weights on-load --device cuda \
+        --workers 1 --numerics fast --kv-cache-gib 0 --max-num-seqs 64 --max-num-batched-tokens 4096 \
+        --max-prefill-chunk 4096 --check-tokens 0 --logprob-check --prompt-len 8192 --max-tokens 1024 \
+        --concurrency 1,16,64 --out results/
 Writes serve-<device>-<preset>-<date>.json / .md and the server log into --out.
 """
 
@@ -31,10 +37,11 @@ import grpc
 import torch
 
 from dsv4.model.checkpoint import load_model
+from dsv4.model.cli import config_overrides
 from dsv4.model.config import preset
 from dsv4.model.generate import greedy_generate
 from dsv4.model.numerics import Numerics
-from dsv4.model.synthetic import write_checkpoint
+from dsv4.model.synthetic import write_checkpoint, write_generated_checkpoint
 from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
 
@@ -42,7 +49,10 @@ from dsv4.protos import dsv4_pb2_grpc
 def start_server(args, model_dir: Path, log_path: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "dsv4.cluster.cli", "serve", "--model", str(model_dir), "--workers",
                str(args.workers), "--device", args.device, "--port", str(args.port), "--host", "127.0.0.1",
-               "--kv-cache-gib", str(args.kv_cache_gib), "--max-num-seqs", "32", "--numerics", args.numerics]
+               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+               "--max-prefill-chunk", str(args.max_prefill_chunk), "--numerics", args.numerics, "--metrics-port", "0"]
+    if args.kv_cache_gib:     # 0: sized from the GPU's free memory (--gpu-memory-utilization)
+        command += ["--kv-cache-gib", str(args.kv_cache_gib)]
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.startup_timeout
@@ -57,18 +67,42 @@ def start_server(args, model_dir: Path, log_path: Path) -> subprocess.Popen:
 
 
 def stream(stub, prompt: list[int], max_tokens: int, **params) -> dict:
-    """One request: its output ids, time to first token and total time."""
+    """One request: its output ids (and log-probabilities if asked), time to first token and total time."""
     request = pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt), sampling_params=pb.SamplingParams(
         max_tokens=max_tokens, ignore_eos=True, **params))
-    start, first, ids = time.perf_counter(), None, []
+    start, first, ids, logprobs = time.perf_counter(), None, [], []
     for response in stub.Generate(request, timeout=3600):
         if response.WhichOneof("response") == "chunk":
             first = first or time.perf_counter()
             ids += list(response.chunk.token_ids)
+            logprobs += [entry.logprob for entry in response.chunk.logprobs]
         elif response.WhichOneof("response") == "error":
             raise RuntimeError(response.error.message)
     end = time.perf_counter()
-    return {"ids": ids, "ttft": (first or end) - start, "total": end - start}
+    return {"ids": ids, "logprobs": logprobs, "ttft": (first or end) - start, "total": end - start}
+
+
+def logprob_check(stub, vocab: int, g: torch.Generator, max_tokens: int, tolerance: float) -> dict:
+    """A greedy request's log-probabilities alone and inside a batch of 32 other streams (the fast path is not
+    batch invariant, so they may differ within tolerance): compared up to the first token where they part."""
+    prompt = torch.randint(2, vocab, (300,), generator=g).tolist()
+    alone = stream(stub, prompt, max_tokens, temperature=0.0, logprobs=0)
+    others = [torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in torch.randint(64, 512, (32,))]
+    with concurrent.futures.ThreadPoolExecutor(33) as pool:
+        background = [pool.submit(stream, stub, p, max_tokens + 16, temperature=0.0) for p in others]
+        time.sleep(0.5)                                      # the others are running when it arrives
+        batched = stream(stub, prompt, max_tokens, temperature=0.0, logprobs=0)
+        for f in background:
+            f.result()
+    same = next((i for i, (a, b) in enumerate(zip(alone["ids"], batched["ids"], strict=True)) if a != b),
+                len(alone["ids"]))
+    diffs = [abs(a - b) for a, b in zip(alone["logprobs"][:same], batched["logprobs"][:same], strict=True)]
+    worst = max(diffs, default=0.0)
+    return {"tokens": len(alone["ids"]), "tokens_equal_prefix": same, "max_abs_logprob_diff": worst,
+            "mean_abs_logprob_diff": sum(diffs) / max(len(diffs), 1), "tolerance": tolerance,
+            "mean_logprob_alone": sum(alone["logprobs"]) / max(len(alone["logprobs"]), 1),
+            "passed": len(alone["logprobs"]) == len(alone["ids"]) and same >= min(16, len(alone["ids"]))
+            and worst <= tolerance}
 
 
 def percentiles(values: list[float]) -> dict:
@@ -104,11 +138,23 @@ def timing(stub, prompts: list[list[int]], max_tokens: int, concurrency: int, nu
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field of the preset, e.g. n_routed_experts=64 (repeatable)")
+    parser.add_argument("--weights", choices=("files", "on-load"), default="files",
+                        help="on-load: no weight files, the workers generate them on their devices")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--numerics", default="reference")
     parser.add_argument("--port", type=int, default=50551)
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="0: sized from the GPU's free memory")
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-prefill-chunk", type=int, default=256)
+    parser.add_argument("--check-tokens", type=int, default=32,
+                        help="greedy tokens compared with the single-process model (0: no check, e.g. a model "
+                             "too large to hold twice)")
+    parser.add_argument("--logprob-check", action="store_true")
+    parser.add_argument("--logprob-tolerance", type=float, default=0.05)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts, one level each")
@@ -119,25 +165,36 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsv4-bench-{args.preset}"
+    config = preset(args.preset).replace(**config_overrides(args.set))
+    variant = "-".join(s.replace("=", "") for s in args.set)
+    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsv4-bench-{args.preset}{'-' + variant if variant else ''}"
+    model_dir = model_dir.with_name(model_dir.name + ("-onload" if args.weights == "on-load" else ""))
     if not (model_dir / "config.json").exists():
-        write_checkpoint(preset(args.preset), model_dir, seed=0)
+        if args.weights == "on-load":
+            write_generated_checkpoint(config, model_dir, seed=0)
+        else:
+            write_checkpoint(config, model_dir, seed=0)
     server = start_server(args, model_dir, args.out / "serve.log")
+    equal, served, logprobs = [], [], None
     try:
         with grpc.insecure_channel(f"127.0.0.1:{args.port}") as channel:
             stub = dsv4_pb2_grpc.Dsv4EngineStub(channel)
-            vocab = preset(args.preset).vocab_size
+            vocab = config.vocab_size
             g = torch.Generator().manual_seed(0)
-            checks = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (5, 64, 129, 300)]
-            served = [stream(stub, p, 32, temperature=0.0)["ids"] for p in checks]
-            device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
-            # The service runs with the CUDA kernels; the single-process check runs the PyTorch references.
-            os.environ["DSV4_KERNELS"] = "0"
-            single = load_model(model_dir, device=device, progress=None)
-            numerics = Numerics.parse(args.numerics)
-            expected = [greedy_generate(single, p, 32, numerics) for p in checks]
-            equal = [a == b for a, b in zip(served, expected, strict=True)]
-            del single
+            if args.check_tokens:
+                checks = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (5, 64, 129, 300)]
+                served = [stream(stub, p, args.check_tokens, temperature=0.0)["ids"] for p in checks]
+                device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+                # The service runs with the CUDA kernels; the single-process check runs the PyTorch references.
+                os.environ["DSV4_KERNELS"] = "0"
+                single = load_model(model_dir, device=device, progress=None)
+                numerics = Numerics.parse(args.numerics)
+                expected = [greedy_generate(single, p, args.check_tokens, numerics) for p in checks]
+                equal = [a == b for a, b in zip(served, expected, strict=True)]
+                del single
+            if args.logprob_check:
+                logprobs = logprob_check(stub, vocab, g, 32, args.logprob_tolerance)
+                print(json.dumps({"logprob_check": logprobs}), flush=True)
             num_gpus = args.workers if args.device == "cuda" else 1
             runs = []
             for level in (int(c) for c in args.concurrency.split(",")):
@@ -153,10 +210,13 @@ def main() -> int:
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     result = {"date": date, "commit": args.commit, "device": name, "num_gpus": torch.cuda.device_count(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "preset": args.preset,
-              "workers": args.workers, "numerics": args.numerics, "greedy_equal_single_process": equal,
-              "greedy_outputs": served, "timing": runs,
+              "config_overrides": args.set, "weights": args.weights, "workers": args.workers,
+              "numerics": args.numerics, "server": {k: getattr(args, k) for k in (
+                  "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "kv_cache_gib")},
+              "greedy_equal_single_process": equal, "greedy_outputs": served, "logprob_check": logprobs,
+              "timing": runs,
               "expert_token_counts_sum": sum(loads.expert_token_counts), "engine_gauges": dict(loads.extra)}
-    stem = f"serve-{args.device}-{args.preset}-{date}"
+    stem = f"serve-{args.device}-{args.preset}{'-' + variant if variant else ''}-{date}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {r['concurrency']} | {r['requests']} | {r['wall_s']} | {r['output_tokens_per_s']} | "
                      f"{r['total_tokens_per_s_per_gpu']} | {r['ttft_ms']['p50']} / {r['ttft_ms']['mean']} / "
@@ -164,17 +224,19 @@ def main() -> int:
                      f"{r['tpot_ms']['p99']} | "
                      f"{r['worker_step_ms']} / {r['step_interval_ms']} | {r['control_plane_share']} |" for r in runs)
     (args.out / f"{stem}.md").write_text(
-        f"# dsv4 serve, {args.preset} preset, {args.workers} {args.device} workers\n\n"
+        f"# dsv4 serve, {' '.join([args.preset, *args.set])}, {args.workers} {args.device} workers\n\n"
         f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, commit {args.commit}, {date}, "
-        f"{args.numerics} numerics.\n\nGreedy outputs streamed from the service (CUDA kernels where the device has "
-        f"them) equal the single-process model's on the PyTorch reference path: {equal}.\n\n"
+        f"{args.numerics} numerics, weights {args.weights}, server {result['server']}.\n\n"
+        f"Greedy outputs streamed from the service (CUDA kernels where the device has them) equal the "
+        f"single-process model's on the PyTorch reference path: {equal or 'not checked'}.\n\n"
+        f"Log-probabilities of a greedy request alone and inside a batch of 32: {logprobs or 'not checked'}.\n\n"
         f"Prompts of {args.prompt_len} random tokens, {args.max_tokens} outputs each (ignore_eos).\n\n"
         f"| concurrency | requests | wall s | output tok/s | total tok/s/GPU | TTFT ms P50 / mean / P99 | "
         f"TPOT ms P50 / mean / P99 | worker step / step interval ms | control-plane share |\n"
         f"|---|---|---|---|---|---|---|---|---|\n{rows}\n\n"
         f"Engine gauges (last 100 steps): {dict(loads.extra)}\n")
     print((args.out / f"{stem}.md").read_text())
-    return 0 if all(equal) else 1
+    return 0 if all(equal) and (logprobs is None or logprobs["passed"]) else 1
 
 
 if __name__ == "__main__":

@@ -214,6 +214,11 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p.add_argument("--shard-gib", type=float, default=4.0, help="maximum shard size in GiB (default 4)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set n_routed_experts=64 (repeatable)")
+    p.add_argument("--weights", choices=("files", "on-load"), default="files",
+                   help="files: safetensors shards; on-load: no weight files, each worker generates the seeded "
+                        "weights in its device's memory at load (benchmarks of models larger than the disk)")
     p.set_defaults(handler=_checkpoint)
 
 

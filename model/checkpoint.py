@@ -26,6 +26,9 @@ from dsv4.model.checkpoint_names import merged_experts_kind, split_merged_expert
 from dsv4.model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
+# A checkpoint directory whose weights are generated on the device at load (`dsv4 checkpoint --weights on-load`):
+# config, tokenizer and hash-routing tables on disk, the seed in this file. For models larger than the disk.
+GENERATED_WEIGHTS_FILE = "generated-weights.json"
 log = logging.getLogger(__name__)
 
 
@@ -191,6 +194,20 @@ def _place(name: str, file: Path, tensor: torch.Tensor, expected: dict[str, torc
     return {k: _convert(k, file, v, expected[k]) for k, v in parts.items() if k in expected}
 
 
+def generated_weights_seed(path: str | Path) -> int | None:
+    """The seed of a checkpoint whose weights are generated at load, None for one whose weights are files."""
+    marker = Path(path) / GENERATED_WEIGHTS_FILE
+    if not marker.exists():
+        return None
+    try:
+        seed = json.loads(marker.read_text())["seed"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker}: expected {{\"seed\": <int>}} ({e})") from None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CheckpointError(f"{marker}: seed must be an integer, got {seed!r}")
+    return seed
+
+
 def load_model(path: str | Path, expert_ids: list[int] | None = None, progress: Progress | None = print_progress,
                device: torch.device | str = "cpu"):
     """Build a `Transformer` from `path/config.json` and load its weights (only `expert_ids` of the experts)."""
@@ -199,6 +216,12 @@ def load_model(path: str | Path, expert_ids: list[int] | None = None, progress: 
     if not Path(path).is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     config = ModelConfig.from_file(Path(path) / "config.json")
+    seed = generated_weights_seed(path)
+    if seed is not None:
+        from dsv4.model.synthetic import synthetic_model
+
+        log.warning("%s: weights generated on %s from seed %d (a synthetic checkpoint)", path, device, seed)
+        return synthetic_model(config, device, seed, expert_ids, progress)
     if config.num_nextn_predict_layers and not any(to_official_name(n).startswith("mtp.")
                                                    for n in checkpoint_files(Path(path))):
         # transformers drops the MTP block when it converts a checkpoint; serve without it.

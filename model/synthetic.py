@@ -8,7 +8,9 @@ shard boundaries do not change them. Shards are written one at a time: memory st
 
 `synthetic_model` builds the same kind of model directly in a device's memory, without a checkpoint (a V4-Flash
 checkpoint is ~150 GB): the same initialisers and quantizers, drawn from device generators (so the values differ
-from the CPU writer's, their statistics do not).
+from the CPU writer's, their statistics do not). The hash-routing tables are drawn on the CPU everywhere, so
+`write_generated_checkpoint` can store them (the coordinator's placement reads them) exactly as every device
+builds them: a directory `load_model` serves with weights generated at load.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from dsv4.kernels import quant
-from dsv4.model.checkpoint import INDEX_FILE, Progress, print_progress
+from dsv4.model.checkpoint import GENERATED_WEIGHTS_FILE, INDEX_FILE, Progress, print_progress
 from dsv4.model.config import ModelConfig
 from dsv4.model.tokenizer_file import write_tokenizer_files
 
@@ -74,7 +76,8 @@ def synthetic_tensors(config: ModelConfig, seed: int, expert_ids: list[int] | No
     for name, spec in schema.items():
         if name.endswith(".scale") and name[:-len(".scale")] + ".weight" in schema:
             continue   # emitted together with its weight
-        g = _generator(seed, name, device)
+        # index tables from a CPU generator: the same values on every device (see `write_generated_checkpoint`)
+        g = _generator(seed, name, device if spec.dtype.is_floating_point else "cpu")
         if spec.dtype == torch.float8_e4m3fn:
             width = spec.shape[1]
             yield from zip((name, name[:-len("weight")] + "scale"),
@@ -84,7 +87,7 @@ def synthetic_tensors(config: ModelConfig, seed: int, expert_ids: list[int] | No
             w = _normal((spec.shape[0], width), 1 / math.sqrt(width), g)
             yield from zip((name, name[:-len("weight")] + "scale"), quant.quantize_weight_fp4(w), strict=True)
         else:
-            yield name, _random_value(name, spec, config, g).to(spec.dtype)
+            yield name, _random_value(name, spec, config, g).to(device=device, dtype=spec.dtype)
 
 
 def synthetic_model(config: ModelConfig, device: torch.device | str, seed: int = 0,
@@ -142,9 +145,35 @@ def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0,
         weight_map.update(dict.fromkeys(names, final.name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    _write_model_files(config, out)
+    return out
+
+
+def write_generated_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0) -> Path:
+    """A checkpoint directory without weight files: config, tokenizer, the hash-routing tables (what the
+    coordinator reads) and the seed; `load_model` generates the weights on the device it loads to."""
+    from dsv4.model.transformer import Transformer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    with torch.device("meta"):
+        schema = Transformer(config, []).state_dict()
+    names = [f"layers.{i}.ffn.gate.tid2eid" for i in range(config.num_hash_layers)]
+    tables = {n: _random_value(n, schema[n], config, _generator(seed, n)).to(schema[n].dtype).contiguous()
+              for n in names}
+    if tables:
+        save_file(tables, str(out / "hash-tables.safetensors"), metadata={"format": "pt"})
+    (out / GENERATED_WEIGHTS_FILE).write_text(json.dumps({"seed": seed}) + "\n")
+    _write_model_files(config, out)
+    return out
+
+
+def _write_model_files(config: ModelConfig, out: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files."""
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": True,
                   "temperature": 1.0, "top_p": 1.0}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_tokenizer_files(out, config.vocab_size, config.max_position_embeddings)
-    return out

@@ -263,3 +263,43 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
                           str(tmp_path / "none.json"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "none.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generated_weights_checkpoint_builds_the_seeded_model_and_stores_its_hash_tables(tmp_path):
+    """`--weights on-load`: no weight files; every load generates the same seeded model, whose hash-routing tables
+    are the ones on disk (what the coordinator's placement reads)."""
+    from dsv4.cluster.placement import read_hash_tables
+    from dsv4.model.synthetic import synthetic_model, write_generated_checkpoint
+
+    c = preset("tiny")
+    out = write_generated_checkpoint(c, tmp_path / "gen", seed=5)
+    assert not list(out.glob("model-*.safetensors")) and not (out / INDEX_FILE).exists()
+    model = load_model(out, expert_ids=[1, 3], progress=None)
+    expected = synthetic_model(c, "cpu", seed=5, expert_ids=[1, 3], progress=None).state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    assert not torch.equal(state["embed.weight"],
+                           synthetic_model(c, "cpu", seed=6, progress=None).state_dict()["embed.weight"])
+    tables = read_hash_tables(out, c.num_hash_layers)
+    assert len(tables) == c.num_hash_layers > 0
+    for i, table in enumerate(tables):
+        assert torch.equal(torch.from_numpy(table), state[f"layers.{i}.ffn.gate.tid2eid"])
+    (out / "generated-weights.json").write_text('{"seed": "five"}')
+    with pytest.raises(CheckpointError, match="generated-weights.json.*seed must be an integer"):
+        load_model(out, progress=None)
+
+
+def test_cli_overrides_config_fields_and_names_a_bad_one(tmp_path):
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, "-m", "dsv4.cluster.cli", "checkpoint", "--preset", "tiny", "--out",
+                           str(out), "--set", "n_routed_experts=12", "--weights", "on-load"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = load_model(out, progress=None)
+    assert model.config == preset("tiny").replace(n_routed_experts=12)
+    assert len(model.layers[0].ffn.experts) == 12
+    bad = subprocess.run([sys.executable, "-m", "dsv4.cluster.cli", "checkpoint", "--preset", "tiny", "--out",
+                          str(tmp_path / "x"), "--set", "n_routed_expert=12"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "n_routed_expert=12" in bad.stderr and "Traceback" not in bad.stderr
