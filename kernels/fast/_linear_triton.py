@@ -126,29 +126,29 @@ def _swap_ab_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, part_ptr, sem_pt
             acc += part * sw[:, None]
     out_ptrs = out_ptr + tok64[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & tok_ok[None, :]
-    if num_splits == 1:
+    if num_splits == 1:     # (Triton specializes an int argument of 1: the split-K code is not compiled)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        return
-    # Split K: fp32 partials [S, M, G*R], summed in split order (deterministic) by `_splitk_reduce_kernel` or, with
-    # FUSED_REDUCE, by the tile's last program to finish (a per-tile arrival counter, reset by that program for
-    # the next launch or graph replay).
-    split_stride = M * stride_om
-    part_ptrs = part_ptr + tok64[None, :] * stride_om + rows[:, None]
-    tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
-    if FUSED_REDUCE:
-        tl.debug_barrier()                  # every thread's partial stored before the release below
-        tile = pid_n * tl.num_programs(1) + pid_t
-        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-            for s0 in range(0, num_splits, 4):      # 4 loads in flight per step, added in split order
-                p0 = _split_partial(part_ptrs, s0, split_stride, num_splits, mask)
-                p1 = _split_partial(part_ptrs, s0 + 1, split_stride, num_splits, mask)
-                p2 = _split_partial(part_ptrs, s0 + 2, split_stride, num_splits, mask)
-                p3 = _split_partial(part_ptrs, s0 + 3, split_stride, num_splits, mask)
-                total = (((total + p0) + p1) + p2) + p3
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(sem_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        # Split K: fp32 partials [S, M, G*R], summed in split order (deterministic) by `_splitk_reduce_kernel` or,
+        # with FUSED_REDUCE, by the tile's last program to finish (a per-tile arrival counter, reset by that
+        # program for the next launch or graph replay).
+        split_stride = M * stride_om
+        part_ptrs = part_ptr + tok64[None, :] * stride_om + rows[:, None]
+        tl.store(part_ptrs + pid_k * split_stride, acc, mask=mask)
+        if FUSED_REDUCE:
+            tl.debug_barrier()                  # every thread's partial stored before the release below
+            tile = pid_n * tl.num_programs(1) + pid_t
+            arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                for s0 in range(0, num_splits, 4):      # 4 loads in flight per step, added in split order
+                    p0 = _split_partial(part_ptrs, s0, split_stride, num_splits, mask)
+                    p1 = _split_partial(part_ptrs, s0 + 1, split_stride, num_splits, mask)
+                    p2 = _split_partial(part_ptrs, s0 + 2, split_stride, num_splits, mask)
+                    p3 = _split_partial(part_ptrs, s0 + 3, split_stride, num_splits, mask)
+                    total = (((total + p0) + p1) + p2) + p3
+                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(sem_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -269,7 +269,7 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, num_gro
     num_n_tiles = triton.cdiv(r, plan.block_n)
     grid = (num_groups * num_n_tiles, triton.cdiv(m, plan.block_t), plan.num_splits)
     part, sems = out, out
-    fused = plan.block_t <= FUSED_REDUCE_MAX_T
+    fused = plan.block_t <= FUSED_REDUCE_MAX_T and plan.num_splits > 1
     if plan.num_splits > 1:
         part = torch.empty(plan.num_splits, m, rows, dtype=torch.float32, device=x.device)
         if fused:
