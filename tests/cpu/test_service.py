@@ -99,6 +99,40 @@ def test_abort_frees_the_blocks_at_once(stub):
     assert all(w.free_blocks == w.total_blocks and w.num_running_requests == 0 for w in loads.workers)
 
 
+def test_random_cancellations_among_64_streams_leave_nothing_behind(stub, tiny_model):
+    """64 concurrent streams, every other one cancelled by its client after a random number of chunks: the
+    cancelled requests (asking for 2,000 tokens: minutes of steps if they ran on) are freed (no running or
+    waiting request, every block free) and the others' outputs are the single-process model's, as if alone."""
+    g = torch.Generator().manual_seed(11)
+    cases = [(torch.randint(2, 1024, (int(n),), generator=g).tolist(), int(k))
+             for n, k in zip(torch.randint(1, 48, (64,), generator=g), torch.randint(0, 4, (64,), generator=g),
+                             strict=True)]
+
+    def run(i: int) -> list[int] | None:
+        prompt, cancel_after = cases[i]
+        params = pb.SamplingParams(max_tokens=2000 if i % 2 else 8, temperature=0.0, ignore_eos=True)
+        call = stub.Generate(pb.GenerateRequest(request_id=f"cancel-{i}", tokenized=pb.TokenIds(token_ids=prompt),
+                                                sampling_params=params), timeout=TIMEOUT_S * 4)
+        if i % 2:                     # cancelled by the client, mid-stream (or before its first token)
+            for _ in range(cancel_after):
+                next(call)
+            call.cancel()
+            return None
+        return [t for r in call if r.WhichOneof("response") == "chunk" for t in r.chunk.token_ids]
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(run, range(64)))
+    for (prompt, _), got in zip(cases[::2], results[::2], strict=True):
+        assert got == greedy_generate(tiny_model, prompt, 8, REFERENCE)
+
+    def idle() -> bool:
+        loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+        return loads.num_waiting_requests == 0 and all(
+            w.num_running_requests == 0 and w.free_blocks == w.total_blocks for w in loads.workers)
+
+    wait_until(idle, "the cancelled requests to be freed")
+
+
 @pytest.fixture(scope="module")
 def cramped_stub(ray_cluster, tiny_checkpoint, tiny_model):
     """A second engine whose workers hold 3 blocks (768 positions) and 4 sequences each: running requests
