@@ -6,7 +6,8 @@
    --prompt-len, --max-tokens outputs each (ignore_eos), at each --concurrency level a pool of that many clients
    runs --prompts-per-level x concurrency requests. Per level: TTFT and TPOT P50 / mean / P99, output and total
    tokens/s (and per GPU), and the engine's own step time beside the interval between step completions, so the
-   control plane's cost is visible (`GetLoads` gauges over the level's last 100 steps).
+   control plane's cost is visible (`GetLoads` gauges over the level's last 100 steps). --request-rates adds
+   open-loop levels (--prompts-per-level x 16 requests arriving as a Poisson process): TPOT while prompts prefill.
 
 3. Log-probabilities (--logprob-check): one greedy request with logprobs, alone and again inside a batch of 32
    other streams; the two must agree token for token, their log-probabilities within --logprob-tolerance.
@@ -114,11 +115,22 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": at(0.5), "mean": sum(ordered) / len(ordered), "p99": at(0.99)}
 
 
-def timing(stub, prompts: list[list[int]], max_tokens: int, concurrency: int, num_gpus: int) -> dict:
-    """Run every prompt with `concurrency` clients at a time; latency percentiles and throughput."""
+def timing(stub, prompts: list[list[int]], max_tokens: int, concurrency: int, num_gpus: int,
+           rate: float | None = None) -> dict:
+    """Run every prompt with `concurrency` clients at a time, or (`rate`, requests/s) arriving as a Poisson
+    process whatever is running; latency percentiles and throughput."""
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda p: stream(stub, p, max_tokens, temperature=0.0), prompts))
+    if rate is None:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            runs = list(pool.map(lambda p: stream(stub, p, max_tokens, temperature=0.0), prompts))
+    else:
+        gaps = torch.distributions.Exponential(rate).sample((len(prompts),)).tolist()
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            futures = []
+            for prompt, gap in zip(prompts, gaps, strict=True):
+                time.sleep(gap)
+                futures.append(pool.submit(stream, stub, prompt, max_tokens, temperature=0.0))
+            runs = [f.result() for f in futures]
     wall = time.perf_counter() - start
     outputs = sum(len(r["ids"]) for r in runs)
     total = outputs + sum(len(p) for p in prompts)
@@ -126,7 +138,8 @@ def timing(stub, prompts: list[list[int]], max_tokens: int, concurrency: int, nu
     tpot = percentiles([1000 * (r["total"] - r["ttft"]) / max(len(r["ids"]) - 1, 1) for r in runs])
     gauges = dict(stub.GetLoads(pb.GetLoadsRequest(), timeout=30).extra)
     interval, worker = gauges.get("mean_step_interval_seconds", 0.0), gauges.get("mean_worker_seconds", 0.0)
-    return {"concurrency": concurrency, "requests": len(prompts), "prompt_tokens": sum(len(p) for p in prompts),
+    return {"concurrency": concurrency if rate is None else f"rate {rate}/s", "requests": len(prompts),
+            "prompt_tokens": sum(len(p) for p in prompts),
             "output_tokens": outputs, "wall_s": round(wall, 3), "output_tokens_per_s": round(outputs / wall, 2),
             "total_tokens_per_s": round(total / wall, 2),
             "total_tokens_per_s_per_gpu": round(total / wall / num_gpus, 2),
@@ -158,6 +171,9 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts, one level each")
+    parser.add_argument("--request-rates", default="",
+                        help="comma-separated arrival rates (requests/s, Poisson), one level each after the "
+                             "concurrency levels: TTFT and TPOT while prompts keep arriving")
     parser.add_argument("--prompts-per-level", type=int, default=1,
                         help="requests per level = this x the concurrency (at least 1)")
     parser.add_argument("--startup-timeout", type=float, default=900)
@@ -201,6 +217,12 @@ def main() -> int:
                 prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist()
                            for _ in range(max(1, args.prompts_per_level) * level)]
                 runs.append(timing(stub, prompts, args.max_tokens, level, num_gpus))
+                print(json.dumps(runs[-1]), flush=True)
+            torch.manual_seed(0)                              # the arrival times
+            for rate in (float(r) for r in args.request_rates.split(",") if r):
+                prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist()
+                           for _ in range(max(1, args.prompts_per_level) * 16)]
+                runs.append(timing(stub, prompts, args.max_tokens, 0, num_gpus, rate=rate))
                 print(json.dumps(runs[-1]), flush=True)
             loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=30)
     finally:
