@@ -218,12 +218,14 @@ def main() -> int:
                            for _ in range(max(1, args.prompts_per_level) * level)]
                 runs.append(timing(stub, prompts, args.max_tokens, level, num_gpus))
                 print(json.dumps(runs[-1]), flush=True)
+                (args.out / "serve-partial.json").write_text(json.dumps(runs, indent=2))   # if cut off
             torch.manual_seed(0)                              # the arrival times
             for rate in (float(r) for r in args.request_rates.split(",") if r):
                 prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist()
                            for _ in range(max(1, args.prompts_per_level) * 16)]
                 runs.append(timing(stub, prompts, args.max_tokens, 0, num_gpus, rate=rate))
                 print(json.dumps(runs[-1]), flush=True)
+                (args.out / "serve-partial.json").write_text(json.dumps(runs, indent=2))   # if cut off
             loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=30)
     finally:
         server.terminate()

@@ -76,8 +76,8 @@ def synthetic_tensors(config: ModelConfig, seed: int, expert_ids: list[int] | No
     for name, spec in schema.items():
         if name.endswith(".scale") and name[:-len(".scale")] + ".weight" in schema:
             continue   # emitted together with its weight
-        # index tables from a CPU generator: the same values on every device (see `write_generated_checkpoint`)
-        g = _generator(seed, name, device if spec.dtype.is_floating_point else "cpu")
+        # hash tables from a CPU generator: the same values on every device (see `write_generated_checkpoint`)
+        g = _generator(seed, name, "cpu" if name.endswith(".tid2eid") else device)
         if spec.dtype == torch.float8_e4m3fn:
             width = spec.shape[1]
             yield from zip((name, name[:-len("weight")] + "scale"),
