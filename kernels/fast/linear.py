@@ -216,15 +216,23 @@ def _cublas_fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     from dsv4.kernels.fast import _linear_triton
 
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(k // QBLOCK, m, dtype=torch.float32, device=x.device).t()
-    _linear_triton.act_quant_fp8(x, q, s)
+    # The K-block-major scales' leading dimension must be 16-byte aligned (M % 4 == 0; M = 381 answered
+    # CUBLAS_STATUS_NOT_SUPPORTED on the H200): pad M with zero rows of unit scale and drop their outputs.
+    mp = -(-m // 4) * 4
+    q = torch.empty(mp, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(k // QBLOCK, mp, dtype=torch.float32, device=x.device).t()
+    if mp != m:
+        q[m:].zero_()
+        s[m:].fill_(1.0)
+    _linear_triton.act_quant_fp8(x, q[:m], s[:m])
     mm_scale = w.mm_scale if w.mm_scale is not None else _mm_scale(w.scale)
     functional = torch.nn.functional
     if hasattr(functional, "scaled_mm"):
-        return functional.scaled_mm(q, w.weight.t(), s, functional.ScalingType.BlockWise1x128, mm_scale.t(),
-                                    functional.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
-    return torch._scaled_mm(q, w.weight.t(), s, mm_scale.t(), out_dtype=torch.bfloat16)
+        y = functional.scaled_mm(q, w.weight.t(), s, functional.ScalingType.BlockWise1x128, mm_scale.t(),
+                                 functional.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+    else:
+        y = torch._scaled_mm(q, w.weight.t(), s, mm_scale.t(), out_dtype=torch.bfloat16)
+    return y[:m]
 
 
 # ---------------------------------------------------------------------------------------------- CPU twins

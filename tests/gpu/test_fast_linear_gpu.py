@@ -149,9 +149,10 @@ def test_prefill_paths(m, name, use_cublas):
 
 
 def test_cublas_at_decode_and_odd_m():
-    """cuBLAS's blockwise recipe where it is allowed to run (M = 64 and an M that is not a multiple of 16)."""
+    """cuBLAS's blockwise recipe where it is allowed to run (M = 64, an M that is not a multiple of 16, and odd
+    ones, which the path pads to a multiple of 4)."""
     w, s = fp8_weight(32768, 1024, 11)
-    for m in (64, 1000):
+    for m in (64, 1000, 381, 1001, 1003):
         x = activations(m, 1024, 12)
         check(linear.fp8_linear(x, linear.prepare_fp8(w, s), prefill_threshold=1), reference(x, w, s, True))
 
