@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import random
+import re
 import time
 
 from dsv4.cache.manager import KVCacheManager
@@ -29,6 +30,18 @@ from dsv4.wire.request import FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 MAX_STEPS_IN_FLIGHT = 2
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line_error(error: BaseException, limit: int = 300) -> str:
+    """What clients are told of a failure: the type and first line of the worker's own exception (not Ray's
+    wrapper with its traceback, pids, addresses and colour codes), at most `limit` characters; the server log
+    keeps the whole."""
+    cause = getattr(error, "cause", None)          # RayTaskError: the exception raised inside the actor
+    error = cause if isinstance(cause, BaseException) else error
+    lines = _ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Coordinator:
@@ -135,7 +148,7 @@ class Coordinator:
                     await asyncio.sleep(0.001)        # requests wait for blocks held by finishing ones
         except Exception as e:                        # a worker died or a step failed: fail every stream loudly
             log.exception("step loop failed")
-            self._failure = f"{type(e).__name__}: {e}"
+            self._failure = one_line_error(e)
             for request_id in list(self.scheduler.requests):
                 output = self.scheduler.abort(request_id)
                 if output is not None:

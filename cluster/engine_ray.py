@@ -4,6 +4,7 @@ what the gRPC server calls."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -11,13 +12,15 @@ import ray
 from ray.exceptions import RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dsv4.cluster.coordinator import Coordinator
+from dsv4.cluster.coordinator import Coordinator, one_line_error
 from dsv4.cluster.engine_client import LoadReport
 from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.placement import ExpertPlacement
 from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,7 +107,8 @@ class RayEngineClient:
         except Exception as e:                     # the coordinator died: end every open stream, loudly
             if not subscribed.done():
                 subscribed.set_exception(e)
-            error = f"{type(e).__name__}: {e}"
+            error = one_line_error(e)
+            log.error("the coordinator's output stream failed", exc_info=e)
             for request_id, queue in list(self._streams.items()):
                 queue.put_nowait(RequestOutput(request_id, (), 0, 0, FinishReason.ERROR, error=error))
 

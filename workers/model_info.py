@@ -14,6 +14,8 @@ from dsv4.wire.model_info import ModelInfo
 
 def model_info(config: ServeConfig, model: ModelConfig, workers: list[WorkerInfo] = ()) -> ModelInfo:
     max_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    if workers:   # a sequence lives on one worker: no longer than the smallest worker's cache holds
+        max_len = min(max_len, *(w.num_blocks * w.block_size for w in workers))
     return ModelInfo(model_path=config.model_dir,
                      served_model_name=config.served_model_name or Path(config.model_dir).name,
                      vocab_size=model.vocab_size, max_model_len=max_len, bos_token_id=model.bos_token_id,

@@ -166,8 +166,10 @@ def test_preempted_requests_resume_and_match_the_model(cramped_stub, tiny_model)
 
 
 def test_a_prompt_larger_than_any_cache_is_rejected_by_name(cramped_stub):
+    info = cramped_stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT_S)
+    assert info.max_context_length == 768      # what one worker's cache holds, not the configured 2048
     with pytest.raises(grpc.RpcError) as err:
-        generate_ids(cramped_stub, [5] * 800, 4)     # fits the context (2048) but no worker's 768 positions
+        generate_ids(cramped_stub, [5] * 800, 4)     # fits the configured 2048 but no worker's 768 positions
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
     assert generate_ids(cramped_stub, [5] * 10, 2)[1].finish_reason == pb.FINISH_REASON_LENGTH   # still serving
 
@@ -227,3 +229,22 @@ def test_outputs_come_back_one_batch_per_step(ray_service):
     ray.cancel(batches)                                       # unsubscribe (the generator's finally runs)
     assert per_request == {rid: 12 for rid in ids}
     assert len(seen) <= 16 and max(len(s) for s in seen) == 4, seen
+
+
+def test_step_failures_reach_clients_as_one_line(ray_cluster):
+    """A worker's exception as Ray delivers it (traceback, pid, address, colour codes) becomes one line for
+    clients: the worker's own exception type and first message line."""
+    import ray
+
+    from dsv4.cluster.coordinator import one_line_error
+
+    @ray.remote
+    def failing_step():
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul`\n  detail line")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(failing_step.remote())
+    assert "pid=" in str(err.value)                                        # what Ray's own message carries
+    assert one_line_error(err.value) == ("RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling "
+                                         "`cublasLtMatmul`")
+    assert one_line_error(ValueError("\x1b[31mred\x1b[0m\nmore"), limit=12) == "ValueError: red"[:9] + "..."
