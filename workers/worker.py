@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ import torch.distributed as dist
 
 from dsv4.cache.pools import allocate_pools
 from dsv4.cache.spec import plan_cache
+from dsv4.kernels.build import load as load_kernels
+from dsv4.kernels.knobs import knobs
 from dsv4.model.batch import Chunk
 from dsv4.model.checkpoint import load_model
 from dsv4.model.numerics import Numerics, NumericsMode
@@ -70,8 +73,14 @@ class Worker:
 
     def load(self) -> WorkerInfo:
         local = tuple(e for e, r in enumerate(self.owner) if r == self.rank)
+        build = None
+        if self.device.type == "cuda" and knobs().kernels:   # compile (or load) the CUDA extension meanwhile
+            build = threading.Thread(target=load_kernels, name="dsv4-kernel-build", daemon=True)
+            build.start()
         self.model = load_model(self.config.model_dir, expert_ids=list(local), device=self.device,
                                 progress=lambda m: print(f"[worker {self.rank}] {m}", flush=True))
+        if build is not None:
+            build.join()      # before any kernel runs (a failed build raises again, in this thread, on first use)
         sched = self.config.scheduler
         # CUDA graphs (fast numerics on a GPU) pad decode batches with a spare slot the scheduler never sees. With
         # several workers the graphs would capture NCCL all-to-alls, not yet run on a multi-GPU machine: eager there.
