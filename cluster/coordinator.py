@@ -18,6 +18,8 @@ import random
 import re
 import time
 
+from ray.exceptions import RayActorError, RayTaskError
+
 from dsv4.cache.manager import KVCacheManager
 from dsv4.cluster.engine_client import LoadReport, WorkerLoad
 from dsv4.cluster.placement import HashAffinity
@@ -26,10 +28,13 @@ from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo, WorkerResult
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.placement import ExpertPlacement
-from dsv4.wire.request import FinishReason, GenerateRequest, RequestOutput
+from dsv4.wire.request import EngineFailed, FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 MAX_STEPS_IN_FLIGHT = 2
+# A step that raised inside a lone worker (which lives on) fails the requests it ran, and the engine serves on;
+# this many failures in a row (a poisoned device) fail the engine instead.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -66,6 +71,7 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._failure: str | None = None
+        self._consecutive_step_failures = 0
 
     # ------------------------------------------------------------------------------------------ API
     def model_info(self) -> ModelInfo:
@@ -78,7 +84,7 @@ class Coordinator:
         """Queue a request (InvalidRequest names a bad field); its outputs arrive on `output_batches`."""
         request.validate(self.info.vocab_size, self.info.max_model_len)
         if self._failure is not None:
-            raise RuntimeError(f"engine failed: {self._failure}")
+            raise EngineFailed(f"engine failed: {self._failure}")
         seed = request.sampling.seed if request.sampling.seed is not None else self._seeds.getrandbits(63)
         self.scheduler.add(request, seed)
         self._ensure_loop()
@@ -139,7 +145,14 @@ class Coordinator:
                         continue                      # plan the next step while this one runs
                 if in_flight:
                     done, futures = in_flight.popleft()
-                    self._process(done, await asyncio.gather(*futures))
+                    try:
+                        results = await asyncio.gather(*futures)
+                    except RayTaskError as e:
+                        if not self._contain_step_failure(done, e):
+                            raise
+                    else:
+                        self._consecutive_step_failures = 0
+                        self._process(done, results)
                     self._flush()
                 elif not self.scheduler.has_work():
                     self._wake.clear()
@@ -155,6 +168,24 @@ class Coordinator:
                     self._deliver(RequestOutput(output.request_id, (), output.num_prompt_tokens,
                                                 output.num_output_tokens, FinishReason.ERROR, error=self._failure))
             self._flush()
+
+    def _contain_step_failure(self, plans: StepPlans, error: RayTaskError) -> bool:
+        """A step raised inside its worker. With one worker, which is alive (its exception came back), the
+        requests the step ran end with ERROR naming the cause and the engine serves on; True if so. With several,
+        the others may be blocked in the step's all-to-all: False, the engine fails."""
+        self._consecutive_step_failures += 1
+        if (len(self.workers) > 1 or isinstance(error, RayActorError)
+                or self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES):
+            return False
+        message = f"engine step failed: {one_line_error(error)}"
+        log.error("step %d failed; ending its %d requests", self.steps_done, len(plans.request_ids), exc_info=error)
+        for request_id in plans.request_ids:
+            output = self.scheduler.abort(request_id)   # blocks freed; the worker drops it with the next plan
+            if output is not None:
+                self._deliver(RequestOutput(output.request_id, (), output.num_prompt_tokens,
+                                            output.num_output_tokens, FinishReason.ERROR, error=message))
+        self.scheduler.step_returned(plans.request_ids)
+        return True
 
     def _process(self, plans: StepPlans, results: list[WorkerResult]) -> None:
         for result in results:

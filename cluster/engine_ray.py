@@ -18,7 +18,14 @@ from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.placement import ExpertPlacement
-from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.wire.request import (
+    EngineFailed,
+    EngineOverloaded,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequest,
+    RequestOutput,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +82,7 @@ class RayEngineClient:
                 await self._coordinator.submit.remote(request)
             except RayTaskError as e:
                 cause = _unwrap(e)
-                if isinstance(cause, (InvalidRequest, EngineOverloaded)):
+                if isinstance(cause, (InvalidRequest, EngineOverloaded, EngineFailed)):
                     raise cause from None
                 raise
             while True:

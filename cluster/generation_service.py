@@ -19,6 +19,7 @@ from dsv4.cluster.text_stream import StreamEvent, TextStream
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.model_info import ModelInfo
 from dsv4.wire.request import (
+    EngineFailed,
     EngineOverloaded,
     GenerateRequest,
     InvalidRequest,
@@ -135,8 +136,8 @@ class GenerationService(RequestBuilder):
                 if engine_done:
                     return
             final_events = text.on_error("the engine stream ended without a finished output")
-        except (InvalidRequest, EngineOverloaded) as exc:
-            if not started:  # rejected up front: INVALID_ARGUMENT / RESOURCE_EXHAUSTED from the servicer
+        except (InvalidRequest, EngineOverloaded, EngineFailed) as exc:
+            if not started:  # rejected up front: INVALID_ARGUMENT / RESOURCE_EXHAUSTED / UNAVAILABLE
                 raise
             final_events = text.on_error(str(exc))
         except Exception as exc:  # the engine failed: the client gets an error result, the server keeps going

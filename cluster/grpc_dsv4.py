@@ -12,7 +12,14 @@ from dsv4.cluster.generation_service import GenerationService, ServerDraining
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 from dsv4.protos import dsv4_pb2, dsv4_pb2_grpc
 from dsv4.wire.model_info import ModelInfo
-from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
+from dsv4.wire.request import (
+    EngineFailed,
+    EngineOverloaded,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequest,
+    TokenLogprobs,
+)
 
 SERVICE_NAME = dsv4_pb2.DESCRIPTOR.services_by_name["Dsv4Engine"].full_name
 
@@ -109,7 +116,7 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ServerDraining as exc:
+        except (ServerDraining, EngineFailed) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def Abort(self, request: dsv4_pb2.AbortRequest, context: grpc.aio.ServicerContext

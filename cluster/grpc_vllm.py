@@ -22,7 +22,14 @@ from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb
 
 from dsv4.cluster.generation_service import GenerationService, ServerDraining
 from dsv4.cluster.text_stream import TextDelta, TextFinal
-from dsv4.wire.request import EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, TokenLogprobs
+from dsv4.wire.request import (
+    EngineFailed,
+    EngineOverloaded,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequest,
+    TokenLogprobs,
+)
 
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 
@@ -150,7 +157,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ServerDraining as exc:
+        except (ServerDraining, EngineFailed) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def HealthCheck(self, request: vllm_engine_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext

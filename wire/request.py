@@ -27,6 +27,11 @@ class EngineOverloaded(RuntimeError):
     """The engine's waiting queue is full: retry later (the servicers answer RESOURCE_EXHAUSTED)."""
 
 
+class EngineFailed(RuntimeError):
+    """The engine has failed (a worker died, or its steps keep failing) and refuses new requests (the servicers
+    answer UNAVAILABLE; health says not serving)."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"      # an EOS / stop token id, or a stop string matched by the server
     LENGTH = "length"  # max_tokens reached, or the context is full

@@ -52,6 +52,7 @@ class Worker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world_size, 1)))
         self.device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
         self.sequences: dict[str, _Sequence] = {}
+        self._injected_faults: list[str] = []     # `inject_step_faults`: messages the next steps raise
 
     # ------------------------------------------------------------------------------------------ setup
     def rendezvous_address(self) -> tuple[str, int]:
@@ -116,6 +117,11 @@ class Worker:
         return WorkerInfo(self.rank, plan.num_slots - spare, plan.num_blocks, plan.block_size, plan.bytes_per_token,
                           name, local)
 
+    def inject_step_faults(self, messages: list[str]) -> None:
+        """Fault drills: each of the next steps that runs tokens raises RuntimeError(message) where the forward
+        would, after the plan is applied (as a kernel failure would)."""
+        self._injected_faults.extend(messages)
+
     # ------------------------------------------------------------------------------------------ steps
     def execute(self, plan: WorkerPlan) -> WorkerResult:
         start = time.perf_counter()
@@ -138,6 +144,8 @@ class Worker:
         if isinstance(self.experts, FixedCapacityExpertParallel):   # every worker sizes the exchange alike
             self.experts.set_capacity(plan.max_worker_tokens)
         if chunks:
+            if self._injected_faults:
+                raise RuntimeError(self._injected_faults.pop(0))
             logits = self.runner.step(chunks)
             rows, specs = [], []
             for i, chunk in enumerate(plan.chunks):

@@ -248,3 +248,57 @@ def test_step_failures_reach_clients_as_one_line(ray_cluster):
     assert one_line_error(err.value) == ("RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling "
                                          "`cublasLtMatmul`")
     assert one_line_error(ValueError("\x1b[31mred\x1b[0m\nmore"), limit=12) == "ValueError: red"[:9] + "..."
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(ray_cluster, tiny_checkpoint, tiny_model):
+    """One worker whose step raises (as a kernel would): the requests of that step end with one sanitized error
+    line, their blocks come back, and the next requests are served as before; three failed steps in a row (a
+    poisoned device) fail the engine, loudly."""
+    import ray
+    from conftest import start_test_engine
+
+    from dsv4.cluster.coordinator import MAX_CONSECUTIVE_STEP_FAILURES
+
+    engine = start_test_engine(tiny_checkpoint, num_workers=1)
+    server = serve(engine, tiny_checkpoint)
+    worker = engine.workers[0]
+
+    def final(prompt, max_tokens=6):
+        responses = list(stub.Generate(pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt),
+                                                          sampling_params=pb.SamplingParams(
+                                                              max_tokens=max_tokens, temperature=0.0,
+                                                              ignore_eos=True)), timeout=TIMEOUT_S * 4))
+        return responses[-1]
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = dsv4_pb2_grpc.Dsv4EngineStub(channel)
+            cases = prompts(3, seed=21)
+            ray.get(worker.inject_step_faults.remote(["CUDA error: injected fault\n  at a kernel"]))
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                failed = list(pool.map(final, cases))
+            errors = [r.error.message for r in failed if r.WhichOneof("response") == "error"]
+            assert errors and set(errors) == {"engine step failed: RuntimeError: CUDA error: injected fault"}
+            for prompt, response in zip(cases, failed, strict=True):   # any the fault missed ran as usual
+                if response.WhichOneof("response") == "complete":
+                    assert list(response.complete.output_ids) == greedy_generate(tiny_model, prompt, 6, REFERENCE)
+            for prompt in cases:                                           # the engine serves on
+                assert list(final(prompt).complete.output_ids) == greedy_generate(tiny_model, prompt, 6, REFERENCE)
+            loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)
+            assert all(w.num_running_requests == 0 and w.free_blocks == w.total_blocks for w in loads.workers)
+
+            # Failed steps in a row (a request's in-flight steps each count) until the engine gives up.
+            ray.get(worker.inject_step_faults.remote(["poisoned"] * MAX_CONSECUTIVE_STEP_FAILURES))
+            for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):
+                assert final(cases[0]).WhichOneof("response") == "error"
+                if not ray.get(engine.coordinator.is_healthy.remote()):
+                    break
+            assert not ray.get(engine.coordinator.is_healthy.remote())
+            with pytest.raises(grpc.RpcError) as err:                       # new requests are refused
+                final(cases[1])
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == "engine failed: RuntimeError: poisoned"
+    finally:
+        server.stop()
+        for actor in (engine.coordinator, *engine.workers):
+            ray.kill(actor)
