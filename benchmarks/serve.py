@@ -9,8 +9,9 @@
    control plane's cost is visible (`GetLoads` gauges over the level's last 100 steps). --request-rates adds
    open-loop levels (--prompts-per-level x 16 requests arriving as a Poisson process): TPOT while prompts prefill.
 
-3. Log-probabilities (--logprob-check): one greedy request with logprobs, alone and again inside a batch of 32
-   other streams; the two must agree token for token, their log-probabilities within --logprob-tolerance.
+3. Log-probabilities (--logprob-check): 4 greedy requests with top-5 logprobs, each alone and again inside a batch
+   of 32 other streams; token for token up to where they part, log-probabilities within --logprob-tolerance, and
+   where they part only at a near tie (each run's token within the tolerance of the other's best).
 
     python benchmarks/serve.py --preset small --device cuda --workers 2 --out results/
     # the anchors' table on one H200: V4-Flash widths, one EP-4 rank's 64 experts, weights generated on the GPU
@@ -68,42 +69,57 @@ def start_server(args, model_dir: Path, log_path: Path) -> subprocess.Popen:
 
 
 def stream(stub, prompt: list[int], max_tokens: int, **params) -> dict:
-    """One request: its output ids (and log-probabilities if asked), time to first token and total time."""
+    """One request: its output ids (and log-probabilities if asked: the sampled token's, and the top ones as
+    {token: logprob} per position), time to first token and total time."""
     request = pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt), sampling_params=pb.SamplingParams(
         max_tokens=max_tokens, ignore_eos=True, **params))
-    start, first, ids, logprobs = time.perf_counter(), None, [], []
+    start, first, ids, logprobs, tops = time.perf_counter(), None, [], [], []
     for response in stub.Generate(request, timeout=3600):
         if response.WhichOneof("response") == "chunk":
             first = first or time.perf_counter()
             ids += list(response.chunk.token_ids)
             logprobs += [entry.logprob for entry in response.chunk.logprobs]
+            tops += [dict(zip(entry.top_token_ids, entry.top_logprobs, strict=True))
+                     for entry in response.chunk.logprobs]
         elif response.WhichOneof("response") == "error":
             raise RuntimeError(response.error.message)
     end = time.perf_counter()
-    return {"ids": ids, "logprobs": logprobs, "ttft": (first or end) - start, "total": end - start}
+    return {"ids": ids, "logprobs": logprobs, "tops": tops, "ttft": (first or end) - start, "total": end - start}
 
 
-def logprob_check(stub, vocab: int, g: torch.Generator, max_tokens: int, tolerance: float) -> dict:
-    """A greedy request's log-probabilities alone and inside a batch of 32 other streams (the fast path is not
-    batch invariant, so they may differ within tolerance): compared up to the first token where they part."""
-    prompt = torch.randint(2, vocab, (300,), generator=g).tolist()
-    alone = stream(stub, prompt, max_tokens, temperature=0.0, logprobs=0)
+def logprob_check(stub, vocab: int, g: torch.Generator, max_tokens: int, tolerance: float,
+                  num_prompts: int = 4) -> dict:
+    """Greedy requests with log-probabilities, each alone and again inside a batch of 32 other streams. The fast
+    path is not batch invariant, so the two runs may part where the top tokens are near-tied: compared token for
+    token up to the first difference, log-probabilities within `tolerance`; where they part, each run's token
+    must be in the other's top 5 within `tolerance` of its best (a near tie swapped, not a wrong distribution)."""
+    prompts = [torch.randint(2, vocab, (300,), generator=g).tolist() for _ in range(num_prompts)]
+    alone = [stream(stub, p, max_tokens, temperature=0.0, logprobs=5) for p in prompts]
     others = [torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in torch.randint(64, 512, (32,))]
-    with concurrent.futures.ThreadPoolExecutor(33) as pool:
+    with concurrent.futures.ThreadPoolExecutor(32 + num_prompts) as pool:
         background = [pool.submit(stream, stub, p, max_tokens + 16, temperature=0.0) for p in others]
-        time.sleep(0.5)                                      # the others are running when it arrives
-        batched = stream(stub, prompt, max_tokens, temperature=0.0, logprobs=0)
+        time.sleep(0.5)                                      # the others are running when these arrive
+        batched = [f.result() for f in [pool.submit(stream, stub, p, max_tokens, temperature=0.0, logprobs=5)
+                                        for p in prompts]]
         for f in background:
             f.result()
-    same = next((i for i, (a, b) in enumerate(zip(alone["ids"], batched["ids"], strict=True)) if a != b),
-                len(alone["ids"]))
-    diffs = [abs(a - b) for a, b in zip(alone["logprobs"][:same], batched["logprobs"][:same], strict=True)]
-    worst = max(diffs, default=0.0)
-    return {"tokens": len(alone["ids"]), "tokens_equal_prefix": same, "max_abs_logprob_diff": worst,
-            "mean_abs_logprob_diff": sum(diffs) / max(len(diffs), 1), "tolerance": tolerance,
-            "mean_logprob_alone": sum(alone["logprobs"]) / max(len(alone["logprobs"]), 1),
-            "passed": len(alone["logprobs"]) == len(alone["ids"]) and same >= min(16, len(alone["ids"]))
-            and worst <= tolerance}
+    cases = []
+    for a, b in zip(alone, batched, strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"], strict=True)) if x != y), len(a["ids"]))
+        diffs = [abs(x - y) for x, y in zip(a["logprobs"][:same], b["logprobs"][:same], strict=True)]
+        case = {"equal_prefix": same, "max_abs_logprob_diff": max(diffs, default=0.0),
+                "mean_logprob": sum(a["logprobs"]) / max(len(a["logprobs"]), 1)}
+        ok = len(a["logprobs"]) == len(a["ids"]) and case["max_abs_logprob_diff"] <= tolerance
+        if same < len(a["ids"]):                             # where they part: a near tie?
+            top_a, top_b = a["tops"][same], b["tops"][same]
+            gap_a = max(top_a.values()) - top_a.get(b["ids"][same], float("-inf"))
+            gap_b = max(top_b.values()) - top_b.get(a["ids"][same], float("-inf"))
+            case.update(parted_at=same, gap_alone=gap_a, gap_batched=gap_b,
+                        top2_gap_alone=sorted(top_a.values())[-1] - sorted(top_a.values())[-2])
+            ok = ok and gap_a <= tolerance and gap_b <= tolerance
+        case["passed"] = ok
+        cases.append(case)
+    return {"tokens": max_tokens, "tolerance": tolerance, "cases": cases, "passed": all(c["passed"] for c in cases)}
 
 
 def percentiles(values: list[float]) -> dict:
@@ -253,7 +269,7 @@ def main() -> int:
         f"{args.numerics} numerics, weights {args.weights}, server {result['server']}.\n\n"
         f"Greedy outputs streamed from the service (CUDA kernels where the device has them) equal the "
         f"single-process model's on the PyTorch reference path: {equal or 'not checked'}.\n\n"
-        f"Log-probabilities of a greedy request alone and inside a batch of 32: {logprobs or 'not checked'}.\n\n"
+        f"Log-probabilities of greedy requests alone and inside a batch of 32: {logprobs or 'not checked'}.\n\n"
         f"Prompts of {args.prompt_len} random tokens, {args.max_tokens} outputs each (ignore_eos).\n\n"
         f"| concurrency | requests | wall s | output tok/s | total tok/s/GPU | TTFT ms P50 / mean / P99 | "
         f"TPOT ms P50 / mean / P99 | worker step / step interval ms | control-plane share |\n"

@@ -34,17 +34,9 @@ class MemoryReport:
                 f"KV cache {self.kv_cache_bytes / gib:.1f} GiB")
 
 
-# Prefill sizes run before the profiled step: Triton compiles a kernel per tile configuration (chosen by the
-# token count) and per specialization of its integer arguments (== 1, divisible by 16, neither), on first use.
-# Odd and aligned sizes across the tile buckets compile them at start-up, not in the first requests' TTFT (a
-# 300-token prompt waited 28.6 s on a cold H200 when only the largest step had run).
-WARM_UP_TOKENS = (7, 16, 67, 128, 300, 1001, 2048)
-
-
 def profile_step_peak(model: Transformer, numerics: Numerics, num_tokens: int, block_size: int) -> int:
-    """Peak bytes above what is allocated now while eager prefills run on a scratch cache of one sequence: the
-    `WARM_UP_TOKENS` sizes below `num_tokens`, then `num_tokens` itself (so the prefill kernels are compiled
-    before the first request)."""
+    """Peak bytes above what is allocated now while an eager prefill of `num_tokens` runs on a scratch cache of one
+    sequence."""
     device = model.embed.weight.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -54,8 +46,7 @@ def profile_step_peak(model: Transformer, numerics: Numerics, num_tokens: int, b
     storage = KVStorage(model.config, numerics, 1, blocks, block_size, device)
     runner = ModelRunner(model, storage, numerics, RunnerConfig(1, num_tokens, blocks, ()))
     tokens = torch.randint(0, model.config.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(0))
-    for n in [*(n for n in WARM_UP_TOKENS if n < num_tokens), num_tokens]:
-        runner.step([Chunk(0, range(-(-n // block_size)), 0, tokens[:n].tolist())])   # start 0: the slot resets
+    runner.step([Chunk(0, range(blocks), 0, tokens.tolist())])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del runner, storage

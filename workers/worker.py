@@ -32,6 +32,8 @@ from dsv4.workers.memory import kv_cache_budget
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample_to_host
 
+SLOW_STEP_SECONDS = 2.0   # steps slower than this are logged with their shape
+
 
 @dataclass
 class _Sequence:
@@ -109,6 +111,8 @@ class Worker:
         exchange = FixedCapacityExpertParallel if fast else ExpertParallel
         self.experts = (exchange(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
                         else LocalExperts(self.model))
+        if self.device.type == "cuda":
+            self._warm_up()
         if use_graphs:
             stats = self.runner.capture_graphs(lambda m: print(f"[worker {self.rank}] {m}", flush=True))
             print(f"[worker {self.rank}] CUDA graphs: {len(self.runner.graphs)} decode sizes in "
@@ -116,6 +120,18 @@ class Worker:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return WorkerInfo(self.rank, plan.num_slots - spare, plan.num_blocks, plan.block_size, plan.bytes_per_token,
                           name, local)
+
+    def _warm_up(self) -> None:
+        """Compile before the first request: the runner's prefill, continuation and mixed steps on the real cache,
+        then the sampler's greedy, filtered and log-probability paths on their logits."""
+        start = time.perf_counter()
+        logits = self.runner.warm_up()
+        specs = [SampleSpec(SamplingParams(temperature=0.0, logprobs=5), 0, 0),
+                 SampleSpec(SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=0), 1, 0)]
+        with torch.inference_mode():
+            sample_to_host(logits, SamplingBatch(specs, logits.device))
+            sample_to_host(logits, SamplingBatch([SampleSpec(SamplingParams(), 2, 0)] * len(logits), logits.device))
+        print(f"[worker {self.rank}] warm-up steps in {time.perf_counter() - start:.1f} s", flush=True)
 
     def inject_step_faults(self, messages: list[str]) -> None:
         """Fault drills: each of the next steps that runs tokens raises RuntimeError(message) where the forward
@@ -168,5 +184,10 @@ class Worker:
         else:   # no tokens here: still serve the other workers' pairs in every MoE layer
             with torch.inference_mode():
                 self.experts.idle_pass(self.numerics)
+        seconds = time.perf_counter() - start
+        if seconds > SLOW_STEP_SECONDS:   # a first-use compile (or a stall) shows in the log, with its shape
+            print(f"[worker {self.rank}] slow step {plan.step_id}: {plan.num_tokens} tokens of {len(chunks)} "
+                  f"sequences ({sum(len(c.token_ids) > 1 for c in chunks)} prefill chunks) took {seconds:.2f} s",
+                  flush=True)
         return WorkerResult(plan.step_id, self.rank, tuple(sampled), self.experts.take_counts(), plan.num_tokens,
-                            time.perf_counter() - start, tuple(logprobs))
+                            seconds, tuple(logprobs))
