@@ -18,7 +18,7 @@ import torch
 from harness import DEV, Case, gen, run_cases
 
 from dsv4.kernels import quant
-from dsv4.kernels.fast import _moe_triton, moe
+from dsv4.kernels.fast import _moe_cuda, _moe_triton, moe
 
 HBM_BPS, FP8_PEAK = 4.2e12, 1.27e15
 E, D, INTER, TOPK, LIMIT = 64, 4096, 2048, 6, 10.0
@@ -70,9 +70,10 @@ def accuracy(y, x, pair_row, pair_expert, pair_weight, ex, limit=LIMIT, max_pair
 
 # ---------------------------------------------------------------------------------------------- cases
 def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: bool = True,
-             tiles: tuple = (None, None), checked: bool = True, triton: bool = False) -> Case:
-    """The production path (`moe.expert_forward`: the CUDA decode GEMMs up to 16 pairs per expert), or with
-    `triton` (or a forced MMA / tiling) the Triton grouped GEMMs."""
+             tiles: tuple = (None, None), checked: bool = True, triton: bool = False,
+             cuda: tuple[str, int] | None = None) -> Case:
+    """The production path (`moe.expert_forward`), or with `triton` (or a forced MMA / tiling) the Triton grouped
+    GEMMs, or with `cuda` = (kernel, block_m) one CUDA decode kernel (`_moe_cuda.KERNELS`) at that block size."""
     x = torch.randn(num_tokens, D, generator=gen(num_tokens), device=DEV).bfloat16()
     pair_row, pair_expert, pair_weight = routed(num_tokens, ex.num_experts, num_tokens + 1)
     num_pairs = pair_expert.shape[0]
@@ -82,6 +83,8 @@ def moe_case(ex: moe.ExpertWeights, num_tokens: int, label: str = "", mma_fp8: b
     bm = moe.block_m_for(num_pairs, ex.num_experts)
 
     def run():
+        if cuda is not None:
+            return _moe_cuda.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, cuda[1], cuda[0])
         if triton or not mma_fp8 or tiles != (None, None):
             return _moe_triton.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, bm, mma_fp8=mma_fp8,
                                               tiles=tiles)
@@ -182,7 +185,11 @@ def shared_linear_case(num_tokens: int) -> Case:
 def cases() -> list[Case]:
     ex = fp4_experts(0)
     out = [moe_case(ex, t) for t in TOKENS]
-    out += [moe_case(ex, t, " (Triton)", triton=True) for t in (1, 8, 64)]
+    out += [moe_case(ex, t, " (Triton)", triton=True) for t in (1, 8, 32, 64, 128, 256)]
+    for kernel, block_m, tokens in (("mma", 8, (1, 8, 21)), ("wgmma", 8, (1, 8, 21, 32, 64)),
+                                    ("wgmma-ring", 8, (1, 8, 21, 32, 64)), ("wgmma", 16, (21, 32, 64, 128, 256)),
+                                    ("wgmma-ring", 16, (32, 64, 128))):
+        out += [moe_case(ex, t, f" ({kernel}, {block_m}-row blocks)", cuda=(kernel, block_m)) for t in tokens]
     out.append(moe_case(ex, 64, " (bf16 MMA)", mma_fp8=False))
     out += [dispatch_case(t) for t in (64, 4096)]
     out += [combine_case(t) for t in (64, 4096)]

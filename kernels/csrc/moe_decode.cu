@@ -254,6 +254,348 @@ __global__ void __launch_bounds__(kThreads) moe_decode_gemm_kernel(const Args a)
   }
 }
 
+// ---------------------------------------------------------------------------------------------- wgmma path
+// moe_wgmma_kernel<kGated, kN, kSpans>: the same grouped GEMMs over expert blocks of kN = 8 or 16 rows (tokens),
+// one warpgroup per CTA streaming 64 weight rows, on Hopper's asynchronous warpgroup MMA: the FP4 weights are
+// unpacked to e4m3 in registers (the A operand: `wgmma ... m64nNk32.e4m3` reads A from registers, so no F2FP
+// conversions and no emulated HMMA as with mma.sync e4m3), the block's FP8 token rows are B, staged once in
+// shared memory. Each 128-block of K is four 32-deep MMAs into four zeroed accumulator sets (one per FP4 scale),
+// issued together; the next block's nibbles are unpacked while they run; then each set is promoted into the
+// fp32 sums with its FP4 scale and the 128-block with the activation scale (the numerics of the mma.sync path).
+//
+// Fragments (PTX wgmma, per warp w of the warpgroup; g = lane / 4, c = lane % 4): A rows 16w + g and 16w + g + 8
+// as in mma.m16n8k32 (a0 = row g, k 4c..4c+3; a1 = row g+8; a2 = row g, k 16+4c..; a3 = row g+8, k 16+4c..); D
+// d[4t + j] = (row g, token 8t + 2c + j), d[4t + 2 + j] = (row g + 8, same token). Lane c holds physical columns
+// 8c..8c+7 of a 32-column group as logical k 4c..4c+3 and 16+4c..16+4c+3 (module doc), so B is staged with the
+// same permutation: logical 16-byte chunk 0 of a group = physical 4-byte words 0, 2, 4, 6, chunk 1 = words 1, 3,
+// 5, 7. B layout (K-major, no swizzle, core matrices of 8 rows x 16 bytes): byte (n, logical k) at
+// (k / 16) * kN * 16 + n * 16 + k % 16, so the descriptor's leading byte offset (between the two 16-byte chunks
+// of a 32-deep MMA) is kN * 16 and its stride byte offset (between 8-row groups) 128.
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((lbo & 0x3FFFFu) >> 4) << 16) |
+         (static_cast<uint64_t>((sbo & 0x3FFFFu) >> 4) << 32);   // base offset 0, no swizzle (bits 62-63 = 0)
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Keeps the compiler from reading an accumulator before the wait that completes it.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+template <int kN>
+__device__ __forceinline__ void wgmma_e4m3(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc);
+
+template <>
+__device__ __forceinline__ void wgmma_e4m3<8>(float (&d)[4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(0));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_e4m3<16>(float (&d)[8], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, "
+      "%12, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(0));
+}
+
+template <int kSpans>
+struct WStep {                    // one pipeline step's loads: kSpans spans of rows lo and hi, and their scale bytes
+  uint2 lo[kSpans], hi[kSpans];
+  uint32_t slo[kSpans / 2], shi[kSpans / 2];      // one 32-bit word (four 32-column scales) per 128-block
+};
+
+template <int kSpans>
+__device__ __forceinline__ void load_wstep(WStep<kSpans>& st, const uint8_t* wlo, const uint8_t* whi,
+                                           const uint8_t* slo, const uint8_t* shi, int step) {
+  constexpr int kCols = kSpans * kSpanCols;
+#pragma unroll
+  for (int i = 0; i < kSpans; ++i) {
+    st.lo[i] = __ldg(reinterpret_cast<const uint2*>(wlo + step * (kCols / 2) + i * (kSpanCols / 2)));
+    st.hi[i] = __ldg(reinterpret_cast<const uint2*>(whi + step * (kCols / 2) + i * (kSpanCols / 2)));
+  }
+#pragma unroll
+  for (int b = 0; b < kSpans / 2; ++b) {
+    st.slo[b] = __ldg(reinterpret_cast<const uint32_t*>(slo + step * (kCols / 32)) + b);
+    st.shi[b] = __ldg(reinterpret_cast<const uint32_t*>(shi + step * (kCols / 32)) + b);
+  }
+}
+
+// The A fragments of 128-block b of a step: groups 0..3 = (span 2b low nibbles, span 2b high, span 2b+1 low,
+// span 2b+1 high), each {row lo k 4c.., row hi k 4c.., row lo k 16+4c.., row hi k 16+4c..}.
+template <int kSpans>
+__device__ __forceinline__ void unpack_block(uint32_t (&a)[4][4], const WStep<kSpans>& st, int b) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = 2 * b + half;
+    fp4_to_e4m3(st.lo[i].x, a[2 * half][0], a[2 * half + 1][0]);
+    fp4_to_e4m3(st.hi[i].x, a[2 * half][1], a[2 * half + 1][1]);
+    fp4_to_e4m3(st.lo[i].y, a[2 * half][2], a[2 * half + 1][2]);
+    fp4_to_e4m3(st.hi[i].y, a[2 * half][3], a[2 * half + 1][3]);
+  }
+}
+
+// 128-block kb of K: four MMAs from fa[kCur] into zeroed accumulators, the next block unpacked into fa[kCur ^ 1]
+// while they run (if has_next), then each 32-deep sum promoted with its FP4 scale and the block with the
+// activation scales (ss: [kN, K / 128], 2^6 folded in).
+template <int kN, int kSpans, int kCur>
+__device__ __forceinline__ void wgmma_block(float (&acc)[kN / 8][4], uint32_t (&fa)[2][4][4], const WStep<kSpans>& st,
+                                            int bi, const WStep<kSpans>& next, int next_bi, bool has_next,
+                                            const float* ss, uint64_t desc0, int kb, int kb_count, int c) {
+  float p[4][kN / 2];
+  wgmma_fence();
+#pragma unroll
+  for (int q = 0; q < 4; ++q) wgmma_e4m3<kN>(p[q], fa[kCur][q], desc0 + ((kb * 8 + 2 * q) * kN * 16 >> 4));
+  wgmma_commit();
+  if (has_next) unpack_block(fa[kCur ^ 1], next, next_bi);
+  wgmma_wait_all();
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int r = 0; r < kN / 2; ++r) fence_operand(p[q][r]);
+  }
+  const uint32_t wl = st.slo[bi], wh = st.shi[bi];
+  const float sl[4] = {fp4_scale<0>(wl), fp4_scale<1>(wl), fp4_scale<2>(wl), fp4_scale<3>(wl)};
+  const float sh[4] = {fp4_scale<0>(wh), fp4_scale<1>(wh), fp4_scale<2>(wh), fp4_scale<3>(wh)};
+#pragma unroll
+  for (int t = 0; t < kN / 8; ++t) {
+    const float sa0 = ss[(8 * t + 2 * c) * kb_count + kb], sa1 = ss[(8 * t + 2 * c + 1) * kb_count + kb];
+    float blk[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {               // d[4t + j]: row lo for j < 2, row hi otherwise
+      blk[j] = p[0][4 * t + j] * (j < 2 ? sl[0] : sh[0]);
+#pragma unroll
+      for (int q = 1; q < 4; ++q) blk[j] = fmaf(p[q][4 * t + j], j < 2 ? sl[q] : sh[q], blk[j]);
+    }
+    acc[t][0] = fmaf(blk[0], sa0, acc[t][0]);
+    acc[t][1] = fmaf(blk[1], sa1, acc[t][1]);
+    acc[t][2] = fmaf(blk[2], sa0, acc[t][2]);
+    acc[t][3] = fmaf(blk[3], sa1, acc[t][3]);
+  }
+}
+
+// The kSpans / 2 128-blocks of one pipeline step (kb0 = the first one's index), the last one unpacking block 0
+// of `next` (the other register buffer) if next_ok.
+template <int kN, int kSpans>
+__device__ __forceinline__ void wgmma_half(float (&acc)[kN / 8][4], uint32_t (&fa)[2][4][4], const WStep<kSpans>& st,
+                                           const WStep<kSpans>& next, bool next_ok, const float* ss, uint64_t desc0,
+                                           int kb0, int kb_count, int c) {
+  static_assert(kSpans == 4, "two 128-blocks per step: fa[0] holds each step's first block");
+  wgmma_block<kN, kSpans, 0>(acc, fa, st, 0, st, 1, true, ss, desc0, kb0, kb_count, c);
+  wgmma_block<kN, kSpans, 1>(acc, fa, st, 1, next, 0, next_ok, ss, desc0, kb0 + 1, kb_count, c);
+}
+
+// The shared-memory ring of the cp.async pipeline: each thread copies its own 8-byte pieces (row lo and row hi of
+// each span, then both rows' scale words) and reads them back itself, so no barrier is needed. Layout per stage:
+// [span][thread][lo 8 B | hi 8 B], then [thread][scales lo 8 B | hi 8 B] (16-byte thread stride: no bank
+// conflicts on the 16-byte reads).
+template <int kSpans>
+constexpr int kRingStageBytes = (kSpans + 1) * kThreads * 16;
+
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
+
+template <int kSpans>
+__device__ __forceinline__ void ring_issue(uint8_t* ring, int slot, const uint8_t* wlo, const uint8_t* whi,
+                                           const uint8_t* slo, const uint8_t* shi, int step) {
+  constexpr int kCols = kSpans * kSpanCols;
+  uint8_t* base = ring + slot * kRingStageBytes<kSpans> + threadIdx.x * 16;
+#pragma unroll
+  for (int i = 0; i < kSpans; ++i) {
+    cp_async8(base + i * kThreads * 16, wlo + step * (kCols / 2) + i * (kSpanCols / 2));
+    cp_async8(base + i * kThreads * 16 + 8, whi + step * (kCols / 2) + i * (kSpanCols / 2));
+  }
+  static_assert(kCols / 32 == 8, "one 8-byte scale piece per row per step");
+  cp_async8(base + kSpans * kThreads * 16, slo + step * (kCols / 32));
+  cp_async8(base + kSpans * kThreads * 16 + 8, shi + step * (kCols / 32));
+}
+
+template <int kSpans>
+__device__ __forceinline__ void ring_read(WStep<kSpans>& st, const uint8_t* ring, int slot) {
+  const uint8_t* base = ring + slot * kRingStageBytes<kSpans> + threadIdx.x * 16;
+#pragma unroll
+  for (int i = 0; i < kSpans; ++i) {
+    const uint4 v = *reinterpret_cast<const uint4*>(base + i * kThreads * 16);
+    st.lo[i] = make_uint2(v.x, v.y);
+    st.hi[i] = make_uint2(v.z, v.w);
+  }
+  const uint4 v = *reinterpret_cast<const uint4*>(base + kSpans * kThreads * 16);
+  st.slo[0] = v.x;
+  st.slo[1] = v.y;
+  st.shi[0] = v.z;
+  st.shi[1] = v.w;
+}
+
+// Stages the block's activation rows as B (layout above) and their fp32 scales per 128 times 2^6 (the FP4
+// unpacking's 2^-6): gated gathers the FP8 x rows; else h (bf16) is quantized per 128 exactly as act_quant_fp8.
+// Rows past the block's pairs are zero.
+template <bool kGated, int kN>
+__device__ void stage_b(const Args& a, uint8_t* bs, float* ss, const int* act_row, int rows_ok) {
+  const int tid = threadIdx.x, kb_count = a.k / kQBlock;
+  if constexpr (kGated) {
+    const int groups = a.k / 32;
+    for (int i = tid; i < kN * groups; i += kThreads) {
+      const int n = i % kN, grp = i / kN;
+      uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
+      if (n < rows_ok) {
+        const uint4* src = reinterpret_cast<const uint4*>(a.act + (int64_t)act_row[n] * a.k + 32 * grp);
+        w0 = __ldg(src);
+        w1 = __ldg(src + 1);
+      }
+      *reinterpret_cast<uint4*>(bs + ((2 * grp) * kN + n) * 16) = make_uint4(w0.x, w0.z, w1.x, w1.z);
+      *reinterpret_cast<uint4*>(bs + ((2 * grp + 1) * kN + n) * 16) = make_uint4(w0.y, w0.w, w1.y, w1.w);
+    }
+    for (int i = tid; i < kN * kb_count; i += kThreads) {
+      const int n = i / kb_count;
+      ss[i] = n < rows_ok ? 64.0f * a.act_scale[(int64_t)act_row[n] * kb_count + i % kb_count] : 0.0f;
+    }
+  } else {      // one warp per (row, 128-block): 4 bf16 per lane, the block's amax, its UE8M0 scale, e4m3 bytes
+    const int warp = tid / kWarp, lane = tid % kWarp;
+    const auto* h = reinterpret_cast<const __nv_bfloat16*>(a.act);
+    const int q = lane / 8, wi = lane % 8;        // the lane's 4 bytes: word wi of 32-column group q of the block
+    for (int i = warp; i < kN * kb_count; i += kWarps) {
+      const int n = i / kb_count, kb = i % kb_count;
+      uint32_t packed = 0;
+      float scale = 0.0f;
+      if (n < rows_ok) {
+        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(h + (int64_t)act_row[n] * a.k + kb * kQBlock) + lane);
+        const float v[4] = {bf16_bits_to_float(raw.x & 0xFFFFu), bf16_bits_to_float(raw.x >> 16),
+                            bf16_bits_to_float(raw.y & 0xFFFFu), bf16_bits_to_float(raw.y >> 16)};
+        const float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
+        scale = ue8m0_value(ue8m0_code(amax, 1e-4f, 1.0f / 448.0f));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) packed |= static_cast<uint32_t>(e4m3_encode(v[j], scale)) << (8 * j);
+      }
+      const int chunk = kb * 8 + 2 * q + (wi & 1);
+      *reinterpret_cast<uint32_t*>(bs + (chunk * kN + n) * 16 + (wi >> 1) * 4) = packed;
+      if (lane == 0) ss[i] = 64.0f * scale;
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // B is read by the tensor cores (async proxy)
+}
+
+template <bool kGated, int kN, int kStages>
+__global__ void __launch_bounds__(kThreads, kStages > 0 ? 2 : (kN == 8 ? 4 : 3)) moe_wgmma_kernel(const Args a) {
+  constexpr int kSpans = 4;                      // 256 columns (two 128-blocks) per pipeline step
+  constexpr int kTiles = kN / 8;
+  constexpr int kBlocks = kSpans / 2;
+  constexpr int kCols = kSpans * kSpanCols;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int act_row[kN], pair_of[kN];
+  const int b = blockIdx.x;
+  const int bucket = a.block_bucket[b];
+  if (bucket < 0) return;
+  const int rows_ok = min(kN, a.bucket_start[bucket] + a.bucket_count[bucket] - b * kN);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, c = lane % 4;
+  // A rows 16w + g (lo) and 16w + g + 8 (hi): gated -> gate row n0+8w+g and up row I+n0+8w+g (h column n0+8w+g);
+  // else output columns n0 + 16w + g and n0 + 16w + g + 8
+  const int n0 = blockIdx.y * (kGated ? 32 : 64);
+  const int row_lo = kGated ? n0 + 8 * warp + g : n0 + 16 * warp + g;
+  const int row_hi = kGated ? a.n + row_lo : row_lo + 8;
+  if (bucket == a.num_experts) {                   // off-rank pairs: zero y rows (GEMM 1 leaves their h unused)
+    if constexpr (!kGated) {
+      for (int m = 0; m < rows_ok; ++m) {
+        const int64_t pair = a.sorted_pair[b * kN + m];
+        if (threadIdx.x < 64) a.out[pair * a.n + n0 + threadIdx.x] = __float2bfloat16_rn(0.0f);
+      }
+    }
+    return;
+  }
+  const uint8_t* w = a.w + bucket * a.w_expert_stride + 8 * c;
+  const uint8_t* s = a.s + bucket * a.s_expert_stride;
+  const uint8_t* wlo = w + (int64_t)row_lo * (a.k / 2);
+  const uint8_t* whi = w + (int64_t)row_hi * (a.k / 2);
+  const uint8_t* slo = s + (int64_t)row_lo * (a.k / 32);
+  const uint8_t* shi = s + (int64_t)row_hi * (a.k / 32);
+  const int steps = a.k / kCols;
+  uint8_t* ring = smem + kN * a.k + kN * (a.k / kQBlock) * sizeof(float);
+  WStep<kSpans> even, odd;
+  if constexpr (kStages == 0) {
+    load_wstep(even, wlo, whi, slo, shi, 0);       // in flight while B is staged
+  } else {
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {     // the first stages in flight while B is staged
+      if (st < steps) ring_issue<kSpans>(ring, st, wlo, whi, slo, shi, st);
+      cp_async_commit();
+    }
+  }
+
+  if (threadIdx.x < rows_ok) {
+    const int pair = a.sorted_pair[b * kN + threadIdx.x];
+    pair_of[threadIdx.x] = pair;
+    act_row[threadIdx.x] = kGated ? a.pair_row[pair] : b * kN + threadIdx.x;
+  }
+  __syncthreads();
+  const int kb_count = a.k / kQBlock;
+  uint8_t* bs = smem;
+  float* ss = reinterpret_cast<float*>(smem + kN * a.k);
+  stage_b<kGated, kN>(a, bs, ss, act_row, rows_ok);
+  __syncthreads();
+
+  const uint64_t desc0 = wgmma_desc(static_cast<uint32_t>(__cvta_generic_to_shared(bs)), kN * 16, 128);
+  float acc[kTiles][4] = {};
+  uint32_t fa[2][4][4];                            // A fragments of the current and the next 128-block
+  if constexpr (kStages == 0) {                    // registers: two steps, one in flight while one computes
+    unpack_block(fa[0], even, 0);
+    for (int step = 0; step < steps; step += 2) {  // steps is even (K % 512 == 0)
+      load_wstep(odd, wlo, whi, slo, shi, step + 1);
+      wgmma_half<kN, kSpans>(acc, fa, even, odd, true, ss, desc0, step * kBlocks, kb_count, c);
+      if (step + 2 < steps) load_wstep(even, wlo, whi, slo, shi, step + 2);
+      wgmma_half<kN, kSpans>(acc, fa, odd, even, step + 2 < steps, ss, desc0, (step + 1) * kBlocks, kb_count, c);
+    }
+  } else {                                         // shared-memory ring: kStages - 1 steps in flight per thread
+    for (int step = 0; step < steps; ++step) {
+      cp_async_wait<kStages - 2>();                // this thread's copies of `step` have landed
+      ring_read<kSpans>(even, ring, step % kStages);
+      if (step + kStages - 1 < steps)
+        ring_issue<kSpans>(ring, (step + kStages - 1) % kStages, wlo, whi, slo, shi, step + kStages - 1);
+      cp_async_commit();
+      unpack_block(fa[0], even, 0);
+      wgmma_half<kN, kSpans>(acc, fa, even, even, false, ss, desc0, step * kBlocks, kb_count, c);
+    }
+  }
+
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {                  // tokens 8t + 2c + j: acc[t][j] is row lo, acc[t][2 + j] row hi
+      const int m = 8 * t + 2 * c + j;
+      if (m >= rows_ok) continue;
+      const int64_t pair = pair_of[m];
+      if constexpr (kGated) {  // the reference order: bf16 GEMM outputs, clamps, silu * v in fp32, weight, bf16
+        const float gate = fminf(bf16_round(acc[t][j]), a.limit);
+        const float up = fminf(fmaxf(bf16_round(acc[t][2 + j]), -a.limit), a.limit);
+        const float silu = gate / (1.0f + expf(-gate));
+        a.out[(int64_t)(b * kN + m) * a.n + row_lo] = __float2bfloat16_rn(a.pair_weight[pair] * (silu * up));
+      } else {
+        a.out[pair * a.n + row_lo] = __float2bfloat16_rn(acc[t][j]);
+        a.out[pair * a.n + row_hi] = __float2bfloat16_rn(acc[t][2 + j]);
+      }
+    }
+  }
+}
+
+template <bool kGated, int kN, int kStages>
+void launch_wgmma(const Args& a, int num_blocks, cudaStream_t stream) {
+  const size_t smem = kN * a.k + kN * (a.k / kQBlock) * sizeof(float) + kStages * kRingStageBytes<4>;
+  auto kernel = moe_wgmma_kernel<kGated, kN, kStages>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const dim3 grid(num_blocks, a.n / (kGated ? 32 : 64));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  DSV4_LAUNCH_CHECK();
+}
+
 template <bool kGated, int kTiles>
 void launch(const Args& a, int num_blocks, cudaStream_t stream) {
   constexpr int kRows = 8 * kTiles;
@@ -271,7 +613,7 @@ void launch(const Args& a, int num_blocks, cudaStream_t stream) {
 void moe_decode_gemm(const at::Tensor& act, const at::Tensor& act_scale, const at::Tensor& pair_row,
                      const at::Tensor& pair_weight, const at::Tensor& sorted_pair, const at::Tensor& block_bucket,
                      const at::Tensor& bucket_start, const at::Tensor& bucket_count, const at::Tensor& w,
-                     const at::Tensor& s, at::Tensor& out, int64_t block_m, bool gated, double limit) {
+                     const at::Tensor& s, at::Tensor& out, int64_t block_m, bool gated, double limit, bool wgmma, int64_t stages) {
   for (const at::Tensor* t : TensorList{&act, &pair_row, &pair_weight, &sorted_pair, &block_bucket, &bucket_start,
                                          &bucket_count, &w, &s, &out})
     check_cuda(*t, "moe_decode_gemm operand");
@@ -284,7 +626,8 @@ void moe_decode_gemm(const at::Tensor& act, const at::Tensor& act_scale, const a
   check_dim(s, 3, "s");
   // 8-row blocks only: with 16 (two n8 tiles) the kernel lost to the Triton wgmma path already at 6 pairs per
   // expert on the H200 (673 vs 445 us), so the template's kTiles = 2 is not instantiated
-  TORCH_CHECK(block_m == 8, "moe_decode_gemm: block_m must be 8, got ", block_m);
+  TORCH_CHECK(block_m == 8 || ((wgmma || stages > 0) && block_m == 16), "moe_decode_gemm: block_m must be 8 (or 16 on the wgmma "
+              "path), got ", block_m);
   const int64_t num_experts = w.size(0), rows = w.size(1), k = 2 * w.size(2);
   TORCH_CHECK(k % (2 * kStepCols) == 0, "moe_decode_gemm: K must be a multiple of ", 2 * kStepCols, ", got ", k);
   TORCH_CHECK(s.size(0) == num_experts && s.size(1) == rows && s.size(2) == k / 32, "moe_decode_gemm: scale shape ",
@@ -327,10 +670,22 @@ void moe_decode_gemm(const at::Tensor& act, const at::Tensor& act_scale, const a
   a.s_expert_stride = s.stride(0);
   a.limit = static_cast<float>(limit);
   const cudaStream_t stream = current_stream();
-  if (gated)
+  if (stages > 0) {
+    TORCH_CHECK(stages == 6, "moe_decode_gemm: the cp.async ring is built with 6 stages, got ", stages);
+    if (block_m == 8)
+      gated ? launch_wgmma<true, 8, 6>(a, num_blocks, stream) : launch_wgmma<false, 8, 6>(a, num_blocks, stream);
+    else
+      gated ? launch_wgmma<true, 16, 6>(a, num_blocks, stream) : launch_wgmma<false, 16, 6>(a, num_blocks, stream);
+  } else if (wgmma) {
+    if (block_m == 8)
+      gated ? launch_wgmma<true, 8, 0>(a, num_blocks, stream) : launch_wgmma<false, 8, 0>(a, num_blocks, stream);
+    else
+      gated ? launch_wgmma<true, 16, 0>(a, num_blocks, stream) : launch_wgmma<false, 16, 0>(a, num_blocks, stream);
+  } else if (gated) {
     launch<true, 1>(a, num_blocks, stream);
-  else
+  } else {
     launch<false, 1>(a, num_blocks, stream);
+  }
 }
 
 }  // namespace dsv4

@@ -46,6 +46,7 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& weights, const at
 void moe_decode_gemm(const at::Tensor& act, const at::Tensor& act_scale, const at::Tensor& pair_row,
                      const at::Tensor& pair_weight, const at::Tensor& sorted_pair, const at::Tensor& block_bucket,
                      const at::Tensor& bucket_start, const at::Tensor& bucket_count, const at::Tensor& w,
-                     const at::Tensor& s, at::Tensor& out, int64_t block_m, bool gated, double limit);
+                     const at::Tensor& s, at::Tensor& out, int64_t block_m, bool gated, double limit, bool wgmma,
+                     int64_t stages);
 
 }  // namespace dsv4

@@ -35,6 +35,7 @@ from dsv4.kernels.fast import linear
 
 FORMATS = ("fp4", "fp8", "bf16")
 QBLOCK = 128
+DECODE_KERNEL = "mma"           # the CUDA decode kernel (`_moe_cuda.KERNELS`) of the production path
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,8 @@ def expert_forward(x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.T
 
     args = (x, pair_row, pair_expert.to(torch.int32), pair_weight.float(), experts, swiglu_limit)
     decode_m = decode_block_m(num_pairs, num_experts)
-    if decode_kernel and _moe_cuda.supports(experts, decode_m):
-        return _moe_cuda.expert_forward(*args, decode_m)
+    if decode_kernel and _moe_cuda.supports(experts, decode_m, DECODE_KERNEL):
+        return _moe_cuda.expert_forward(*args, decode_m, DECODE_KERNEL)
     return _moe_triton.expert_forward(*args, block_m=block_m_for(num_pairs, num_experts))
 
 

@@ -142,7 +142,9 @@ def test_decode_kernel_support():
     from dsv4.kernels.fast import _moe_cuda
 
     assert _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 8)
-    assert not _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 16)      # only 8-row blocks
+    assert _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 16)          # the wgmma kernels: 8 or 16
+    assert not _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 16, "mma")   # mma.sync: 8-row blocks
+    assert not _moe_cuda.supports(make_experts("fp4", 2, 1024, 1024, 0), 32)
     assert not _moe_cuda.supports(make_experts("fp4", 2, 1024, 512, 0), 8)        # K steps of 1024
     assert not _moe_cuda.supports(make_experts("fp8", 2, 1024, 1024, 0), 8)
 

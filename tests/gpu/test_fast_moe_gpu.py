@@ -140,6 +140,33 @@ def test_decode_kernel_and_triton_agree_with_the_reference(flash_fp4, num_tokens
         check(y, ref, pair_expert, 64)
 
 
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-ring"])
+@pytest.mark.parametrize("num_tokens,block_m", [(1, 8), (8, 8), (21, 8), (21, 16), (64, 16), (128, 16)])
+def test_wgmma_decode_kernels(flash_fp4, kernel, num_tokens, block_m):
+    """The warpgroup-MMA decode GEMMs (register prefetch and cp.async ring) at 8- and 16-row expert blocks, with
+    off-rank pairs and experts holding more pairs than one block: within the tolerances of the float64 reference."""
+    from dsv4.kernels.fast import _moe_cuda
+
+    x = rows(num_tokens, 4096, 30 + num_tokens)
+    pair_row, pair_expert, pair_weight = routed(num_tokens, 64, 31 + num_tokens, off_rank=0.2)
+    assert _moe_cuda.supports(flash_fp4, block_m, kernel)
+    y = _moe_cuda.expert_forward(x, pair_row, pair_expert.to(torch.int32), pair_weight, flash_fp4, LIMIT, block_m,
+                                 kernel)
+    check(y, reference(x, pair_row, pair_expert, pair_weight, flash_fp4), pair_expert, 64)
+
+
+def test_wgmma_decode_pro_widths():
+    """V4-Pro expert widths (D = 7168, I = 3072) through the wgmma decode GEMMs."""
+    from dsv4.kernels.fast import _moe_cuda
+
+    ex = make_experts("fp4", 8, 7168, 3072, 8)
+    x = rows(16, 7168, 9)
+    pair_row, pair_expert, pair_weight = routed(16, 8, 10)
+    for kernel, block_m in (("wgmma", 16), ("wgmma-ring", 8)):
+        y = _moe_cuda.expert_forward(x, pair_row, pair_expert, pair_weight, ex, LIMIT, block_m, kernel)
+        check(y, reference(x, pair_row, pair_expert, pair_weight, ex), pair_expert, 8)
+
+
 def test_flash_prefill(flash_fp4):
     """4096 tokens x 6 = 24,576 pairs (multi-program dispatch, 64-row blocks); 768 pairs checked."""
     x = rows(4096, 4096, 3)
