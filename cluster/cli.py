@@ -70,7 +70,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(model_dir=model_dir, num_workers=workers, numerics=numerics, device=device,
                        kv_cache_bytes=kv_cache_bytes(args.kv_cache_gib, device),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       scheduler=scheduler, seed=args.seed, enforce_eager=args.enforce_eager, **_server_options(args))
+                       scheduler=scheduler, seed=args.seed, enforce_eager=args.enforce_eager,
+                       speculative_tokens=args.speculative_tokens, **_server_options(args))
 
 
 def start_engine(config: ServeConfig) -> Engine:
@@ -164,6 +165,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="requests queued for admission; beyond it new ones get RESOURCE_EXHAUSTED")
     p.add_argument("--seed", type=int, default=0, help="base seed for requests that bring none")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (fast numerics capture decode graphs)")
+    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(ServeConfig.MAX_SPECULATIVE_TOKENS + 1),
+                   metavar="N", help="draft N tokens per decoding request per step with the checkpoint's MTP block "
+                                     "and verify them in one step (0-4; default 0: off; steps run without CUDA "
+                                     "graphs while on)")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

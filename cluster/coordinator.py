@@ -57,10 +57,11 @@ class Coordinator:
         managers = [KVCacheManager(i.num_slots, i.num_blocks, i.block_size) for i in infos]
         affinity = HashAffinity.from_checkpoint(config.model_dir, num_hash_layers, placement)
         self.scheduler = Scheduler(config.scheduler, managers, model_info.max_model_len, model_info.eos_token_ids,
-                                   affinity)
+                                   affinity, config.speculative_tokens)
         self._subscribers: list[asyncio.Queue[list[RequestOutput]]] = []
         self._outbox: list[RequestOutput] = []      # outputs since the last flush to the subscribers
         self.expert_token_counts = [0] * len(placement.owner)
+        self.draft_tokens = self.accepted_tokens = 0          # speculative decoding, since start
         self.steps_done = 0
         # With two steps in flight, steps complete every max(worker time, Ray round trip + planning): the interval
         # between completions against the slowest worker's own time shows what the orchestration costs.
@@ -121,7 +122,9 @@ class Coordinator:
             return sum(values) / len(values) if values else 0.0
 
         extra = {"steps": float(self.steps_done), "mean_step_interval_seconds": mean(self.step_intervals),
-                 "mean_worker_seconds": mean(self.worker_seconds)}
+                 "mean_worker_seconds": mean(self.worker_seconds),
+                 "spec_decode_num_draft_tokens": float(self.draft_tokens),
+                 "spec_decode_num_accepted_tokens": float(self.accepted_tokens)}
         return LoadReport(self.scheduler.num_waiting, sum(w.num_running_requests for w in workers), tuple(workers),
                           tuple(self.expert_token_counts), extra)
 
@@ -189,13 +192,14 @@ class Coordinator:
 
     def _process(self, plans: StepPlans, results: list[WorkerResult]) -> None:
         for result in results:
-            logprobs = result.logprobs or (None,) * len(result.sampled)   # empty: no request of the step asked
-            for (request_id, token), token_logprobs in zip(result.sampled, logprobs, strict=True):
-                output = self.scheduler.on_token(request_id, token, token_logprobs)
+            for request_id, (tokens, logprobs) in result.tokens_by_request().items():
+                output = self.scheduler.on_tokens(request_id, tokens, logprobs)
                 if output is not None:
                     self._deliver(output)
             for e, n in enumerate(result.expert_counts):
                 self.expert_token_counts[e] += n
+            self.draft_tokens += result.num_draft_tokens
+            self.accepted_tokens += result.num_accepted_tokens
         self.scheduler.step_returned(plans.request_ids)
         self.steps_done += 1
         now = time.perf_counter()

@@ -5,7 +5,8 @@ dashboards port by a rename) and the same `model_name` label. Served by `prometh
 Request metrics are observed where every API's streams pass (`GenerationService.stream`): time to first token,
 inter-token latency (each delta's gap spread over its tokens), end-to-end latency, prompt and generation tokens,
 finished requests by reason. Engine gauges (running / waiting requests, KV blocks in use per worker, the step
-interval and the workers' own step time) are refreshed from the coordinator's `GetLoads` report once a second.
+interval and the workers' own step time, speculative drafts verified and accepted) are refreshed from the
+coordinator's `GetLoads` report once a second.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("dsv4:e2e_request_latency_seconds", "End-to-end request latency", m,
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.spec_drafts = Counter("dsv4:spec_decode_num_draft_tokens", "Speculative draft tokens verified", m,
+                                   registry=r)
+        self.spec_accepted = Counter("dsv4:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted",
+                                     m, registry=r)
+        self._spec_seen = (0.0, 0.0)      # the engine's cumulative counts at the last report
 
     def observe_loads(self, report: LoadReport) -> None:
         name = self.model_name
@@ -61,6 +67,11 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(used / total if total else 0.0)
         self.step_interval.labels(name).set(report.extra.get("mean_step_interval_seconds", 0.0))
         self.worker_step.labels(name).set(report.extra.get("mean_worker_seconds", 0.0))
+        drafts = report.extra.get("spec_decode_num_draft_tokens", 0.0)
+        accepted = report.extra.get("spec_decode_num_accepted_tokens", 0.0)
+        self.spec_drafts.labels(name).inc(max(0.0, drafts - self._spec_seen[0]))
+        self.spec_accepted.labels(name).inc(max(0.0, accepted - self._spec_seen[1]))
+        self._spec_seen = (drafts, accepted)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
         """Start the `/metrics` HTTP endpoint in a daemon thread; returns the server (`.shutdown()` stops it)."""

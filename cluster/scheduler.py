@@ -83,10 +83,14 @@ class StepPlans:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, managers: list[KVCacheManager], max_model_len: int,
-                 eos_token_ids: tuple[int, ...], affinity: Callable[[tuple[int, ...]], list[float]] | None = None):
+                 eos_token_ids: tuple[int, ...], affinity: Callable[[tuple[int, ...]], list[float]] | None = None,
+                 speculative_tokens: int = 0):
+        """speculative_tokens: the drafts a worker may add to each decode token (each step of a decoding request
+        may then write that many more positions and return that many more tokens)."""
         self.config, self.managers = config, managers
         self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
         self.affinity = affinity
+        self.speculative_tokens = speculative_tokens
         self.requests: dict[str, RequestState] = {}
         self._running: list[list[RequestState]] = [[] for _ in managers]     # per worker, by arrival
         self._waiting: list[tuple[int, str]] = []          # heap of (arrival, id); stale entries skipped
@@ -123,23 +127,34 @@ class Scheduler:
         return self._finish(state, FinishReason.ABORT)
 
     def on_token(self, request_id: str, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput | None:
-        """A sampled token (and its log-probabilities, if the request asked) came back from a worker: record it,
-        decide whether the request is done."""
+        """A sampled token (and its log-probabilities, if the request asked) came back from a worker."""
+        return self.on_tokens(request_id, (token,), (logprobs,) if logprobs is not None else ())
+
+    def on_tokens(self, request_id: str, tokens: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] = ()
+                  ) -> RequestOutput | None:
+        """The tokens one step sampled for a request, in order (several when speculative drafts were accepted),
+        and their log-probabilities if it asked: record them, decide whether the request is done. One output
+        delta, or None if the request had already ended."""
         state = self.requests.get(request_id)
         if state is None or state.status is Status.FINISHED:
-            return None                                   # a token sampled after the request ended
-        state.output_ids.append(token)
-        params, n = state.request.sampling, len(state.output_ids)
-        new_logprobs = (logprobs,) if logprobs is not None else ()
-        reason, matched = None, None
-        if n >= params.min_tokens and (token in params.stop_token_ids or
-                                       (not params.ignore_eos and token in self.eos_token_ids)):
-            reason, matched = FinishReason.STOP, token
-        elif n >= params.max_tokens or state.prompt_len + n >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        if reason is not None:
-            return self._finish(state, reason, token, matched, new_logprobs)
-        return self._output(state, (token,), new_logprobs=new_logprobs)
+            return None                                   # sampled after the request ended
+        if len(tokens) > 1 and state.status is Status.RUNNING:
+            # accepted drafts: positions the worker ran and outputs it holds beyond the one token planned
+            state.num_computed += len(tokens) - 1
+            state.num_scheduled_outputs += len(tokens) - 1
+        params = state.request.sampling
+        for i, token in enumerate(tokens):
+            state.output_ids.append(token)
+            n = len(state.output_ids)
+            reason, matched = None, None
+            if n >= params.min_tokens and (token in params.stop_token_ids or
+                                           (not params.ignore_eos and token in self.eos_token_ids)):
+                reason, matched = FinishReason.STOP, token
+            elif n >= params.max_tokens or state.prompt_len + n >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                return self._finish(state, reason, tokens[:i + 1], matched, logprobs[:i + 1])
+        return self._output(state, tokens, new_logprobs=logprobs)
 
     def take_finished_outputs(self) -> list[RequestOutput]:
         """Final outputs of requests the scheduler itself ended while planning (their context filled up)."""
@@ -189,7 +204,7 @@ class Scheduler:
         if not ran:
             return None
         step_id = next(self._step_ids)
-        max_tokens = max(sum(c.num_tokens for c in worker_chunks) for worker_chunks in chunks)
+        max_tokens = max(self.config.max_num_batched_tokens - left for left in budget)   # drafts included
         plans = tuple(WorkerPlan(step_id, tuple(new[w]), tuple(chunks[w]), tuple(self._pending_drops[w]),
                                  max_tokens)
                       for w in range(len(self.managers)))
@@ -207,6 +222,8 @@ class Scheduler:
         if is_decode and not self._may_sample(state):
             return
         n = min(remaining, budget[w], self.config.max_prefill_chunk)
+        # a decode token takes its drafts' share of the step (the worker runs them with it): as many as fit
+        drafts = min(self.speculative_tokens, budget[w] - n) if is_decode else 0
         manager = self.managers[w]
         before = len(manager.get(state.request_id).blocks)
         while not manager.reserve(state.request_id, state.num_computed + n):
@@ -216,10 +233,15 @@ class Scheduler:
                     self._finished_outputs.append(self._finish(state, FinishReason.LENGTH))
                 return                                      # else wait for a request to finish
             self._preempt(victim)
+        if drafts:
+            # room for the drafts, past what in-flight steps may have accepted; if blocks are short the worker
+            # drafts less (it never writes past the blocks it holds), so no one is preempted for it
+            manager.reserve(state.request_id, state.num_computed + n + self.speculative_tokens * state.inflight
+                            + drafts)
         new_blocks = tuple(manager.get(state.request_id).blocks[before:])
         reaches_end = state.num_computed + n == state.scheduled_len
-        chunks[w].append(ScheduledChunk(state.request_id, n, new_blocks))
-        budget[w] -= n
+        chunks[w].append(ScheduledChunk(state.request_id, n, new_blocks, drafts))
+        budget[w] -= n + drafts
         state.num_computed += n
         state.num_scheduled_outputs += 1 if reaches_end else 0
         state.inflight += 1
@@ -269,7 +291,7 @@ class Scheduler:
         """The newest running request of the worker that is not already part of this step."""
         return next((s for s in reversed(self._running[worker]) if s.request_id not in not_in), None)
 
-    def _finish(self, state: RequestState, reason: FinishReason, token: int | None = None,
+    def _finish(self, state: RequestState, reason: FinishReason, new: tuple[int, ...] = (),
                 matched: int | None = None, new_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         if state.status is Status.RUNNING:
             self._release(state)
@@ -278,7 +300,6 @@ class Scheduler:
         state.status, state.finish_reason = Status.FINISHED, reason
         if state.inflight == 0:
             del self.requests[state.request_id]
-        new = (token,) if token is not None else ()
         return self._output(state, new, reason, matched, new_logprobs)
 
     def _release(self, state: RequestState) -> None:

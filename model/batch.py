@@ -56,6 +56,9 @@ class ForwardBatch:
     layout: BatchLayout
     storage: KVStorage
     numerics: Numerics
+    # when given, every compressor leaves its projections here, (layer id, name) -> (a, z) [T, coff*d] fp32: what
+    # `dsv4.model.speculative` replays to take a verify step's state back to its accepted tokens
+    recorder: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def build(cls, storage: KVStorage, chunks: Sequence[Chunk], numerics: Numerics) -> ForwardBatch:

@@ -15,10 +15,11 @@ from torch import nn
 
 from dsv4.model.batch import ForwardBatch
 from dsv4.model.config import ModelConfig
-from dsv4.model.kv_cache import INDEX, CompressorGeometry
+from dsv4.model.kv_cache import INDEX, CompressorGeometry, KVStorage
 from dsv4.model.layers import Linear, RMSNorm, WeightFormat
 
 if TYPE_CHECKING:
+    from dsv4.kernels.cache_ops import BatchLayout
     from dsv4.model.numerics import Numerics
 
 
@@ -48,9 +49,18 @@ class Compressor(nn.Module):
         """x: [T, D] attention input. Stores every entry completed by these tokens in the cache."""
         num = batch.numerics
         a, z = num.compressor.project(self, x, batch.positions, num)        # [T, coff*d] fp32, z with the bias
-        store = batch.storage.layer(self.layer_id).compressors[self.name]
+        if batch.recorder is not None:
+            batch.recorder[(self.layer_id, self.name)] = (a, z)
+        self.store(a, z, batch.storage, batch.layout, num)
+
+    def store(self, a: torch.Tensor, z: torch.Tensor, storage: KVStorage, layout: BatchLayout, numerics: Numerics
+              ) -> None:
+        """Feed projections (a, z) [T, coff*d] fp32 of the layout's tokens into the sequences' pooling states and
+        store every entry they complete."""
+        store = storage.layer(self.layer_id).compressors[self.name]
         # Indexer keys are Hadamard-rotated before MXFP4 quantization; without quantization the rotation of q
         # and k cancels in q.k, so exact-fp32 skips it.
-        rotate = self.name == INDEX and num.simulate_quant
-        num.compressor.flush(a, z, store.state_kv, store.state_score, batch.layout, self.geometry.ratio,
-                             self.norm.weight, self.norm.eps, self.rope_inv_freq, rotate, store.pool, store.codec)
+        rotate = self.name == INDEX and numerics.simulate_quant
+        numerics.compressor.flush(a, z, store.state_kv, store.state_score, layout, self.geometry.ratio,
+                                  self.norm.weight, self.norm.eps, self.rope_inv_freq, rotate, store.pool,
+                                  store.codec)

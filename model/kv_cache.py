@@ -11,6 +11,7 @@ The shapes are defined once here; `dsv4.cache` sizes pools from them and hands o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,17 @@ class LayerStorage:
     compressors: dict[str, CompressorStorage]
 
 
+@dataclass
+class SlotCheckpoint:
+    """Per-slot state some sequences had before a step that may be taken back (`KVStorage.checkpoint`)."""
+
+    slots: torch.Tensor                  # [S] int64
+    positions: torch.Tensor              # [S, N] int64 positions whose ring rows were saved, -1 = none
+    layer_ids: tuple[int, ...]
+    windows: list[torch.Tensor]          # per saved layer: [S, N, width] those ring rows
+    states: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]   # per saved layer: name -> (kv, score) [S, ...]
+
+
 class KVStorage:
     """The cache tensors of every layer for `num_slots` sequences and `num_blocks` blocks, on one device."""
 
@@ -152,6 +164,40 @@ class KVStorage:
             for c in layer.compressors.values():
                 c.state_kv[slot].zero_()
                 c.state_score[slot].fill_(float("-inf"))
+
+    def checkpoint(self, slots: Sequence[int], positions: torch.Tensor, layer_ids: Sequence[int]) -> SlotCheckpoint:
+        """Save what a step about to write speculatively may clobber in these slots: in each listed layer, the ring
+        rows of `positions` ([S, N] per slot, -1 = none) and every compressor's pooling state."""
+        device = self.layers[0].window.device
+        slot_t = torch.as_tensor(list(slots), dtype=torch.int64, device=device)
+        positions = positions.to(device)
+        rows = positions.clamp(min=0) % self.config.sliding_window
+        windows, states = [], []
+        for layer_id in layer_ids:
+            layer = self.layers[layer_id]
+            windows.append(layer.window[slot_t[:, None], rows].clone())
+            states.append({name: (c.state_kv[slot_t].clone(), c.state_score[slot_t].clone())
+                           for name, c in layer.compressors.items()})
+        return SlotCheckpoint(slot_t, positions, tuple(layer_ids), windows, states)
+
+    def restore(self, saved: SlotCheckpoint, seqs: Sequence[int], from_positions: Sequence[int]) -> None:
+        """Put back, for the checkpoint's sequences `seqs` (indices into its slots), the saved ring rows of the
+        positions >= from_positions[i] and the whole compressor states, in every saved layer."""
+        if not seqs:
+            return
+        device = saved.slots.device
+        idx = torch.as_tensor(list(seqs), dtype=torch.int64, device=device)
+        first = torch.as_tensor(list(from_positions), dtype=torch.int64, device=device)
+        positions = saved.positions[idx]                                          # [R, N]
+        back = (positions >= first[:, None]) & (positions >= 0)
+        slots = saved.slots[idx][:, None].expand_as(positions)[back]
+        rows = positions[back] % self.config.sliding_window
+        for layer_id, window, states in zip(saved.layer_ids, saved.windows, saved.states, strict=True):
+            layer = self.layers[layer_id]
+            layer.window[slots, rows] = window[idx][back]
+            for name, (kv, score) in states.items():
+                layer.compressors[name].state_kv[saved.slots[idx]] = kv[idx]
+                layer.compressors[name].state_score[saved.slots[idx]] = score[idx]
 
     def blocks_for(self, num_positions: int) -> int:
         """Blocks a sequence needs to hold the entries of positions 0 .. num_positions-1."""

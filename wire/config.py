@@ -47,6 +47,9 @@ class ServeConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     seed: int = 0                          # base of the per-request sampling seeds when a request has none
     enforce_eager: bool = False            # no CUDA graphs (fast numerics on GPUs capture decode graphs)
+    speculative_tokens: int = 0            # drafts per decoding sequence per step from the MTP block; 0 = off
+
+    MAX_SPECULATIVE_TOKENS = 4             # dsv4.workers.speculative.MAX_SPECULATIVE_TOKENS
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -61,5 +64,8 @@ class ServeConfig:
             raise ValueError("kv_cache_bytes must be >= 0, block_size positive, max_model_len >= 0")
         if self.kv_cache_bytes == 0 and self.device != "cuda":
             raise ValueError("kv_cache_bytes 0 (size the cache from GPU memory) needs device 'cuda'")
+        if not 0 <= self.speculative_tokens <= self.MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_tokens must be in [0, {self.MAX_SPECULATIVE_TOKENS}], got "
+                             f"{self.speculative_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -35,11 +35,13 @@ class NewRequest:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
-    """Run the request's next `num_tokens` tokens (prompt tokens, or 1 = its last sampled token)."""
+    """Run the request's next `num_tokens` tokens (prompt tokens, or 1 = its last sampled token), and with
+    speculative decoding up to `max_drafts` drafts after a decode token (the step's token budget counts them)."""
 
     request_id: str
     num_tokens: int
     new_block_ids: tuple[int, ...]
+    max_drafts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +62,24 @@ class WorkerPlan:
 class WorkerResult:
     step_id: int
     rank: int
-    sampled: tuple[tuple[str, int], ...]     # (request id, token) for chunks that reached their last token
+    sampled: tuple[tuple[str, int], ...]     # (request id, token) for chunks that reached their last token,
+                                             # a request's tokens in order
     expert_counts: tuple[int, ...]           # (token, expert) pairs routed by this worker's tokens, per expert
     num_tokens: int
     seconds: float
     # aligned with `sampled`: the token's log-probabilities where its request asked, else None; empty (nothing
     # computed or sent) when no request of the step asked
     logprobs: tuple[TokenLogprobs | None, ...] = ()
+    num_draft_tokens: int = 0                # speculative decoding: drafts verified in this step
+    num_accepted_tokens: int = 0             # of which accepted (`sampled` then holds several per request)
+
+    def tokens_by_request(self) -> dict[str, tuple[tuple[int, ...], tuple[TokenLogprobs, ...]]]:
+        """request id -> (its tokens in order, their log-probabilities where it asked, else ())."""
+        grouped: dict[str, tuple[list[int], list[TokenLogprobs]]] = {}
+        logprobs = self.logprobs or (None,) * len(self.sampled)     # empty: no request of the step asked
+        for (request_id, token), token_logprobs in zip(self.sampled, logprobs, strict=True):
+            tokens, lps = grouped.setdefault(request_id, ([], []))
+            tokens.append(token)
+            if token_logprobs is not None:
+                lps.append(token_logprobs)
+        return {rid: (tuple(tokens), tuple(lps)) for rid, (tokens, lps) in grouped.items()}

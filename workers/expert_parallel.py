@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from dsv4.model.moe import MoE, run_local_experts
 from dsv4.model.numerics import Numerics
@@ -53,13 +54,14 @@ class _Exchange:
         self.model, self.top_k = model, model.config.num_experts_per_tok
         # pairs routed by this worker's tokens, counted on the device
         self.expert_counts = torch.zeros(len(owner), dtype=torch.int64, device=self.device)
-        for block in model.layers:
+        for block in (*model.layers, *model.mtp):
             block.ffn.expert_runner = self
 
-    def idle_pass(self, numerics: Numerics) -> None:
-        """A step with no tokens on this worker: serve the other workers' pairs in every MoE layer."""
+    def idle_pass(self, numerics: Numerics, blocks: Sequence[nn.Module] | None = None) -> None:
+        """A pass with no tokens on this worker: serve the other workers' pairs in every MoE layer of `blocks`
+        (default: the main layers; the MTP block's passes of speculative decoding name it)."""
         d, k = self.model.config.hidden_size, self.top_k
-        for block in self.model.layers:
+        for block in self.model.layers if blocks is None else blocks:
             self(block.ffn, torch.empty(0, d, dtype=numerics.act_dtype, device=self.device),
                  torch.empty(0, k, device=self.device), torch.empty(0, k, dtype=torch.int64, device=self.device),
                  numerics)
@@ -156,5 +158,5 @@ class LocalExperts(_Exchange):
         count_pairs(self.expert_counts, indices)
         return run_local_experts(moe, x, weights, indices, numerics)
 
-    def idle_pass(self, numerics: Numerics) -> None:
+    def idle_pass(self, numerics: Numerics, blocks: Sequence[nn.Module] | None = None) -> None:
         """Nothing to serve: no other worker sends pairs."""

@@ -22,7 +22,8 @@ import torch
 from dsv4.model.batch import Chunk, ForwardBatch, check_chunks
 from dsv4.model.kv_cache import KVStorage
 from dsv4.model.numerics import Numerics
-from dsv4.model.transformer import Transformer
+from dsv4.model.speculative import Recorder
+from dsv4.model.transformer import ForwardOutput, Transformer
 from dsv4.workers.input_batch import InputBatch
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -92,6 +93,32 @@ class ModelRunner:
             return entry.logits[:len(chunks)]
         token_ids, layout = self.inputs.fill(chunks, self.inputs.shape_for(chunks))
         return self.model(ForwardBatch(token_ids, layout, self.storage, self.numerics)).logits
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk], logits_rows: Sequence[int], record: bool = False
+                ) -> tuple[ForwardOutput, Recorder | None]:
+        """An eager step that keeps what speculative decoding needs: the logits at the given flat rows, the final
+        residual streams of every row (the MTP block's input) and, with `record`, the compressors' projections
+        (`ForwardBatch.recorder`)."""
+        check_chunks(self.storage, chunks, self.model.config.vocab_size)
+        for c in chunks:
+            if c.start == 0:
+                self.storage.reset_slot(c.slot)
+        token_ids, layout = self.inputs.fill(chunks, self.inputs.shape_for(chunks))
+        recorder: Recorder | None = {} if record else None
+        rows = torch.as_tensor(list(logits_rows), dtype=torch.int64).to(token_ids.device)
+        return self.model(ForwardBatch(token_ids, layout, self.storage, self.numerics, recorder), rows), recorder
+
+    @torch.inference_mode()
+    def forward_mtp(self, chunks: Sequence[Chunk], streams: torch.Tensor, logits_rows: Sequence[int]
+                    ) -> ForwardOutput:
+        """The MTP block over chunks whose token ids are each position's *next* token, with `streams` [T, hc, D]
+        the main model's final streams at those positions (or an earlier MTP pass's output, when chaining)."""
+        check_chunks(self.storage, chunks, self.model.config.vocab_size)
+        token_ids, layout = self.inputs.fill(chunks, self.inputs.shape_for(chunks))
+        rows = torch.as_tensor(list(logits_rows), dtype=torch.int64).to(token_ids.device)
+        return self.model.forward_mtp(streams, ForwardBatch(token_ids, layout, self.storage, self.numerics),
+                                      logits_rows=rows)
 
     @torch.inference_mode()
     def warm_up(self, sizes: Sequence[int] = WARM_UP_TOKENS) -> torch.Tensor:

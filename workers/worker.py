@@ -12,7 +12,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,24 +25,15 @@ from dsv4.model.checkpoint import load_model
 from dsv4.model.numerics import Numerics, NumericsMode
 from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo, WorkerPlan, WorkerResult
-from dsv4.wire.request import SamplingParams, TokenLogprobs
+from dsv4.wire.request import SamplingParams
 from dsv4.workers.expert_parallel import ExpertParallel, FixedCapacityExpertParallel, LocalExperts
 from dsv4.workers.memory import kv_cache_budget
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample_to_host
+from dsv4.workers.sequence import SequenceState, StepTokens
+from dsv4.workers.speculative import Speculator
 
 SLOW_STEP_SECONDS = 2.0   # steps slower than this are logged with their shape
-
-
-@dataclass
-class _Sequence:
-    tokens: list[int]
-    slot: int
-    sampling: SamplingParams
-    seed: int
-    num_outputs: int
-    num_computed: int = 0
-    blocks: list[int] = field(default_factory=list)
 
 
 class Worker:
@@ -53,7 +43,7 @@ class Worker:
         if config.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world_size, 1)))
         self.device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
-        self.sequences: dict[str, _Sequence] = {}
+        self.sequences: dict[str, SequenceState] = {}
         self._injected_faults: list[str] = []     # `inject_step_faults`: messages the next steps raise
 
     # ------------------------------------------------------------------------------------------ setup
@@ -87,8 +77,10 @@ class Worker:
         sched = self.config.scheduler
         # CUDA graphs (fast numerics on a GPU) pad decode batches with a spare slot the scheduler never sees. With
         # several workers the graphs would capture NCCL all-to-alls, not yet run on a multi-GPU machine: eager there.
+        # Speculative steps (verify chunks, MTP passes) run eagerly for now: no graphs with them.
         use_graphs = (self.device.type == "cuda" and self.numerics.mode is NumericsMode.FAST
-                      and not self.config.enforce_eager and self.world_size == 1)
+                      and not self.config.enforce_eager and self.world_size == 1
+                      and not self.config.speculative_tokens)
         spare = 1 if use_graphs else 0
         self.numerics.prepare(self.model)
         budget = self.config.kv_cache_bytes
@@ -111,6 +103,10 @@ class Worker:
         exchange = FixedCapacityExpertParallel if fast else ExpertParallel
         self.experts = (exchange(self.model, self.owner, self.rank, self.world_size) if self.world_size > 1
                         else LocalExperts(self.model))
+        self.speculator = None
+        if self.config.speculative_tokens:
+            self.speculator = Speculator(self.runner, self.config.speculative_tokens, max_len,
+                                         lambda: self.experts.idle_pass(self.numerics, self.model.mtp))
         if self.device.type == "cuda":
             self._warm_up()
         if use_graphs:
@@ -144,9 +140,9 @@ class Worker:
         for request_id in plan.finished_ids:
             self.sequences.pop(request_id, None)
         for new in plan.new_requests:
-            self.sequences[new.request_id] = _Sequence(list(new.token_ids), new.slot, new.sampling, new.seed,
-                                                       new.num_prior_outputs)
-        chunks = []
+            self.sequences[new.request_id] = SequenceState(list(new.token_ids), new.slot, new.sampling, new.seed,
+                                                           new.num_prior_outputs)
+        runs = []
         for chunk in plan.chunks:
             seq = self.sequences[chunk.request_id]
             seq.blocks.extend(chunk.new_block_ids)
@@ -154,40 +150,54 @@ class Worker:
             if end > len(seq.tokens):
                 raise AssertionError(f"request {chunk.request_id}: asked to run up to token {end}, "
                                      f"have {len(seq.tokens)}")
-            chunks.append(Chunk(seq.slot, seq.blocks, seq.num_computed, seq.tokens[seq.num_computed:end]))
-        sampled = []
-        logprobs: list[TokenLogprobs | None] = []   # aligned with sampled; empty when no request asked
+            runs.append((seq, chunk.num_tokens, chunk.max_drafts))
         if isinstance(self.experts, FixedCapacityExpertParallel):   # every worker sizes the exchange alike
             self.experts.set_capacity(plan.max_worker_tokens)
-        if chunks:
+        step = StepTokens([], [])
+        if runs:
             if self._injected_faults:
                 raise RuntimeError(self._injected_faults.pop(0))
-            logits = self.runner.step(chunks)
-            rows, specs = [], []
-            for i, chunk in enumerate(plan.chunks):
-                seq = self.sequences[chunk.request_id]
-                seq.num_computed += chunk.num_tokens
-                if seq.num_computed == len(seq.tokens):   # the chunk reached the end: sample the next token
-                    rows.append(i)
-                    specs.append(SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
-            if rows:
-                with torch.inference_mode():
-                    picked = logits[torch.tensor(rows, device=logits.device)]
-                    # the step's one sync: token ids, and log-probabilities for the requests that ask
-                    tokens, logprobs = sample_to_host(picked, SamplingBatch(specs, logits.device))
-                for i, token in zip(rows, tokens, strict=True):
-                    request_id = plan.chunks[i].request_id
-                    seq = self.sequences[request_id]
-                    seq.tokens.append(token)
-                    seq.num_outputs += 1
-                    sampled.append((request_id, token))
+            step = self.speculator.step(runs) if self.speculator is not None else self._step(runs)
         else:   # no tokens here: still serve the other workers' pairs in every MoE layer
             with torch.inference_mode():
                 self.experts.idle_pass(self.numerics)
+            if self.speculator is not None:
+                self.speculator.idle()
+        sampled, logprobs = [], []
+        asked = any(step.logprobs)
+        for chunk, tokens, token_logprobs in zip(plan.chunks, step.tokens, step.logprobs, strict=True):
+            sampled.extend((chunk.request_id, token) for token in tokens)
+            if asked:   # aligned with sampled: the request's own, or None where it did not ask
+                logprobs.extend(token_logprobs or [None] * len(tokens))
         seconds = time.perf_counter() - start
         if seconds > SLOW_STEP_SECONDS:   # a first-use compile (or a stall) shows in the log, with its shape
-            print(f"[worker {self.rank}] slow step {plan.step_id}: {plan.num_tokens} tokens of {len(chunks)} "
-                  f"sequences ({sum(len(c.token_ids) > 1 for c in chunks)} prefill chunks) took {seconds:.2f} s",
-                  flush=True)
+            print(f"[worker {self.rank}] slow step {plan.step_id}: {plan.num_tokens} tokens of {len(runs)} "
+                  f"sequences ({sum(n > 1 for _, n, _ in runs)} prefill chunks) took {seconds:.2f} s", flush=True)
         return WorkerResult(plan.step_id, self.rank, tuple(sampled), self.experts.take_counts(), plan.num_tokens,
-                            seconds, tuple(logprobs))
+                            seconds, tuple(logprobs), step.num_drafts, step.num_accepted)
+
+    def _step(self, runs: list[tuple[SequenceState, int, int]]) -> StepTokens:
+        """One step without speculation (decode steps replay CUDA graphs where captured): each sequence's next n
+        tokens, then one token sampled for each that reached its last token."""
+        logits = self.runner.step([Chunk(seq.slot, seq.blocks, seq.num_computed,
+                                         seq.tokens[seq.num_computed:seq.num_computed + n]) for seq, n, _ in runs])
+        step = StepTokens([[] for _ in runs], [[] for _ in runs])
+        rows, specs = [], []
+        for i, (seq, n, _) in enumerate(runs):
+            seq.num_computed += n
+            if seq.num_computed == len(seq.tokens):   # the chunk reached the end: sample the next token
+                rows.append(i)
+                specs.append(SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
+        if rows:
+            with torch.inference_mode():
+                picked = logits[torch.tensor(rows, device=logits.device)]
+                # the step's one sync: token ids, and log-probabilities for the requests that ask
+                tokens, logprobs = sample_to_host(picked, SamplingBatch(specs, logits.device))
+            for j, (i, token) in enumerate(zip(rows, tokens, strict=True)):
+                seq = runs[i][0]
+                seq.tokens.append(token)
+                seq.num_outputs += 1
+                step.tokens[i] = [token]
+                if logprobs and logprobs[j] is not None:
+                    step.logprobs[i] = [logprobs[j]]
+        return step

@@ -22,9 +22,10 @@ BLOCK = 16
 
 
 def make(num_workers: int = 1, num_slots: int = 4, num_blocks: int = 64, max_model_len: int = 4096,
-         **config) -> Scheduler:
+         speculative_tokens: int = 0, **config) -> Scheduler:
     managers = [KVCacheManager(num_slots, num_blocks, BLOCK) for _ in range(num_workers)]
-    return Scheduler(SchedulerConfig(**config), managers, max_model_len, (EOS,))
+    return Scheduler(SchedulerConfig(**config), managers, max_model_len, (EOS,),
+                     speculative_tokens=speculative_tokens)
 
 
 def request(rid: str, prompt_len: int, max_tokens: int = 8) -> GenerateRequest:
@@ -33,13 +34,15 @@ def request(rid: str, prompt_len: int, max_tokens: int = 8) -> GenerateRequest:
 
 class Driver:
     """Plays the workers: plans steps, keeps up to two in flight, and returns the oldest with a sampled token
-    (never EOS) for every chunk that reached its request's end when it was planned."""
+    (never EOS) for every chunk that reached its request's end when it was planned; with speculative tokens, a
+    decode token brings 0 .. N accepted drafts more (a pattern that varies from step to step)."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         self.in_flight: collections.deque = collections.deque()
         self.outputs: dict[str, list] = collections.defaultdict(list)
         self.next_token = 1
+        self.returned = 0
 
     def plan(self):
         requests = self.scheduler.requests
@@ -57,9 +60,13 @@ class Driver:
 
     def return_oldest(self) -> None:
         plans, samplers = self.in_flight.popleft()
+        decodes = {c.request_id for p in plans.plans for c in p.chunks if c.num_tokens == 1}
         for rid in samplers:
-            self.next_token += 1
-            out = self.scheduler.on_token(rid, self.next_token)
+            self.returned += 1
+            extra = self.returned % (self.scheduler.speculative_tokens + 1) if rid in decodes else 0
+            tokens = tuple(range(self.next_token + 1, self.next_token + 2 + extra))
+            self.next_token += len(tokens)
+            out = self.scheduler.on_tokens(rid, tokens)
             if out is not None:
                 self.outputs[rid].append(out)
         self.scheduler.step_returned(plans.request_ids)
@@ -201,6 +208,58 @@ def test_requests_spread_over_workers_by_headroom():
     assert sorted(len(sched.running_on(w)) for w in range(2)) == [2, 2]
 
 
+def test_speculative_decodes_cost_their_drafts_and_reserve_room_for_them():
+    """With 3 speculative tokens a decode takes 1 + its drafts of the step's budget (as many drafts as fit, so no
+    decode starves), the exchange size the workers are told counts them, and blocks are reserved for them past
+    what the request's in-flight steps may have accepted."""
+    sched = make(num_blocks=64, max_num_batched_tokens=10, max_prefill_chunk=32, speculative_tokens=3)
+    for rid in ("a", "b", "c"):
+        sched.add(request(rid, 14, max_tokens=500), seed=1)
+    driver = Driver(sched)
+    assert chunks_of(driver.plan()) == [("a", 10)]
+    driver.return_oldest()
+    assert chunks_of(driver.plan()) == [("a", 4), ("b", 6)]
+    decodes = collections.Counter()
+    for _ in range(40):
+        plans = driver.step()
+        if plans is None:
+            continue
+        chunks = plans.plans[0].chunks
+        assert sum(c.num_tokens + c.max_drafts for c in chunks) == plans.plans[0].max_worker_tokens <= 10
+        for c in chunks:
+            assert c.max_drafts == 0 or c.num_tokens == 1
+            if c.num_tokens == 1:
+                decodes[c.request_id] += 1
+                state = sched.requests[c.request_id]
+                held = len(sched.managers[0].get(c.request_id).blocks) * BLOCK
+                assert held >= state.num_computed + 3 * (state.inflight - 1) + c.max_drafts
+    assert set(decodes) == {"a", "b", "c"} and min(decodes.values()) >= 5      # all three decode, none starves
+    assert [c.max_drafts for c in plans.plans[0].chunks] == [3, 3, 1]         # 4 + 4 + 2 of the 10
+
+
+def test_several_tokens_in_one_step_move_the_request_on_and_stop_where_they_must():
+    """Accepted drafts: one step returns several tokens; the request advances by all of them (positions run and
+    outputs held on the worker), and its next plan is one decode token again. max_tokens or a stop token inside
+    the list end the request there; the tokens after it are dropped."""
+    sched = make(speculative_tokens=4)
+    sched.add(request("a", 5, max_tokens=7), seed=1)
+    sched.add(GenerateRequest("b", (1, 2, 3), SamplingParams(max_tokens=50, stop_token_ids=(42,))), seed=1)
+    driver = Driver(sched)
+    driver.plan()
+    driver.return_oldest()                                       # prompts done: one token each
+    driver.plan()                                                # decode step
+    out = sched.on_tokens("a", (11, 12, 13))                     # two drafts accepted, then the target's token
+    state = sched.requests["a"]
+    assert out.new_token_ids == (11, 12, 13) and state.output_ids[-3:] == [11, 12, 13]
+    assert state.num_computed == 5 + 1 + 2 and state.scheduled_len - state.num_computed == 1
+    assert sched.on_tokens("b", (7, 42, 8)).finish_reason is FinishReason.STOP
+    sched.step_returned(driver.in_flight.popleft()[0].request_ids)
+    assert chunks_of(driver.plan()) == [("a", 1)]
+    final = sched.on_tokens("a", (14, 15, 16, 17))               # 4 + 3 = 7 = max_tokens after 16
+    assert final.finish_reason is FinishReason.LENGTH and final.new_token_ids == (14, 15, 16)
+    assert sched.on_tokens("a", (18,)) is None
+
+
 # ---------------------------------------------------------------------------------------------- state machine
 class SchedulerMachine(RuleBasedStateMachine):
     """Random arrivals, aborts and steps on two workers with small caches: the queues agree with the managers
@@ -259,3 +318,17 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+class SpeculativeSchedulerMachine(SchedulerMachine):
+    """The same with 2 speculative tokens: decode steps return 1 to 3 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.scheduler = make(num_workers=2, num_slots=3, num_blocks=12, max_model_len=160,
+                              max_num_batched_tokens=48, max_prefill_chunk=24, speculative_tokens=2)
+        self.driver = Driver(self.scheduler)
+
+
+TestSpeculativeSchedulerMachine = SpeculativeSchedulerMachine.TestCase
+TestSpeculativeSchedulerMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

@@ -1,0 +1,36 @@
+"""A request's state on the worker that holds its cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsv4.wire.request import SamplingParams, TokenLogprobs
+
+
+@dataclass
+class SequenceState:
+    tokens: list[int]                 # prompt + outputs so far (the last one not yet run, once decoding)
+    slot: int
+    sampling: SamplingParams
+    seed: int
+    num_outputs: int                  # outputs in `tokens` (the next one sampled has this output index)
+    num_computed: int = 0             # positions whose cache is written (tokens[:num_computed] have run)
+    blocks: list[int] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)   # speculative guesses of the next tokens (MTP block)
+
+    @property
+    def decoding(self) -> bool:
+        """Every token has run but the last sampled one."""
+        return self.num_computed == len(self.tokens) - 1 and self.num_outputs > 0
+
+
+@dataclass
+class StepTokens:
+    """What one step sampled, per scheduled chunk: the tokens it emits (none for a prefill chunk short of the
+    prompt's end; several when speculative drafts were accepted) and their log-probabilities where the request
+    asks (else empty); and the step's drafts verified and accepted."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[TokenLogprobs]]
+    num_drafts: int = 0
+    num_accepted: int = 0
