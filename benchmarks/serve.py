@@ -48,11 +48,12 @@ from dsv4.protos import dsv4_pb2 as pb
 from dsv4.protos import dsv4_pb2_grpc
 
 
-def start_server(args, model_dir: Path, log_path: Path) -> subprocess.Popen:
+def start_server(args, model_dir: Path, log_path: Path, extra: list[str] = ()) -> subprocess.Popen:
     command = [sys.executable, "-m", "dsv4.cluster.cli", "serve", "--model", str(model_dir), "--workers",
                str(args.workers), "--device", args.device, "--port", str(args.port), "--host", "127.0.0.1",
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-               "--max-prefill-chunk", str(args.max_prefill_chunk), "--numerics", args.numerics, "--metrics-port", "0"]
+               "--max-prefill-chunk", str(args.max_prefill_chunk), "--numerics", args.numerics, "--metrics-port", "0",
+               *extra]
     if args.kv_cache_gib:     # 0: sized from the GPU's free memory (--gpu-memory-utilization)
         command += ["--kv-cache-gib", str(args.kv_cache_gib)]
     log = open(log_path, "w")

@@ -12,7 +12,8 @@ from dsv4.model.numerics import Numerics
 
 def allocate_pools(config: ModelConfig, numerics: Numerics, plan: CachePlan, device: torch.device | str
                    ) -> KVStorage:
-    storage = KVStorage(config, numerics, plan.num_slots, plan.num_blocks, plan.block_size, device)
+    storage = KVStorage(config, numerics, plan.num_slots, plan.num_blocks, plan.block_size, device,
+                        plan.num_snapshots)
     if storage.nbytes != plan.total_bytes:
         raise AssertionError(f"allocated {storage.nbytes} bytes, planned {plan.total_bytes}")
     return storage

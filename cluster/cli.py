@@ -71,7 +71,15 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                        kv_cache_bytes=kv_cache_bytes(args.kv_cache_gib, device),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                        scheduler=scheduler, seed=args.seed, enforce_eager=args.enforce_eager,
-                       speculative_tokens=args.speculative_tokens, **_server_options(args))
+                       speculative_tokens=args.speculative_tokens,
+                       prefix_cache_snapshots=prefix_cache_snapshots(args), **_server_options(args))
+
+
+def prefix_cache_snapshots(args: argparse.Namespace) -> int:
+    """--prefix-cache-snapshots if given, else with --enable-prefix-caching two per sequence slot, else 0 (off)."""
+    if args.prefix_cache_snapshots is not None:
+        return args.prefix_cache_snapshots
+    return 2 * args.max_num_seqs if args.enable_prefix_caching else 0
 
 
 def start_engine(config: ServeConfig) -> Engine:
@@ -165,6 +173,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="requests queued for admission; beyond it new ones get RESOURCE_EXHAUSTED")
     p.add_argument("--seed", type=int, default=0, help="base seed for requests that bring none")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (fast numerics capture decode graphs)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV blocks of prompt prefixes earlier requests computed (full blocks of 256 tokens)")
+    p.add_argument("--prefix-cache-snapshots", type=int, default=None, metavar="N",
+                   help="per worker: how many prefix ends requests can resume from (each holds the window rings and "
+                        "CSA states: ~4 MiB at V4-Flash; default with --enable-prefix-caching: 2 x max-num-seqs)")
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(ServeConfig.MAX_SPECULATIVE_TOKENS + 1),
                    metavar="N", help="draft N tokens per decoding request per step with the checkpoint's MTP block "
                                      "and verify them in one step (0-4; default 0: off; steps run without CUDA "

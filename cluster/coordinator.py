@@ -54,7 +54,7 @@ class Coordinator:
                  placement: ExpertPlacement, num_hash_layers: int):
         self.config, self.workers, self.infos, self.info = config, workers, infos, model_info
         self.placement = placement
-        managers = [KVCacheManager(i.num_slots, i.num_blocks, i.block_size) for i in infos]
+        managers = [KVCacheManager(i.num_slots, i.num_blocks, i.block_size, i.num_snapshots) for i in infos]
         affinity = HashAffinity.from_checkpoint(config.model_dir, num_hash_layers, placement)
         self.scheduler = Scheduler(config.scheduler, managers, model_info.max_model_len, model_info.eos_token_ids,
                                    affinity, config.speculative_tokens)
@@ -111,6 +111,10 @@ class Coordinator:
         self._flush()
         return True
 
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (an operator's flush; running requests keep their blocks)."""
+        self.scheduler.reset_prefix_cache()
+
     async def loads(self) -> LoadReport:
         workers = []
         for rank, manager in enumerate(self.scheduler.managers):
@@ -124,7 +128,9 @@ class Coordinator:
         extra = {"steps": float(self.steps_done), "mean_step_interval_seconds": mean(self.step_intervals),
                  "mean_worker_seconds": mean(self.worker_seconds),
                  "spec_decode_num_draft_tokens": float(self.draft_tokens),
-                 "spec_decode_num_accepted_tokens": float(self.accepted_tokens)}
+                 "spec_decode_num_accepted_tokens": float(self.accepted_tokens),
+                 "prefix_cache_queries": float(self.scheduler.prefix_queries),
+                 "prefix_cache_hits": float(self.scheduler.prefix_hits)}
         return LoadReport(self.scheduler.num_waiting, sum(w.num_running_requests for w in workers), tuple(workers),
                           tuple(self.expert_token_counts), extra)
 
@@ -187,7 +193,7 @@ class Coordinator:
             if output is not None:
                 self._deliver(RequestOutput(output.request_id, (), output.num_prompt_tokens,
                                             output.num_output_tokens, FinishReason.ERROR, error=message))
-        self.scheduler.step_returned(plans.request_ids)
+        self.scheduler.step_returned(plans, ok=False)
         return True
 
     def _process(self, plans: StepPlans, results: list[WorkerResult]) -> None:
@@ -200,7 +206,7 @@ class Coordinator:
                 self.expert_token_counts[e] += n
             self.draft_tokens += result.num_draft_tokens
             self.accepted_tokens += result.num_accepted_tokens
-        self.scheduler.step_returned(plans.request_ids)
+        self.scheduler.step_returned(plans)
         self.steps_done += 1
         now = time.perf_counter()
         if self._last_completion is not None and now - self._last_completion < 1.0:   # skip idle gaps

@@ -125,6 +125,9 @@ class RayEngineClient:
     async def loads(self) -> LoadReport:
         return await self._coordinator.loads.remote()
 
+    async def reset_prefix_cache(self) -> None:
+        await self._coordinator.reset_prefix_cache.remote()
+
     async def is_healthy(self) -> bool:
         try:
             return await self._coordinator.is_healthy.remote()

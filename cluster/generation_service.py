@@ -159,6 +159,10 @@ class GenerationService(RequestBuilder):
             raise InvalidRequest("request_ids", f"at most {MAX_ABORT_IDS} ids per Abort, got {len(request_ids)}")
         return [request_id for request_id in request_ids if await self.engine.abort(request_id)]
 
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (an operator's flush; running requests keep theirs)."""
+        await self.engine.reset_prefix_cache()
+
     async def _abort_quietly(self, request_id: str) -> None:
         try:
             await self.engine.abort(request_id)

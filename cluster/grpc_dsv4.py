@@ -60,7 +60,8 @@ def response_from_event(request_id: str, event: StreamEvent) -> dsv4_pb2.Generat
     if isinstance(event, TextDelta):
         return dsv4_pb2.GenerateResponse(request_id=request_id, chunk=dsv4_pb2.GenerateChunk(
             token_ids=event.token_ids, text=event.text, prompt_tokens=event.num_prompt_tokens,
-            completion_tokens=event.num_output_tokens, logprobs=_logprobs_to_proto(event.logprobs)))
+            completion_tokens=event.num_output_tokens, logprobs=_logprobs_to_proto(event.logprobs),
+            cached_tokens=event.num_cached_tokens))
     return _terminal_response(request_id, event)
 
 
@@ -72,7 +73,7 @@ def _terminal_response(request_id: str, final: TextFinal) -> dsv4_pb2.GenerateRe
     complete = dsv4_pb2.GenerateComplete(
         finish_reason=_FINISH_REASONS[final.finish_reason], output_ids=final.output_ids, text=final.text,
         prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens,
-        logprobs=_logprobs_to_proto(final.output_logprobs))
+        logprobs=_logprobs_to_proto(final.output_logprobs), cached_tokens=final.num_cached_tokens)
     if final.matched_stop_str is not None:
         complete.matched_stop_str = final.matched_stop_str
     elif final.matched_stop_token_id is not None:
@@ -141,3 +142,8 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
     async def GetLoads(self, request: dsv4_pb2.GetLoadsRequest, context: grpc.aio.ServicerContext
                        ) -> dsv4_pb2.GetLoadsResponse:
         return loads_to_proto(await self._service.engine.loads())
+
+    async def ResetPrefixCache(self, request: dsv4_pb2.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
+                               ) -> dsv4_pb2.ResetPrefixCacheResponse:
+        await self._service.reset_prefix_cache()
+        return dsv4_pb2.ResetPrefixCacheResponse()

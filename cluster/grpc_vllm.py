@@ -102,6 +102,7 @@ def _chunk(delta: TextDelta, num_logprobs: int | None) -> vllm_engine_pb2.Genera
     return vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk(
         token_ids=delta.token_ids, prompt_tokens=delta.num_prompt_tokens,
         completion_tokens=len(delta.token_ids),  # a delta count: the gateway accumulates it
+        cached_tokens=delta.num_cached_tokens,
         output_logprobs=_output_logprobs(delta.token_ids, delta.logprobs, num_logprobs)))
 
 
@@ -111,6 +112,7 @@ def _complete(final: TextFinal, num_logprobs: int | None) -> vllm_engine_pb2.Gen
     complete = vllm_engine_pb2.GenerateComplete(
         output_ids=final.output_ids, finish_reason=final.finish_reason.value,
         prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens,
+        cached_tokens=final.num_cached_tokens,
         output_logprobs=_output_logprobs(final.output_ids, final.output_logprobs, num_logprobs))
     if final.matched_stop_str is not None:
         complete.matched_stop_str = final.matched_stop_str
@@ -217,7 +219,9 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
 
     async def FlushCache(self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext
                          ) -> common_pb2.FlushCacheResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "FlushCache is not supported")
+        """Forget every cached prompt prefix (running requests keep theirs; timeout_s is not needed)."""
+        await self._service.reset_prefix_cache()
+        return common_pb2.FlushCacheResponse(success=True, message="prefix cache reset")
 
     async def StartProfile(self, request: common_pb2.StartProfileRequest, context: grpc.aio.ServicerContext
                            ) -> common_pb2.ProfileResponse:

@@ -5,8 +5,8 @@ dashboards port by a rename) and the same `model_name` label. Served by `prometh
 Request metrics are observed where every API's streams pass (`GenerationService.stream`): time to first token,
 inter-token latency (each delta's gap spread over its tokens), end-to-end latency, prompt and generation tokens,
 finished requests by reason. Engine gauges (running / waiting requests, KV blocks in use per worker, the step
-interval and the workers' own step time, speculative drafts verified and accepted) are refreshed from the
-coordinator's `GetLoads` report once a second.
+interval and the workers' own step time, speculative drafts verified and accepted, prefix-cache queries and hits)
+are refreshed from the coordinator's `GetLoads` report once a second.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ class ServerMetrics:
                                    registry=r)
         self.spec_accepted = Counter("dsv4:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted",
                                      m, registry=r)
-        self._spec_seen = (0.0, 0.0)      # the engine's cumulative counts at the last report
+        self.prefix_queries = Counter("dsv4:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      m, registry=r)
+        self.prefix_hits = Counter("dsv4:prefix_cache_hits", "Prompt tokens served from the prefix cache", m,
+                                   registry=r)
+        self._seen: dict[str, float] = {}   # the engine's cumulative counts at the last report
 
     def observe_loads(self, report: LoadReport) -> None:
         name = self.model_name
@@ -67,11 +71,12 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(used / total if total else 0.0)
         self.step_interval.labels(name).set(report.extra.get("mean_step_interval_seconds", 0.0))
         self.worker_step.labels(name).set(report.extra.get("mean_worker_seconds", 0.0))
-        drafts = report.extra.get("spec_decode_num_draft_tokens", 0.0)
-        accepted = report.extra.get("spec_decode_num_accepted_tokens", 0.0)
-        self.spec_drafts.labels(name).inc(max(0.0, drafts - self._spec_seen[0]))
-        self.spec_accepted.labels(name).inc(max(0.0, accepted - self._spec_seen[1]))
-        self._spec_seen = (drafts, accepted)
+        for key, counter in (("spec_decode_num_draft_tokens", self.spec_drafts),
+                             ("spec_decode_num_accepted_tokens", self.spec_accepted),
+                             ("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
+            total = report.extra.get(key, 0.0)          # cumulative in the engine: count what it grew by
+            counter.labels(name).inc(max(0.0, total - self._seen.get(key, 0.0)))
+            self._seen[key] = total
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
         """Start the `/metrics` HTTP endpoint in a daemon thread; returns the server (`.shutdown()` stops it)."""
@@ -83,13 +88,15 @@ class ServerMetrics:
 
 class RequestTimer:
     """One request's latencies, fed the stream's events in order: observed into the metrics (if any), and one
-    INFO line per finished request on the `dsv4.requests` logger (id, reason, tokens, TTFT, TPOT, end to end)."""
+    INFO line per finished request on the `dsv4.requests` logger (id, reason, tokens and tokens per engine step
+    (above 1 when speculative drafts were accepted), TTFT, TPOT, end to end)."""
 
     def __init__(self, metrics: ServerMetrics | None, request_id: str):
         self._m, self._request_id = metrics, request_id
         self._start = self._last = time.perf_counter()
         self._first_at: float | None = None
         self._num_tokens = 0
+        self._num_deltas = 0          # engine steps that brought tokens (several per step: accepted drafts)
 
     def on_event(self, event: StreamEvent) -> None:
         now, m = time.perf_counter(), self._m
@@ -106,6 +113,7 @@ class RequestTimer:
             if self._first_at is None:
                 self._first_at = now
             self._num_tokens += n
+            self._num_deltas += 1
             self._last = now
         elif isinstance(event, TextFinal):
             if m is not None:
@@ -114,7 +122,8 @@ class RequestTimer:
                 m.request_success.labels(m.model_name, event.finish_reason.value).inc()
             ttft = (self._first_at or now) - self._start
             tpot = (self._last - self._first_at) / (self._num_tokens - 1) if self._num_tokens > 1 else 0.0
-            request_log.info("request %s finished: %s, %d prompt + %d output tokens, TTFT %.1f ms, TPOT %.2f ms, "
-                             "e2e %.1f ms%s", self._request_id, event.finish_reason.value, event.num_prompt_tokens,
-                             len(event.output_ids), 1e3 * ttft, 1e3 * tpot, 1e3 * (now - self._start),
-                             f", error: {event.error}" if event.error else "")
+            per_step = self._num_tokens / self._num_deltas if self._num_deltas else 0.0
+            request_log.info("request %s finished: %s, %d prompt + %d output tokens (%.2f per step), TTFT %.1f ms, "
+                             "TPOT %.2f ms, e2e %.1f ms%s", self._request_id, event.finish_reason.value,
+                             event.num_prompt_tokens, len(event.output_ids), per_step, 1e3 * ttft, 1e3 * tpot,
+                             1e3 * (now - self._start), f", error: {event.error}" if event.error else "")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dsv4.cache.manager import KVCacheManager
+from dsv4.cache.prefix import prefix_keys
 from dsv4.wire.config import SchedulerConfig
 from dsv4.wire.messages import NewRequest, ScheduledChunk, WorkerPlan
 from dsv4.wire.request import (
@@ -59,6 +60,10 @@ class RequestState:
     num_computed: int = 0             # tokens of (prompt + outputs) scheduled to run, in-flight ones included
     inflight: int = 0                 # in-flight steps that include this request
     finish_reason: FinishReason | None = None
+    prefix_keys: list[int] = field(default_factory=list)   # prefix caching: the keys of its resumable blocks
+    num_cached_tokens: int = 0        # prompt tokens its first admission found cached
+    save_at: int = 0                  # prefix caching: the block boundary to snapshot its state at (0: none)
+    admitted: bool = False            # admitted at least once (a resume after preemption is not a new query)
 
     @property
     def request_id(self) -> str:
@@ -75,10 +80,22 @@ class RequestState:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixSave:
+    """A prefix a step writes: once it has run, worker's sequence request_id holds it in its first blocks, and
+    `snapshot` the state at its end."""
+
+    worker: int
+    request_id: str
+    keys: tuple[int, ...]
+    snapshot: int
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlans:
     step_id: int
     plans: tuple[WorkerPlan, ...]
     request_ids: tuple[str, ...]      # requests that run in this step
+    prefix_saves: tuple[PrefixSave, ...] = ()
 
 
 class Scheduler:
@@ -91,6 +108,9 @@ class Scheduler:
         self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
         self.affinity = affinity
         self.speculative_tokens = speculative_tokens
+        self.prefix_caching = all(m.prefix is not None for m in managers)
+        self.prefix_queries = self.prefix_hits = 0    # prompt tokens admitted, and of those found cached
+        self._prefix_saves: list[PrefixSave] = []      # prefixes the step being planned writes
         self.requests: dict[str, RequestState] = {}
         self._running: list[list[RequestState]] = [[] for _ in managers]     # per worker, by arrival
         self._waiting: list[tuple[int, str]] = []          # heap of (arrival, id); stale entries skipped
@@ -115,6 +135,9 @@ class Scheduler:
             raise InvalidRequest("prompt", f"{len(request.prompt_token_ids)} tokens do not fit the KV cache of any "
                                            f"worker ({capacity} positions)")
         state = RequestState(request, seed, next(self._arrivals))
+        if self.prefix_caching:   # resumable prefixes leave at least the last prompt token to run
+            usable = (len(request.prompt_token_ids) - 1) // self.managers[0].block_size
+            state.prefix_keys = prefix_keys(request.prompt_token_ids, self.managers[0].block_size)[:usable]
         self.requests[request.request_id] = state
         self._num_queued += 1
         self._enqueue(state)
@@ -161,9 +184,16 @@ class Scheduler:
         out, self._finished_outputs = self._finished_outputs, []
         return out
 
-    def step_returned(self, request_ids: tuple[str, ...]) -> None:
-        """A step's results have been processed: requests it ran have one fewer step in flight."""
-        for rid in request_ids:
+    def step_returned(self, plans: StepPlans, ok: bool = True) -> None:
+        """A step's results have been processed: requests it ran have one fewer step in flight; the prefixes it
+        wrote become resumable (or, if the step failed, their snapshots are given back)."""
+        for save in plans.prefix_saves:
+            manager = self.managers[save.worker]
+            if ok:
+                manager.cache_prefix(save.request_id, save.keys, save.snapshot)
+            else:
+                manager.prefix.snapshots.free([save.snapshot])
+        for rid in plans.request_ids:
             state = self.requests.get(rid)
             if state is None:
                 continue
@@ -193,9 +223,11 @@ class Scheduler:
             if not self._admit(state, budget):
                 break                                       # FIFO: later arrivals wait behind the first
             heapq.heappop(self._waiting)
+            seq = self.managers[state.worker].get(state.request_id)
             new[state.worker].append(NewRequest(state.request_id, self._resume_tokens(state),
-                                                len(state.output_ids), state.request.sampling, state.seed,
-                                                self.managers[state.worker].get(state.request_id).slot))
+                                                len(state.output_ids), state.request.sampling, state.seed, seq.slot,
+                                                state.num_computed, tuple(seq.blocks[:seq.num_cached_blocks]),
+                                                seq.snapshot))
             self._schedule_running(state, chunks, budget, ran)
         self._planning = False
         for state in self._requeue:                        # victims of this pass wait for the next one
@@ -209,7 +241,8 @@ class Scheduler:
                                  max_tokens)
                       for w in range(len(self.managers)))
         self._pending_drops = [[] for _ in self.managers]
-        return StepPlans(step_id, plans, tuple(ran))
+        saves, self._prefix_saves = tuple(self._prefix_saves), []
+        return StepPlans(step_id, plans, tuple(ran), saves)
 
     def _schedule_running(self, state: RequestState, chunks, budget, ran) -> None:
         if state.status is not Status.RUNNING:       # preempted earlier in this same planning pass
@@ -222,6 +255,8 @@ class Scheduler:
         if is_decode and not self._may_sample(state):
             return
         n = min(remaining, budget[w], self.config.max_prefill_chunk)
+        if state.num_computed < state.save_at < state.num_computed + n:
+            n = state.save_at - state.num_computed          # the chunk ends where the prefix snapshot is taken
         # a decode token takes its drafts' share of the step (the worker runs them with it): as many as fit
         drafts = min(self.speculative_tokens, budget[w] - n) if is_decode else 0
         manager = self.managers[w]
@@ -240,7 +275,16 @@ class Scheduler:
                             + drafts)
         new_blocks = tuple(manager.get(state.request_id).blocks[before:])
         reaches_end = state.num_computed + n == state.scheduled_len
-        chunks[w].append(ScheduledChunk(state.request_id, n, new_blocks, drafts))
+        snapshot, end = None, state.num_computed + n
+        if state.save_at and end <= state.save_at and end % manager.block_size == 0:
+            # a resumable prefix ends here: the prompt's last full block, or a chunk that ends on a block boundary
+            snapshot = manager.prefix.new_snapshot()
+            if snapshot is not None:
+                keys = tuple(state.prefix_keys[:end // manager.block_size])
+                self._prefix_saves.append(PrefixSave(w, state.request_id, keys, snapshot))
+            if end == state.save_at:
+                state.save_at = 0
+        chunks[w].append(ScheduledChunk(state.request_id, n, new_blocks, drafts, snapshot))
         budget[w] -= n + drafts
         state.num_computed += n
         state.num_scheduled_outputs += 1 if reaches_end else 0
@@ -260,14 +304,34 @@ class Scheduler:
         if not candidates:
             return False
         affinity = self.affinity(state.request.prompt_token_ids) if self.affinity else [0.0] * len(self.managers)
-        w = max(candidates, key=lambda w: (self.managers[w].num_free_blocks, -self._running_count(w), affinity[w], -w))
-        self.managers[w].admit(state.request_id, 0)
+        cached = [self._cached_blocks(w, state) for w in range(len(self.managers))]
+        w = max(candidates, key=lambda w: (cached[w], self.managers[w].num_free_blocks, -self._running_count(w),
+                                           affinity[w], -w))
+        seq = self.managers[w].admit(state.request_id, 0, state.prefix_keys)
         state.status, state.worker = Status.RUNNING, w
         self._num_queued -= 1
         bisect.insort(self._running[w], state, key=lambda s: s.arrival)
-        state.num_computed = 0
+        state.num_computed = seq.num_cached_blocks * self.managers[w].block_size
         state.num_scheduled_outputs = len(state.output_ids)
+        # snapshot the state where its resumable prefix ends (and where chunks end on block boundaries before it),
+        # unless that is cached already
+        state.save_at = len(state.prefix_keys) * self.managers[w].block_size if self.prefix_caching else 0
+        if state.save_at <= state.num_computed:
+            state.save_at = 0
+        if not state.admitted:     # its first admission (not a resume after preemption)
+            state.admitted, state.num_cached_tokens = True, state.num_computed
+            self.prefix_queries += state.prompt_len
+            self.prefix_hits += state.num_computed
         return True
+
+    def _cached_blocks(self, worker: int, state: RequestState) -> int:
+        manager = self.managers[worker]
+        return len(manager.prefix.lookup(state.prefix_keys)[0]) if manager.prefix and state.prefix_keys else 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix on every worker (running requests keep their blocks)."""
+        for manager in self.managers:
+            manager.clear_prefix_cache()
 
     def _resume_tokens(self, state: RequestState) -> tuple[int, ...]:
         return state.request.prompt_token_ids + tuple(state.output_ids)
@@ -312,7 +376,7 @@ class Scheduler:
     def _output(self, state: RequestState, new: tuple[int, ...], reason: FinishReason | None = None,
                 matched: int | None = None, new_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         return RequestOutput(state.request_id, new, state.prompt_len, len(state.output_ids), reason, matched,
-                             new_logprobs=new_logprobs)
+                             new_logprobs=new_logprobs, num_cached_tokens=state.num_cached_tokens)
 
     # ------------------------------------------------------------------------------------------ views
     def _running_count(self, worker: int) -> int:

@@ -21,6 +21,7 @@ class TextDelta:
     num_prompt_tokens: int
     num_output_tokens: int      # cumulative, including token_ids
     logprobs: tuple[TokenLogprobs, ...] | None = None   # aligned with token_ids; None unless the request asked
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class TextFinal:
     matched_stop_str: str | None = None
     error: str | None = None
     output_logprobs: tuple[TokenLogprobs, ...] | None = None   # aligned with output_ids; None unless asked
+    num_cached_tokens: int = 0
 
     @property
     def num_output_tokens(self) -> int:
@@ -96,6 +98,7 @@ class TextStream:
         self._output_ids: list[int] = []
         self._wants_logprobs = request.sampling.logprobs is not None
         self._output_logprobs: list[TokenLogprobs] = []
+        self._num_cached_tokens = 0
 
     @property
     def stop_matched(self) -> bool:
@@ -104,6 +107,7 @@ class TextStream:
 
     def on_output(self, output: RequestOutput) -> list[StreamEvent]:
         self._num_prompt_tokens = output.num_prompt_tokens or self._num_prompt_tokens
+        self._num_cached_tokens = output.num_cached_tokens or self._num_cached_tokens
         if self._wants_logprobs and len(output.new_logprobs) != len(output.new_token_ids):
             raise RuntimeError(f"the engine returned {len(output.new_logprobs)} log-probabilities for "
                                f"{len(output.new_token_ids)} tokens")
@@ -142,11 +146,12 @@ class TextStream:
         logprobs = None
         if self._wants_logprobs:  # new_ids are the newest outputs: their logprobs are the same-length tail
             logprobs = tuple(self._output_logprobs[len(self._output_logprobs) - len(new_ids):])
-        return TextDelta(tuple(new_ids), text, self._num_prompt_tokens, len(self._output_ids), logprobs)
+        return TextDelta(tuple(new_ids), text, self._num_prompt_tokens, len(self._output_ids), logprobs,
+                         self._num_cached_tokens)
 
     def _final(self, reason: FinishReason, stop_token_id: int | None, error: str | None) -> TextFinal:
         if reason == FinishReason.STOP and self._stops.matched is not None:
             stop_token_id = None  # the stop string ended the output, whatever the engine says
         return TextFinal(reason, tuple(self._output_ids), self._stops.text, self._num_prompt_tokens,
                          stop_token_id, self._stops.matched, error,
-                         tuple(self._output_logprobs) if self._wants_logprobs else None)
+                         tuple(self._output_logprobs) if self._wants_logprobs else None, self._num_cached_tokens)

@@ -62,7 +62,7 @@ def codec_for(config: ModelConfig, numerics: Numerics, name: str) -> EntryCodec:
 
 @dataclass(frozen=True, slots=True)
 class TensorShape:
-    per: str                  # "slot" or "block": what the leading dimension counts
+    per: str                  # "slot", "block" or "snapshot": what the leading dimension counts
     shape: tuple[int, ...]    # without the leading dimension
     dtype: torch.dtype
 
@@ -76,14 +76,24 @@ class TensorShape:
 
 def layer_tensors(config: ModelConfig, numerics: Numerics, layer_id: int, block_size: int
                   ) -> dict[str, TensorShape]:
-    """Every cache tensor of one layer, keyed "window", "pool.<name>", "state_kv.<name>", "state_score.<name>"."""
+    """Every cache tensor of one layer, keyed "window", "pool.<name>", "state_kv.<name>", "state_score.<name>",
+    and the prefix snapshots' "snapshot.window", "snapshot.state_kv.<name>", "snapshot.state_score.<name>".
+
+    A prefix snapshot is what a sequence needs, besides the blocks of its prefix, to continue from a block
+    boundary: the ring of its last window entries and, for CSA compressors (ratio 4, overlapping windows), the
+    pooling state whose previous window the next entry reads. At a block boundary (a multiple of every ratio) no
+    window is partly filled, so HCA states hold nothing needed."""
     window_codec = codec_for(config, numerics, ATTN)
-    out = {"window": TensorShape("slot", (config.sliding_window, window_codec.width), window_codec.storage_dtype)}
+    window = (config.sliding_window, window_codec.width)
+    out = {"window": TensorShape("slot", window, window_codec.storage_dtype),
+           "snapshot.window": TensorShape("snapshot", window, window_codec.storage_dtype)}
     for name, g in compressors_of_layer(config, layer_id).items():
         codec = codec_for(config, numerics, name)
         out[f"pool.{name}"] = TensorShape("block", (block_size // g.ratio, codec.width), codec.storage_dtype)
-        out[f"state_kv.{name}"] = TensorShape("slot", g.state_shape, torch.float32)
-        out[f"state_score.{name}"] = TensorShape("slot", g.state_shape, torch.float32)
+        for state in ("state_kv", "state_score"):
+            out[f"{state}.{name}"] = TensorShape("slot", g.state_shape, torch.float32)
+            if g.coff == 2:
+                out[f"snapshot.{state}.{name}"] = TensorShape("snapshot", g.state_shape, torch.float32)
     return out
 
 
@@ -106,6 +116,12 @@ def bytes_per_slot(config: ModelConfig, numerics: Numerics, block_size: int = DE
                for t in layer_tensors(config, numerics, layer, block_size).values() if t.per == "slot")
 
 
+def bytes_per_snapshot(config: ModelConfig, numerics: Numerics, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Bytes of one prefix snapshot (`layer_tensors`): window rings and CSA pooling states of all layers."""
+    return sum(t.nbytes for layer in range(config.num_layers_with_mtp)
+               for t in layer_tensors(config, numerics, layer, block_size).values() if t.per == "snapshot")
+
+
 @dataclass
 class CompressorStorage:
     geometry: CompressorGeometry
@@ -113,6 +129,8 @@ class CompressorStorage:
     pool: torch.Tensor          # [num_blocks, block_size // ratio, width]
     state_kv: torch.Tensor      # [num_slots, slots, width] fp32
     state_score: torch.Tensor
+    snapshot_kv: torch.Tensor | None = None       # [num_snapshots, slots, width] (CSA only)
+    snapshot_score: torch.Tensor | None = None
 
 
 @dataclass
@@ -120,6 +138,7 @@ class LayerStorage:
     window: torch.Tensor        # [num_slots, sliding_window, width]
     window_codec: EntryCodec
     compressors: dict[str, CompressorStorage]
+    snapshot_window: torch.Tensor | None = None   # [num_snapshots, sliding_window, width]
 
 
 @dataclass
@@ -137,19 +156,22 @@ class KVStorage:
     """The cache tensors of every layer for `num_slots` sequences and `num_blocks` blocks, on one device."""
 
     def __init__(self, config: ModelConfig, numerics: Numerics, num_slots: int, num_blocks: int,
-                 block_size: int = DEFAULT_BLOCK_SIZE, device: torch.device | str = "cpu"):
+                 block_size: int = DEFAULT_BLOCK_SIZE, device: torch.device | str = "cpu", num_snapshots: int = 0):
         check_block_size(config, block_size)
         self.config, self.numerics, self.block_size = config, numerics, block_size
-        self.num_slots, self.num_blocks = num_slots, num_blocks
+        self.num_slots, self.num_blocks, self.num_snapshots = num_slots, num_blocks, num_snapshots
+        count = {"slot": num_slots, "block": num_blocks, "snapshot": num_snapshots}
         self.layers: list[LayerStorage] = []
         for layer_id in range(config.num_layers_with_mtp):
-            t = {key: torch.zeros((num_slots if s.per == "slot" else num_blocks, *s.shape), dtype=s.dtype,
-                                  device=device)
+            t = {key: torch.zeros((count[s.per], *s.shape), dtype=s.dtype, device=device)
                  for key, s in layer_tensors(config, numerics, layer_id, block_size).items()}
             compressors = {name: CompressorStorage(g, codec_for(config, numerics, name), t[f"pool.{name}"],
-                                                   t[f"state_kv.{name}"], t[f"state_score.{name}"])
+                                                   t[f"state_kv.{name}"], t[f"state_score.{name}"],
+                                                   t.get(f"snapshot.state_kv.{name}"),
+                                                   t.get(f"snapshot.state_score.{name}"))
                            for name, g in compressors_of_layer(config, layer_id).items()}
-            self.layers.append(LayerStorage(t["window"], codec_for(config, numerics, ATTN), compressors))
+            self.layers.append(LayerStorage(t["window"], codec_for(config, numerics, ATTN), compressors,
+                                            t["snapshot.window"]))
         for slot in range(num_slots):
             self.reset_slot(slot)
 
@@ -164,6 +186,25 @@ class KVStorage:
             for c in layer.compressors.values():
                 c.state_kv[slot].zero_()
                 c.state_score[slot].fill_(float("-inf"))
+
+    def save_snapshot(self, slot: int, snapshot: int) -> None:
+        """Keep the slot's state at a block boundary (`layer_tensors`: the rings, the CSA states) in a snapshot."""
+        for layer in self.layers:
+            layer.snapshot_window[snapshot].copy_(layer.window[slot])
+            for c in layer.compressors.values():
+                if c.snapshot_kv is not None:
+                    c.snapshot_kv[snapshot].copy_(c.state_kv[slot])
+                    c.snapshot_score[snapshot].copy_(c.state_score[slot])
+
+    def load_snapshot(self, snapshot: int, slot: int) -> None:
+        """Start the slot from a snapshot: a new sequence continuing at the snapshot's block boundary (its prefix
+        blocks shared). The slot's HCA states and the CSA current windows are not read before they are written."""
+        for layer in self.layers:
+            layer.window[slot].copy_(layer.snapshot_window[snapshot])
+            for c in layer.compressors.values():
+                if c.snapshot_kv is not None:
+                    c.state_kv[slot].copy_(c.snapshot_kv[snapshot])
+                    c.state_score[slot].copy_(c.snapshot_score[snapshot])
 
     def checkpoint(self, slots: Sequence[int], positions: torch.Tensor, layer_ids: Sequence[int]) -> SlotCheckpoint:
         """Save what a step about to write speculatively may clobber in these slots: in each listed layer, the ring
@@ -207,8 +248,9 @@ class KVStorage:
     def nbytes(self) -> int:
         total = 0
         for layer in self.layers:
-            total += layer.window.numel() * layer.window.element_size()
+            tensors = [layer.window, layer.snapshot_window]
             for c in layer.compressors.values():
-                total += sum(t.numel() * t.element_size() for t in (c.pool, c.state_kv, c.state_score))
+                tensors += [c.pool, c.state_kv, c.state_score, c.snapshot_kv, c.snapshot_score]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total
 

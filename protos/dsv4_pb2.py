@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ndsv4.proto\x12\x07\x64sv4.v1\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x9d\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x99\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\ttokenized\x18\x03 \x01(\x0b\x32\x11.dsv4.v1.TokenIdsH\x00\x12\x30\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x17.dsv4.v1.SamplingParamsB\x08\n\x06prompt\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.dsv4.v1.GenerateChunkH\x00\x12-\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x19.dsv4.v1.GenerateCompleteH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.dsv4.v1.GenerateErrorH\x00\x42\n\n\x08response\"\x8c\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.dsv4.v1.TokenLogprobs\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x86\x02\n\x10GenerateComplete\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.dsv4.v1.FinishReason\x12\x12\n\noutput_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x1a\n\x10matched_token_id\x18\x06 \x01(\rH\x00\x12\x1a\n\x10matched_stop_str\x18\x07 \x01(\tH\x00\x12(\n\x08logprobs\x18\x08 \x03(\x0b\x32\x16.dsv4.v1.TokenLogprobsB\x0e\n\x0cmatched_stop\"R\n\rGenerateError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0b\x61\x62orted_ids\x18\x01 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xca\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x19\n\x11served_model_name\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_length\x18\x04 \x01(\r\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x10\n\x08numerics\x18\x08 \x01(\t\x12\x19\n\x11num_hidden_layers\x18\t \x01(\r\x12\x1a\n\x12num_routed_experts\x18\n \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\x0b \x01(\r\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x16\n\x0etokenizer_path\x18\r \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xbb\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12\x10\n\x08services\x18\x04 \x03(\t\x12\x10\n\x08numerics\x18\x05 \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x06 \x01(\x04\x12\x1c\n\x14max_running_requests\x18\x07 \x01(\r\"\x11\n\x0fGetLoadsRequest\"\x98\x01\n\nWorkerLoad\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\x04\x12\x18\n\x10local_expert_ids\x18\x06 \x03(\r\"\xf4\x01\n\x10GetLoadsResponse\x12\x1c\n\x14num_waiting_requests\x18\x01 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x02 \x01(\r\x12$\n\x07workers\x18\x03 \x03(\x0b\x32\x13.dsv4.v1.WorkerLoad\x12\x1b\n\x13\x65xpert_token_counts\x18\x04 \x03(\x04\x12\x33\n\x05\x65xtra\x18\x05 \x03(\x0b\x32$.dsv4.v1.GetLoadsResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe5\x02\n\nDsv4Engine\x12\x41\n\x08Generate\x12\x18.dsv4.v1.GenerateRequest\x1a\x19.dsv4.v1.GenerateResponse0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.dsv4.v1.AbortRequest\x1a\x16.dsv4.v1.AbortResponse\x12K\n\x0cGetModelInfo\x12\x1c.dsv4.v1.GetModelInfoRequest\x1a\x1d.dsv4.v1.GetModelInfoResponse\x12N\n\rGetServerInfo\x12\x1d.dsv4.v1.GetServerInfoRequest\x1a\x1e.dsv4.v1.GetServerInfoResponse\x12?\n\x08GetLoads\x12\x18.dsv4.v1.GetLoadsRequest\x1a\x19.dsv4.v1.GetLoadsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ndsv4.proto\x12\x07\x64sv4.v1\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x9d\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x99\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\ttokenized\x18\x03 \x01(\x0b\x32\x11.dsv4.v1.TokenIdsH\x00\x12\x30\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x17.dsv4.v1.SamplingParamsB\x08\n\x06prompt\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.dsv4.v1.GenerateChunkH\x00\x12-\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x19.dsv4.v1.GenerateCompleteH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.dsv4.v1.GenerateErrorH\x00\x42\n\n\x08response\"\xa3\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.dsv4.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x9d\x02\n\x10GenerateComplete\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.dsv4.v1.FinishReason\x12\x12\n\noutput_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x1a\n\x10matched_token_id\x18\x06 \x01(\rH\x00\x12\x1a\n\x10matched_stop_str\x18\x07 \x01(\tH\x00\x12(\n\x08logprobs\x18\x08 \x03(\x0b\x32\x16.dsv4.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\t \x01(\rB\x0e\n\x0cmatched_stop\"R\n\rGenerateError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0b\x61\x62orted_ids\x18\x01 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xca\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x19\n\x11served_model_name\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_length\x18\x04 \x01(\r\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x10\n\x08numerics\x18\x08 \x01(\t\x12\x19\n\x11num_hidden_layers\x18\t \x01(\r\x12\x1a\n\x12num_routed_experts\x18\n \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\x0b \x01(\r\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x16\n\x0etokenizer_path\x18\r \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xbb\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12\x10\n\x08services\x18\x04 \x03(\t\x12\x10\n\x08numerics\x18\x05 \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x06 \x01(\x04\x12\x1c\n\x14max_running_requests\x18\x07 \x01(\r\"\x11\n\x0fGetLoadsRequest\"\x19\n\x17ResetPrefixCacheRequest\"\x1a\n\x18ResetPrefixCacheResponse\"\x98\x01\n\nWorkerLoad\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\x04\x12\x18\n\x10local_expert_ids\x18\x06 \x03(\r\"\xf4\x01\n\x10GetLoadsResponse\x12\x1c\n\x14num_waiting_requests\x18\x01 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x02 \x01(\r\x12$\n\x07workers\x18\x03 \x03(\x0b\x32\x13.dsv4.v1.WorkerLoad\x12\x1b\n\x13\x65xpert_token_counts\x18\x04 \x03(\x04\x12\x33\n\x05\x65xtra\x18\x05 \x03(\x0b\x32$.dsv4.v1.GetLoadsResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xbe\x03\n\nDsv4Engine\x12\x41\n\x08Generate\x12\x18.dsv4.v1.GenerateRequest\x1a\x19.dsv4.v1.GenerateResponse0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.dsv4.v1.AbortRequest\x1a\x16.dsv4.v1.AbortResponse\x12K\n\x0cGetModelInfo\x12\x1c.dsv4.v1.GetModelInfoRequest\x1a\x1d.dsv4.v1.GetModelInfoResponse\x12N\n\rGetServerInfo\x12\x1d.dsv4.v1.GetServerInfoRequest\x1a\x1e.dsv4.v1.GetServerInfoResponse\x12?\n\x08GetLoads\x12\x18.dsv4.v1.GetLoadsRequest\x1a\x19.dsv4.v1.GetLoadsResponse\x12W\n\x10ResetPrefixCache\x12 .dsv4.v1.ResetPrefixCacheRequest\x1a!.dsv4.v1.ResetPrefixCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETLOADSRESPONSE_EXTRAENTRY']._loaded_options = None
   _globals['_GETLOADSRESPONSE_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2317
-  _globals['_FINISHREASON']._serialized_end=2437
+  _globals['_FINISHREASON']._serialized_start=2418
+  _globals['_FINISHREASON']._serialized_end=2538
   _globals['_TOKENIDS']._serialized_start=23
   _globals['_TOKENIDS']._serialized_end=52
   _globals['_SAMPLINGPARAMS']._serialized_start=55
@@ -44,33 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=499
   _globals['_GENERATERESPONSE']._serialized_end=678
   _globals['_GENERATECHUNK']._serialized_start=681
-  _globals['_GENERATECHUNK']._serialized_end=821
-  _globals['_TOKENLOGPROBS']._serialized_start=823
-  _globals['_TOKENLOGPROBS']._serialized_end=900
-  _globals['_GENERATECOMPLETE']._serialized_start=903
-  _globals['_GENERATECOMPLETE']._serialized_end=1165
-  _globals['_GENERATEERROR']._serialized_start=1167
-  _globals['_GENERATEERROR']._serialized_end=1249
-  _globals['_ABORTREQUEST']._serialized_start=1251
-  _globals['_ABORTREQUEST']._serialized_end=1286
-  _globals['_ABORTRESPONSE']._serialized_start=1288
-  _globals['_ABORTRESPONSE']._serialized_end=1324
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1326
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1347
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1350
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1680
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1682
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1704
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1707
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1894
-  _globals['_GETLOADSREQUEST']._serialized_start=1896
-  _globals['_GETLOADSREQUEST']._serialized_end=1913
-  _globals['_WORKERLOAD']._serialized_start=1916
-  _globals['_WORKERLOAD']._serialized_end=2068
-  _globals['_GETLOADSRESPONSE']._serialized_start=2071
-  _globals['_GETLOADSRESPONSE']._serialized_end=2315
-  _globals['_GETLOADSRESPONSE_EXTRAENTRY']._serialized_start=2271
-  _globals['_GETLOADSRESPONSE_EXTRAENTRY']._serialized_end=2315
-  _globals['_DSV4ENGINE']._serialized_start=2440
-  _globals['_DSV4ENGINE']._serialized_end=2797
+  _globals['_GENERATECHUNK']._serialized_end=844
+  _globals['_TOKENLOGPROBS']._serialized_start=846
+  _globals['_TOKENLOGPROBS']._serialized_end=923
+  _globals['_GENERATECOMPLETE']._serialized_start=926
+  _globals['_GENERATECOMPLETE']._serialized_end=1211
+  _globals['_GENERATEERROR']._serialized_start=1213
+  _globals['_GENERATEERROR']._serialized_end=1295
+  _globals['_ABORTREQUEST']._serialized_start=1297
+  _globals['_ABORTREQUEST']._serialized_end=1332
+  _globals['_ABORTRESPONSE']._serialized_start=1334
+  _globals['_ABORTRESPONSE']._serialized_end=1370
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1372
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1393
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1396
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1726
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1728
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1750
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1753
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1940
+  _globals['_GETLOADSREQUEST']._serialized_start=1942
+  _globals['_GETLOADSREQUEST']._serialized_end=1959
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=1961
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=1986
+  _globals['_RESETPREFIXCACHERESPONSE']._serialized_start=1988
+  _globals['_RESETPREFIXCACHERESPONSE']._serialized_end=2014
+  _globals['_WORKERLOAD']._serialized_start=2017
+  _globals['_WORKERLOAD']._serialized_end=2169
+  _globals['_GETLOADSRESPONSE']._serialized_start=2172
+  _globals['_GETLOADSRESPONSE']._serialized_end=2416
+  _globals['_GETLOADSRESPONSE_EXTRAENTRY']._serialized_start=2372
+  _globals['_GETLOADSRESPONSE_EXTRAENTRY']._serialized_end=2416
+  _globals['_DSV4ENGINE']._serialized_start=2541
+  _globals['_DSV4ENGINE']._serialized_end=2987
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class Dsv4EngineStub:
                 request_serializer=dsv4__pb2.GetLoadsRequest.SerializeToString,
                 response_deserializer=dsv4__pb2.GetLoadsResponse.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/dsv4.v1.Dsv4Engine/ResetPrefixCache',
+                request_serializer=dsv4__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=dsv4__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class Dsv4EngineServicer:
@@ -98,6 +103,13 @@ class Dsv4EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Forget every cached prompt prefix (requests running keep theirs). A no-op without prefix caching.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_Dsv4EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_Dsv4EngineServicer_to_server(servicer, server):
                     servicer.GetLoads,
                     request_deserializer=dsv4__pb2.GetLoadsRequest.FromString,
                     response_serializer=dsv4__pb2.GetLoadsResponse.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=dsv4__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=dsv4__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +279,33 @@ class Dsv4Engine:
             '/dsv4.v1.Dsv4Engine/GetLoads',
             dsv4__pb2.GetLoadsRequest.SerializeToString,
             dsv4__pb2.GetLoadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsv4.v1.Dsv4Engine/ResetPrefixCache',
+            dsv4__pb2.ResetPrefixCacheRequest.SerializeToString,
+            dsv4__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

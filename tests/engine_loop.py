@@ -1,6 +1,8 @@
-"""A minimal continuous-batching loop over the engine step (shared by the CPU and GPU engine-step tests)."""
+"""A minimal continuous-batching loop over the engine step (shared by the CPU and GPU engine-step tests), and the
+coordinator's loop over one in-process worker and the scheduler (no Ray)."""
 
 from dataclasses import dataclass, field
+from itertools import count
 
 import torch
 
@@ -63,3 +65,67 @@ def serve(model, numerics, seqs, num_slots, num_blocks, rng, device="cpu", max_c
         step += 1
     assert manager.num_free_blocks == num_blocks and manager.slots.num_free == num_slots
     return max_running
+
+
+# ---------------------------------------------------------------------------------------------- worker + scheduler
+_RUNS = count()      # request ids stay distinct across runs on one engine
+
+
+def inprocess_engine(checkpoint, speculative_tokens=0, **overrides):
+    """One in-process worker (reference numerics unless overridden) and the scheduler over its cache: the
+    coordinator's loop without Ray."""
+    from dsv4.cache.manager import KVCacheManager
+    from dsv4.cluster.scheduler import Scheduler
+    from dsv4.wire.config import SchedulerConfig, ServeConfig
+    from dsv4.workers.worker import Worker
+
+    settings = dict(num_workers=1, max_model_len=1024, kv_cache_bytes=64 << 20, speculative_tokens=speculative_tokens,
+                    scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_prefill_chunk=96))
+    config = ServeConfig(model_dir=str(checkpoint), **{**settings, **overrides})
+    worker = Worker(0, 1, config, (0,) * 16)
+    info = worker.load()
+    manager = KVCacheManager(info.num_slots, info.num_blocks, info.block_size, info.num_snapshots)
+    return worker, Scheduler(config.scheduler, [manager], config.max_model_len, (1,), None, speculative_tokens)
+
+
+def run_requests(checkpoint, requests, drafter=None, in_flight=1, engine=None, **overrides):
+    """Run requests [(prompt, SamplingParams)] to completion: ({index: (tokens, logprobs)}, drafts verified, drafts
+    accepted, {index: prompt tokens found in the prefix cache}). in_flight 2 plans each step before the previous
+    one's tokens are back, as the coordinator does (the worker runs the plans in order). `engine`: an
+    `inprocess_engine` to reuse (its caches as they are); request i gets seed 1000 + i whichever run it is in."""
+    from collections import deque
+
+    from dsv4.wire.request import GenerateRequest
+
+    worker, scheduler = engine or inprocess_engine(checkpoint, **overrides)
+    if drafter is not None:
+        worker.speculator.drafter = drafter
+    assert not scheduler.requests
+    run = next(_RUNS)
+    ids = [f"run{run}-{i}" for i in range(len(requests))]
+    for i, (rid, (prompt, sampling)) in enumerate(zip(ids, requests, strict=True)):
+        scheduler.add(GenerateRequest(rid, tuple(prompt), sampling), seed=1000 + i)
+    out = {rid: ([], []) for rid in ids}
+    cached = dict.fromkeys(ids, 0)
+    drafts = accepted = 0
+    steps = deque()
+    while scheduler.has_work() or steps:
+        plans = scheduler.schedule() if len(steps) < in_flight else None
+        if plans is not None:
+            steps.append((plans, worker.execute(plans.plans[0])))
+            if len(steps) < in_flight:
+                continue
+        assert steps, "work left that no step can run"
+        plans, result = steps.popleft()
+        drafts, accepted = drafts + result.num_draft_tokens, accepted + result.num_accepted_tokens
+        for rid, (tokens, logprobs) in result.tokens_by_request().items():
+            output = scheduler.on_tokens(rid, tokens, logprobs)
+            if output is not None:
+                out[rid][0].extend(output.new_token_ids)
+                out[rid][1].extend(output.new_logprobs)
+                cached[rid] = output.num_cached_tokens
+        scheduler.step_returned(plans)
+    assert not scheduler.requests
+    manager = scheduler.managers[0]
+    assert manager.num_free_blocks == manager.num_total_blocks and not manager.sequence_ids
+    return {i: out[rid] for i, rid in enumerate(ids)}, drafts, accepted, {i: cached[rid] for i, rid in enumerate(ids)}

@@ -48,6 +48,7 @@ class ServeConfig:
     seed: int = 0                          # base of the per-request sampling seeds when a request has none
     enforce_eager: bool = False            # no CUDA graphs (fast numerics on GPUs capture decode graphs)
     speculative_tokens: int = 0            # drafts per decoding sequence per step from the MTP block; 0 = off
+    prefix_cache_snapshots: int = 0        # per worker: prefix ends it can resume from; 0 = no prefix caching
 
     MAX_SPECULATIVE_TOKENS = 4             # dsv4.workers.speculative.MAX_SPECULATIVE_TOKENS
 
@@ -64,6 +65,8 @@ class ServeConfig:
             raise ValueError("kv_cache_bytes must be >= 0, block_size positive, max_model_len >= 0")
         if self.kv_cache_bytes == 0 and self.device != "cuda":
             raise ValueError("kv_cache_bytes 0 (size the cache from GPU memory) needs device 'cuda'")
+        if self.prefix_cache_snapshots < 0:
+            raise ValueError(f"prefix_cache_snapshots must be >= 0, got {self.prefix_cache_snapshots}")
         if not 0 <= self.speculative_tokens <= self.MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_tokens must be in [0, {self.MAX_SPECULATIVE_TOKENS}], got "
                              f"{self.speculative_tokens}")

@@ -21,6 +21,7 @@ class WorkerInfo:
     bytes_per_token: float
     device: str
     local_expert_ids: tuple[int, ...]
+    num_snapshots: int = 0          # prefix-cache snapshots (0: no prefix caching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,11 @@ class NewRequest:
     sampling: SamplingParams
     seed: int                       # sampling seed (the request's, or one the coordinator chose)
     slot: int
+    # prefix caching: the first num_cached_tokens tokens are in these shared blocks already; the slot starts from
+    # the snapshot of the state at their end
+    num_cached_tokens: int = 0
+    prefix_block_ids: tuple[int, ...] = ()
+    snapshot: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,7 @@ class ScheduledChunk:
     num_tokens: int
     new_block_ids: tuple[int, ...]
     max_drafts: int = 0
+    save_snapshot: int | None = None  # prefix caching: after the step, keep the slot's state in this snapshot
 
 
 @dataclass(frozen=True, slots=True)

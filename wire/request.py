@@ -151,6 +151,7 @@ class RequestOutput:
     error: str | None = None
     # one per new_token_ids entry when the request asked for `logprobs`, else empty
     new_logprobs: tuple[TokenLogprobs, ...] = ()
+    num_cached_tokens: int = 0             # prompt tokens served from the prefix cache (not computed)
 
     @property
     def finished(self) -> bool:

@@ -90,9 +90,12 @@ class Worker:
             print(f"[worker {self.rank}] {memory.describe()}", flush=True)
             budget = memory.kv_cache_bytes
         plan = plan_cache(self.model.config, self.numerics, budget, sched.max_num_seqs + spare,
-                          self.config.block_size)
+                          self.config.block_size, self.config.prefix_cache_snapshots)
+        snapshots = (f", {plan.num_snapshots} prefix snapshots of {plan.bytes_per_snapshot / 2**20:.2f} MiB"
+                     if plan.num_snapshots else "")
         print(f"[worker {self.rank}] KV cache: {plan.num_blocks} blocks of {plan.block_size} positions = "
-              f"{plan.max_context_tokens} tokens of context, {sched.max_num_seqs} sequence slots", flush=True)
+              f"{plan.max_context_tokens} tokens of context, {sched.max_num_seqs} sequence slots{snapshots}",
+              flush=True)
         storage = allocate_pools(self.model.config, self.numerics, plan, self.device)
         max_len = self.config.max_model_len or self.model.config.max_position_embeddings
         runner_config = RunnerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,
@@ -115,7 +118,7 @@ class Worker:
                   f"{stats['seconds']:.1f} s, {stats['bytes'] / 2**20:.0f} MiB", flush=True)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return WorkerInfo(self.rank, plan.num_slots - spare, plan.num_blocks, plan.block_size, plan.bytes_per_token,
-                          name, local)
+                          name, local, plan.num_snapshots)
 
     def _warm_up(self) -> None:
         """Compile before the first request: the runner's prefill, continuation and mixed steps on the real cache,
@@ -141,7 +144,11 @@ class Worker:
             self.sequences.pop(request_id, None)
         for new in plan.new_requests:
             self.sequences[new.request_id] = SequenceState(list(new.token_ids), new.slot, new.sampling, new.seed,
-                                                           new.num_prior_outputs)
+                                                           new.num_prior_outputs, new.num_cached_tokens,
+                                                           list(new.prefix_block_ids))
+            if new.snapshot is not None:   # a cached prefix: its blocks are shared, the slot starts from its end
+                with torch.inference_mode():
+                    self.runner.storage.load_snapshot(new.snapshot, new.slot)
         runs = []
         for chunk in plan.chunks:
             seq = self.sequences[chunk.request_id]
@@ -163,6 +170,10 @@ class Worker:
                 self.experts.idle_pass(self.numerics)
             if self.speculator is not None:
                 self.speculator.idle()
+        with torch.inference_mode():
+            for chunk in plan.chunks:           # prefix caching: the state where a prefix ends, for later requests
+                if chunk.save_snapshot is not None:
+                    self.runner.storage.save_snapshot(self.sequences[chunk.request_id].slot, chunk.save_snapshot)
         sampled, logprobs = [], []
         asked = any(step.logprobs)
         for chunk, tokens, token_logprobs in zip(plan.chunks, step.tokens, step.logprobs, strict=True):

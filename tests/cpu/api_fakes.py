@@ -82,6 +82,7 @@ class FakeEngine:
         self._expert_token_counts = [0] * NUM_EXPERTS
         self.healthy = True
         self.abort_calls: list[str] = []  # for tests of the stand-in only
+        self.prefix_cache_resets = 0
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(model_path=self._model_path, served_model_name="dsv4-fake", vocab_size=self._vocab_size,
@@ -178,6 +179,9 @@ class FakeEngine:
                                       tuple(range(rank, NUM_EXPERTS, self._num_workers))))
         return LoadReport(0, len(self._running), tuple(workers), tuple(self._expert_token_counts))
 
+    async def reset_prefix_cache(self) -> None:
+        self.prefix_cache_resets += 1
+
     async def is_healthy(self) -> bool:
         return self.healthy
 
@@ -211,6 +215,9 @@ class RecordingEngine:
 
     async def loads(self) -> LoadReport:
         return await self._engine.loads()
+
+    async def reset_prefix_cache(self) -> None:
+        await self._engine.reset_prefix_cache()
 
     async def is_healthy(self) -> bool:
         return await self._engine.is_healthy()

@@ -234,7 +234,8 @@ def test_each_finished_request_logs_one_line(stub, caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if "logged-1" in r.getMessage()]
     complete = responses[-1].complete
     assert len(lines) == 1 and lines[0].startswith("request logged-1 finished: length, "), lines
-    assert f"{complete.prompt_tokens} prompt + 3 output tokens, TTFT " in lines[0] and "TPOT" in lines[0]
+    assert f"{complete.prompt_tokens} prompt + 3 output tokens (1.00 per step), TTFT " in lines[0]
+    assert "TPOT" in lines[0]
 
 
 def test_abort_lists_are_bounded(stub) -> None:

@@ -218,6 +218,19 @@ def test_get_tokenizer_streams_a_loadable_bundle(stub, tokenizer) -> None:  # no
     assert remote.encode(PROMPT, add_special_tokens=False).ids == tokenizer.encode(PROMPT)[1:]
 
 
+def test_flush_cache_resets_the_prefix_cache(tokenizer) -> None:  # noqa: F811
+    """STAND-IN ONLY for the call path (the real engine's flush: tests/cpu/test_prefix_cache.py)."""
+    engine = FakeEngine(tokenizer)
+    server = ServerThread(engine, tokenizer).start()
+    try:
+        with grpc.insecure_channel(server.address) as chan:
+            reply = vllm_engine_pb2_grpc.VllmEngineStub(chan).FlushCache(common_pb2.FlushCacheRequest(),
+                                                                          timeout=TIMEOUT_S)
+        assert reply.success and engine.prefix_cache_resets == 1
+    finally:
+        server.stop()
+
+
 def test_unsupported_rpcs_are_unimplemented(stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=TIMEOUT_S))

@@ -22,8 +22,8 @@ BLOCK = 16
 
 
 def make(num_workers: int = 1, num_slots: int = 4, num_blocks: int = 64, max_model_len: int = 4096,
-         speculative_tokens: int = 0, **config) -> Scheduler:
-    managers = [KVCacheManager(num_slots, num_blocks, BLOCK) for _ in range(num_workers)]
+         speculative_tokens: int = 0, num_snapshots: int = 0, **config) -> Scheduler:
+    managers = [KVCacheManager(num_slots, num_blocks, BLOCK, num_snapshots) for _ in range(num_workers)]
     return Scheduler(SchedulerConfig(**config), managers, max_model_len, (EOS,),
                      speculative_tokens=speculative_tokens)
 
@@ -69,7 +69,7 @@ class Driver:
             out = self.scheduler.on_tokens(rid, tokens)
             if out is not None:
                 self.outputs[rid].append(out)
-        self.scheduler.step_returned(plans.request_ids)
+        self.scheduler.step_returned(plans)
 
     def step(self):
         plans = self.plan()
@@ -253,7 +253,7 @@ def test_several_tokens_in_one_step_move_the_request_on_and_stop_where_they_must
     assert out.new_token_ids == (11, 12, 13) and state.output_ids[-3:] == [11, 12, 13]
     assert state.num_computed == 5 + 1 + 2 and state.scheduled_len - state.num_computed == 1
     assert sched.on_tokens("b", (7, 42, 8)).finish_reason is FinishReason.STOP
-    sched.step_returned(driver.in_flight.popleft()[0].request_ids)
+    sched.step_returned(driver.in_flight.popleft()[0])
     assert chunks_of(driver.plan()) == [("a", 1)]
     final = sched.on_tokens("a", (14, 15, 16, 17))               # 4 + 3 = 7 = max_tokens after 16
     assert final.finish_reason is FinishReason.LENGTH and final.new_token_ids == (14, 15, 16)
@@ -332,3 +332,51 @@ class SpeculativeSchedulerMachine(SchedulerMachine):
 
 TestSpeculativeSchedulerMachine = SpeculativeSchedulerMachine.TestCase
 TestSpeculativeSchedulerMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+
+class PrefixSchedulerMachine(SchedulerMachine):
+    """The same with prefix caching (every prompt is 1, 2, 3, ...: they all share prefixes) and 2 speculative
+    tokens: prefixes are registered as their steps return, shared, evicted under pressure, dropped with aborted or
+    preempted requests; a block's holders are the running requests listing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scheduler = make(num_workers=2, num_slots=3, num_blocks=12, max_model_len=160,
+                              max_num_batched_tokens=48, max_prefill_chunk=24, speculative_tokens=2, num_snapshots=3)
+        self.driver = Driver(self.scheduler)
+
+    @invariant()
+    def blocks_are_held_by_those_listing_them(self):
+        for m in self.scheduler.managers:
+            listed = [b for rid in m.sequence_ids for b in m.get(rid).blocks]
+            assert all(m.holders(b) == listed.count(b) for b in range(m.num_total_blocks))
+            assert m.prefix.snapshots.num_used <= 3
+
+
+TestPrefixSchedulerMachine = PrefixSchedulerMachine.TestCase
+TestPrefixSchedulerMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_a_prompt_resumes_from_the_cached_prefix_of_an_earlier_one():
+    """Two prompts sharing 40 tokens (blocks of 16): the first snapshots where its chunks end on block
+    boundaries (16, 32); once its step is back, the second is admitted with 32 tokens cached, the shared blocks
+    and the snapshot in its plan, and is charged only for the rest."""
+    sched = make(num_snapshots=4, max_prefill_chunk=16)
+    sched.add(request("a", 45), seed=1)
+    driver = Driver(sched)
+    first = driver.plan()
+    assert first.plans[0].chunks[0].save_snapshot is not None and first.prefix_saves[0].keys == tuple(
+        sched.requests["a"].prefix_keys[:1])
+    for _ in range(3):
+        driver.step()
+    while driver.in_flight:
+        driver.return_oldest()
+    sched.add(GenerateRequest("b", tuple(range(1, 41)) + (99,) * 10, SamplingParams(max_tokens=2)), seed=1)
+    plans = driver.plan()
+    new = next(n for n in plans.plans[0].new_requests if n.request_id == "b")
+    assert new.num_cached_tokens == 32 and new.snapshot is not None
+    assert new.prefix_block_ids == tuple(sched.managers[0].get("a").blocks[:2])
+    assert ("b", 16) in chunks_of(plans) and sched.requests["b"].num_cached_tokens == 32
+    driver.drain()
+    assert sched.prefix_hits == 32 and sched.prefix_queries == 45 + 50

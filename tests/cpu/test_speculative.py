@@ -4,6 +4,7 @@ boundaries."""
 
 import pytest
 import torch
+from engine_loop import run_requests
 
 from dsv4.model.generate import StaticCaches
 from dsv4.model.numerics import Numerics
@@ -50,55 +51,9 @@ def test_rollback_equals_running_only_the_kept_tokens(tiny_model, prefix, num_dr
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-def engine(checkpoint, speculative_tokens, **overrides):
-    """One in-process worker (the tiny checkpoint, reference numerics) and the scheduler over its cache."""
-    from dsv4.cache.manager import KVCacheManager
-    from dsv4.cluster.scheduler import Scheduler
-    from dsv4.wire.config import SchedulerConfig, ServeConfig
-    from dsv4.workers.worker import Worker
-
-    settings = dict(num_workers=1, max_model_len=1024, kv_cache_bytes=64 << 20, speculative_tokens=speculative_tokens,
-                    scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_prefill_chunk=96))
-    config = ServeConfig(model_dir=str(checkpoint), **{**settings, **overrides})
-    worker = Worker(0, 1, config, (0,) * 16)
-    info = worker.load()
-    manager = KVCacheManager(info.num_slots, info.num_blocks, info.block_size)
-    return worker, Scheduler(config.scheduler, [manager], config.max_model_len, (1,), None, speculative_tokens)
-
-
 def generate(checkpoint, requests, speculative_tokens=0, drafter=None, in_flight=1, **overrides):
-    """Run requests [(prompt, SamplingParams)] to completion: {index: (tokens, logprobs)}, and the drafts verified
-    and accepted. in_flight 2 plans each step before the previous one's tokens are back, as the coordinator does
-    (the worker runs the plans in order)."""
-    from collections import deque
-
-    from dsv4.wire.request import GenerateRequest
-
-    worker, scheduler = engine(checkpoint, speculative_tokens, **overrides)
-    if drafter is not None:
-        worker.speculator.drafter = drafter
-    for i, (prompt, sampling) in enumerate(requests):
-        scheduler.add(GenerateRequest(str(i), tuple(prompt), sampling), seed=1000 + i)
-    out = {i: ([], []) for i in range(len(requests))}
-    drafts = accepted = 0
-    steps = deque()
-    while scheduler.has_work() or steps:
-        plans = scheduler.schedule() if len(steps) < in_flight else None
-        if plans is not None:
-            steps.append((plans, worker.execute(plans.plans[0])))
-            if len(steps) < in_flight:
-                continue
-        assert steps, "work left that no step can run"
-        plans, result = steps.popleft()
-        drafts, accepted = drafts + result.num_draft_tokens, accepted + result.num_accepted_tokens
-        for rid, (tokens, logprobs) in result.tokens_by_request().items():
-            output = scheduler.on_tokens(rid, tokens, logprobs)
-            if output is not None:
-                out[int(rid)][0].extend(output.new_token_ids)
-                out[int(rid)][1].extend(output.new_logprobs)
-        scheduler.step_returned(plans.request_ids)
-    assert scheduler.managers[0].num_free_blocks == scheduler.managers[0].num_total_blocks
-    return out, drafts, accepted
+    return run_requests(checkpoint, requests, speculative_tokens=speculative_tokens, drafter=drafter,
+                        in_flight=in_flight, **overrides)[:3]
 
 
 def workload(seed, temperature=0.0, logprobs=None):
@@ -244,3 +199,17 @@ def test_the_service_speculates_over_two_expert_parallel_workers(ray_cluster, ti
         server.stop()
         for actor in (engine.coordinator, *engine.workers):
             ray.kill(actor)
+
+
+def test_acceptance_counters_follow_the_engine_totals():
+    """The metrics' draft and accepted counters advance by what the engine's cumulative totals grew."""
+    from dsv4.cluster.engine_client import LoadReport
+    from dsv4.cluster.metrics import ServerMetrics
+
+    metrics = ServerMetrics("tiny")
+    for drafts, accepted in ((10, 4), (25, 9), (25, 9)):
+        metrics.observe_loads(LoadReport(0, 0, (), (), {"spec_decode_num_draft_tokens": drafts,
+                                                        "spec_decode_num_accepted_tokens": accepted}))
+    label = {"model_name": "tiny"}
+    assert metrics.registry.get_sample_value("dsv4:spec_decode_num_draft_tokens_total", label) == 25
+    assert metrics.registry.get_sample_value("dsv4:spec_decode_num_accepted_tokens_total", label) == 9
