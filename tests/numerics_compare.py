@@ -47,3 +47,38 @@ def assert_bf16_close(got: torch.Tensor, want: torch.Tensor, max_fraction: float
     fraction = float((got != want).float().mean())
     print(f"bf16 outputs differing: {fraction:.2e}")
     assert fraction <= max_fraction, fraction
+
+
+class Bf16MatmulsInFp32(torch.overrides.TorchFunctionMode):
+    """Run bf16 matrix products as fp32 GEMMs of the bf16 operands, the result rounded to bf16: what a bf16 GEMM
+    with fp32 accumulation computes (up to the order of the sums), at fp32 speed on CPUs without bf16 units (an
+    AVX2-only host runs PyTorch's bf16 matmul ~50x slower than fp32). For transformers' model in bf16, the
+    tolerance tests' yardstick; every other op stays in bf16."""
+
+    PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm,
+                torch.nn.functional.linear, torch.einsum}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if func in self.PRODUCTS and tensors and all(t.dtype == torch.bfloat16 for t in tensors):
+            def up(a):
+                return a.float() if isinstance(a, torch.Tensor) else a
+            return func(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()}).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def slow_bf16_matmuls() -> bool:
+    """Whether this CPU runs bf16 matrix products far slower than fp32 (no bf16 units: AVX2-only hosts measured
+    ~50x slower), so that transformers' bf16 yardstick should run under `Bf16MatmulsInFp32`."""
+    import time
+
+    a = torch.randn(128, 256, 256)
+
+    def seconds(x: torch.Tensor) -> float:
+        x @ x                                        # warm-up
+        start = time.perf_counter()
+        x @ x
+        return time.perf_counter() - start
+
+    return seconds(a.bfloat16()) > 5 * seconds(a)

@@ -2,10 +2,12 @@
 positions, with transformers' DeepseekV4ForCausalLM in bf16 against the same oracle as the yardstick: the fast
 path must be at least as close to the reference as transformers-bf16 is, on all three numbers."""
 
+import contextlib
+
 import pytest
 import torch
 import transformers
-from numerics_compare import logit_distance
+from numerics_compare import Bf16MatmulsInFp32, logit_distance, slow_bf16_matmuls
 from transformers import DeepseekV4ForCausalLM
 
 from dsv4.model.checkpoint import load_model
@@ -40,7 +42,10 @@ def test_fast_is_at_least_as_close_to_the_reference_as_transformers_bf16(checkpo
         fast = teacher_forced(model, FAST, ids)
     transformers.logging.set_verbosity_error()
     hf = DeepseekV4ForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
+    # on a CPU without bf16 units its bf16 GEMMs take half an hour here: the same products as fp32 GEMMs of the bf16
+    # operands, rounded to bf16 (fp32 accumulation either way; only the order of the sums differs)
+    emulate = Bf16MatmulsInFp32() if slow_bf16_matmuls() else contextlib.nullcontext()
+    with torch.no_grad(), emulate:
         hf_logits = hf(ids[None]).logits[0].float()
     ours, yardstick = logit_distance(ref, fast), logit_distance(ref, hf_logits)
     print(f"\n{checkpoint.name}: fast vs reference: {ours}\n{checkpoint.name}: transformers-bf16 vs reference: "
