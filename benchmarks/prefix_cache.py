@@ -22,12 +22,11 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import torch
-from serve import start_server
+from serve import start_server, stream
 
 from dsv4.model.cli import config_overrides
 from dsv4.model.config import preset
@@ -40,19 +39,8 @@ def ask(stub, prompt: list[int], max_tokens: int, flush: bool) -> dict:
     """One greedy request (after a cache flush if asked): its answer, TTFT and the prompt tokens it found cached."""
     if flush:
         stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=60)
-    request = pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt), sampling_params=pb.SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    start, first, ids, cached = time.perf_counter(), None, [], 0
-    for response in stub.Generate(request, timeout=3600):
-        kind = response.WhichOneof("response")
-        if kind == "chunk":
-            first = first or time.perf_counter()
-            ids += list(response.chunk.token_ids)
-        elif kind == "complete":
-            cached = response.complete.cached_tokens
-        else:
-            raise RuntimeError(response.error.message)
-    return {"ids": ids, "ttft_ms": 1000 * ((first or time.perf_counter()) - start), "cached": cached}
+    r = stream(stub, prompt, max_tokens, temperature=0.0)
+    return {"ids": r["ids"], "ttft_ms": 1000 * r["ttft"], "cached": r["cached"]}
 
 
 def chat(stub, args, vocab: int, g: torch.Generator, flush: bool) -> list[dict]:

@@ -71,10 +71,11 @@ def start_server(args, model_dir: Path, log_path: Path, extra: list[str] = ()) -
 
 def stream(stub, prompt: list[int], max_tokens: int, **params) -> dict:
     """One request: its output ids (and log-probabilities if asked: the sampled token's, and the top ones as
-    {token: logprob} per position), time to first token and total time."""
+    {token: logprob} per position), time to first token and total time, and the prompt tokens it found in the
+    prefix cache."""
     request = pb.GenerateRequest(tokenized=pb.TokenIds(token_ids=prompt), sampling_params=pb.SamplingParams(
         max_tokens=max_tokens, ignore_eos=True, **params))
-    start, first, ids, logprobs, tops = time.perf_counter(), None, [], [], []
+    start, first, ids, logprobs, tops, cached = time.perf_counter(), None, [], [], [], 0
     for response in stub.Generate(request, timeout=3600):
         if response.WhichOneof("response") == "chunk":
             first = first or time.perf_counter()
@@ -82,10 +83,13 @@ def stream(stub, prompt: list[int], max_tokens: int, **params) -> dict:
             logprobs += [entry.logprob for entry in response.chunk.logprobs]
             tops += [dict(zip(entry.top_token_ids, entry.top_logprobs, strict=True))
                      for entry in response.chunk.logprobs]
+        elif response.WhichOneof("response") == "complete":
+            cached = response.complete.cached_tokens
         elif response.WhichOneof("response") == "error":
             raise RuntimeError(response.error.message)
     end = time.perf_counter()
-    return {"ids": ids, "logprobs": logprobs, "tops": tops, "ttft": (first or end) - start, "total": end - start}
+    return {"ids": ids, "logprobs": logprobs, "tops": tops, "ttft": (first or end) - start, "total": end - start,
+            "cached": cached}
 
 
 def logprob_check(stub, vocab: int, g: torch.Generator, max_tokens: int, tolerance: float,

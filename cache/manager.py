@@ -58,6 +58,8 @@ class KVCacheManager:
             return None
         for block in shared:
             self._hold(block)
+        if snapshot is not None:
+            self.prefix.touch(snapshot)
         slot = self.slots.allocate(1)[0]
         seq = SequenceBlocks(slot, shared + self._take(need), len(shared), snapshot)
         self._seqs[seq_id] = seq

@@ -51,9 +51,11 @@ class PrefixCache:
             blocks.append(block)
             if key in self._snapshot_of:
                 best, snapshot = len(blocks), self._snapshot_of[key]
-        if snapshot is not None:
-            self._snapshot_lru.move_to_end(snapshot)
         return blocks[:best], snapshot
+
+    def touch(self, snapshot: int) -> None:
+        """A sequence resumes from the snapshot: it is the most recently used."""
+        self._snapshot_lru.move_to_end(snapshot)
 
     def is_cached(self, block: int) -> bool:
         return block in self._key_of

@@ -89,7 +89,8 @@ def start_engine(config: ServeConfig) -> Engine:
     from dsv4.workers.launch import start_workers
 
     group = start_workers(config)
-    return start_coordinator(config, group.actors, group.infos, group.info, group.placement, group.num_hash_layers)
+    return start_coordinator(config, group.actors, group.infos, group.info, group.placement, group.num_hash_layers,
+                             group.placement_group)
 
 
 def _serve(args: argparse.Namespace) -> int:

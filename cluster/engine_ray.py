@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayTaskError
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dsv4.cluster.coordinator import Coordinator, one_line_error
@@ -37,17 +38,27 @@ class Engine:
     coordinator: ray.actor.ActorHandle
     workers: list[ray.actor.ActorHandle]
     info: ModelInfo
+    placement_group: PlacementGroup | None = None   # the workers' reserved resources
+
+    def shutdown(self) -> None:
+        """Stop the coordinator and the workers, and give their reserved resources back to the cluster (killed
+        actors alone would leave their placement group holding them)."""
+        for actor in (self.coordinator, *self.workers):
+            ray.kill(actor)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
 
 
 def start_coordinator(config: ServeConfig, workers: list[ray.actor.ActorHandle], infos: list[WorkerInfo],
-                      info: ModelInfo, placement: ExpertPlacement, num_hash_layers: int) -> Engine:
+                      info: ModelInfo, placement: ExpertPlacement, num_hash_layers: int,
+                      placement_group: PlacementGroup | None = None) -> Engine:
     """The coordinator actor over workers already loaded and wired (`dsv4.workers.launch.start_workers`), healthy.
     It lives beside the driver (the gRPC server): on KubeRay that is the head pod, without a GPU."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=10_000, scheduling_strategy=here).remote(
         config, workers, infos, info, placement, num_hash_layers)
     ray.get(coordinator.is_healthy.remote())
-    return Engine(coordinator, workers, info)
+    return Engine(coordinator, workers, info, placement_group)
 
 
 def _unwrap(error: RayTaskError) -> Exception:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dsv4.model.config import ModelConfig, preset
@@ -78,6 +78,7 @@ class WorkerGroup:
     info: ModelInfo
     placement: ExpertPlacement
     num_hash_layers: int                    # the hash-routed MoE layers, for the coordinator's HashAffinity
+    placement_group: PlacementGroup         # the workers' reserved resources (removed when the engine stops)
 
 
 def start_workers(config: ServeConfig) -> WorkerGroup:
@@ -99,4 +100,4 @@ def start_workers(config: ServeConfig) -> WorkerGroup:
     host, port = ray.get(workers[0].rendezvous_address.remote())
     ray.get([w.init_distributed.remote(host, port) for w in workers])
     infos = ray.get([w.load.remote() for w in workers])
-    return WorkerGroup(workers, infos, model_info(config, model, infos), placement, model.num_hash_layers)
+    return WorkerGroup(workers, infos, model_info(config, model, infos), placement, model.num_hash_layers, group)

@@ -69,6 +69,7 @@ class Speculator:
             drafts_of.append(drafts)
             row += n + len(drafts)
         verify = [i for i, drafts in enumerate(drafts_of) if drafts]
+        saved_at = {i: v for v, i in enumerate(verify)}         # a verified run's row in the checkpoint
         saved = None
         if verify:   # the ring rows the drafts overwrite, and the compressor states, of the verified sequences
             positions = torch.full((len(verify), self.num_tokens), -1, dtype=torch.int64)
@@ -94,7 +95,7 @@ class Speculator:
                 kept_logprobs = [lp for lp in logprobs[k:k + accepted + 1] if lp is not None] if logprobs else []
                 k += len(drafts) + 1
                 if accepted < len(drafts):
-                    rejections.append(Rejection(verify.index(i), seq.slot, start, first_rows[i], n + accepted,
+                    rejections.append(Rejection(saved_at[i], seq.slot, start, first_rows[i], n + accepted,
                                                 list(seq.blocks)))
             result.num_drafts += len(drafts)
             result.num_accepted += accepted

@@ -113,7 +113,6 @@ def test_the_service_reports_cached_tokens_and_flushes(ray_cluster, tiny_checkpo
     one streams `cached_tokens` 512 and the single-process model's tokens; GetLoads counts the hits; after
     ResetPrefixCache nothing is found."""
     import grpc
-    import ray
     from api_fakes import TIMEOUT_S
     from conftest import start_test_engine
     from test_service import generate_ids, serve
@@ -143,5 +142,4 @@ def test_the_service_reports_cached_tokens_and_flushes(ray_cluster, tiny_checkpo
             assert generate_ids(stub, prompt, 6)[1].cached_tokens == 0
     finally:
         server.stop()
-        for actor in (engine.coordinator, *engine.workers):
-            ray.kill(actor)
+        engine.shutdown()

@@ -148,6 +148,7 @@ def cramped_stub(ray_cluster, tiny_checkpoint, tiny_model):
     with grpc.insecure_channel(server.address) as channel:
         yield dsv4_pb2_grpc.Dsv4EngineStub(channel)
     server.stop()
+    engine.shutdown()
 
 
 def test_preempted_requests_resume_and_match_the_model(cramped_stub, tiny_model):
@@ -185,6 +186,7 @@ def fast_stub(ray_cluster, tiny_checkpoint):
     with grpc.insecure_channel(server.address) as channel:
         yield dsv4_pb2_grpc.Dsv4EngineStub(channel)
     server.stop()
+    engine.shutdown()
 
 
 def test_fast_numerics_serve_over_two_workers(fast_stub, tiny_model):
@@ -300,5 +302,4 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(ray_cluster, 
             assert err.value.details() == "engine failed: RuntimeError: poisoned"
     finally:
         server.stop()
-        for actor in (engine.coordinator, *engine.workers):
-            ray.kill(actor)
+        engine.shutdown()

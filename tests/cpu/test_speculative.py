@@ -167,7 +167,6 @@ def test_the_service_speculates_over_two_expert_parallel_workers(ray_cluster, ti
     import concurrent.futures
 
     import grpc
-    import ray
     from api_fakes import TIMEOUT_S, wait_until
     from conftest import start_test_engine
     from test_service import generate_ids, prompts, serve
@@ -197,8 +196,7 @@ def test_the_service_speculates_over_two_expert_parallel_workers(ray_cluster, ti
             assert 0 <= extra["spec_decode_num_accepted_tokens"] <= extra["spec_decode_num_draft_tokens"]
     finally:
         server.stop()
-        for actor in (engine.coordinator, *engine.workers):
-            ray.kill(actor)
+        engine.shutdown()
 
 
 def test_acceptance_counters_follow_the_engine_totals():
