@@ -13,8 +13,9 @@ Input: one JSON object per line (blank lines are skipped).
 * `id`: a string or an integer naming the output line (default: the line number). Unique in the file.
 * exactly one of `prompt` (text; BOS is added) and `prompt_token_ids` (taken as given).
 * optional sampling fields, as in `dsv4.v1.SamplingParams`: `max_tokens` (default: the rest of the context),
-  `temperature` (default 1; 0 is greedy), `top_p`, `top_k`, `seed`, `min_tokens`, `stop` (a string or a list),
-  `stop_token_ids`, `ignore_eos`.
+  `temperature` (default 1; 0 is greedy), `top_p`, `top_k`, `min_p`, `seed`, `min_tokens`, `stop` (a string or
+  a list), `stop_token_ids`, `ignore_eos`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`,
+  `logit_bias` (an object: token id -> bias, as OpenAI's).
 
 Output: one line per input line, in input order.
 
@@ -90,6 +91,18 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's object of token id (a string of digits, in JSON) -> bias."""
+    if not isinstance(value, dict):
+        raise TypeError(f"must be an object of token id -> bias, got {value!r}")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise TypeError(f"token ids are non-negative integers, got {key!r}")
+        out.append((int(key), _number(bias)))
+    return tuple(sorted(out))
+
+
 def _ints(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(_is_int(item) for item in value):
         raise TypeError(f"must be a list of integers, got {value!r}")
@@ -107,6 +120,11 @@ _SAMPLING_FIELDS = {
     "stop": _strings,
     "stop_token_ids": _ints,
     "ignore_eos": _bool,
+    "min_p": _number,
+    "presence_penalty": _number,
+    "frequency_penalty": _number,
+    "repetition_penalty": _number,
+    "logit_bias": _logit_bias,
 }
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 _KNOWN_FIELDS = ("id", *_PROMPT_FIELDS, *_SAMPLING_FIELDS)

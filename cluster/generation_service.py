@@ -7,6 +7,8 @@ strings, abort-on-cancel and engine-error handling behave the same on every API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 1 << 24  # SamplingParams.validate's upper bound
 MAX_ABORT_IDS = 1024
+MAX_SAMPLES = 128           # n: OpenAI's bound on choices per request
 
 
 class ServerDraining(RuntimeError):
@@ -73,6 +76,18 @@ class RequestBuilder:
         request.validate(self.model_info.vocab_size, self.model_info.max_model_len)
         return request
 
+    @staticmethod
+    def samples(request: GenerateRequest, n: int) -> list[GenerateRequest]:
+        """`n` samples of one request: the request itself when n = 1, else n requests `<id>/<i>`, the i-th with
+        seed + i when seeded (as vLLM seeds its child requests), so each is reproducible and they differ."""
+        if not 1 <= n <= MAX_SAMPLES:
+            raise InvalidRequest("sampling_params.n", f"must be in [1, {MAX_SAMPLES}], got {n}")
+        if n == 1:
+            return [request]
+        seed = request.sampling.seed
+        return [dataclasses.replace(request, request_id=f"{request.request_id}/{i}", sampling=dataclasses.replace(
+            request.sampling, seed=None if seed is None else (seed + i) % (1 << 63))) for i in range(n)]
+
 
 class GenerationService(RequestBuilder):
     """Requests checked against the served model and run on its engine, for every servicer."""
@@ -83,6 +98,7 @@ class GenerationService(RequestBuilder):
         self.metrics = metrics      # request latencies and token counts, observed on every stream
         self.start_time = time.time()
         self._active: set[str] = set()  # ids of requests streaming through this server
+        self._sample_ids: dict[str, tuple[str, ...]] = {}   # a request with n > 1 -> its samples' ids (Abort)
         self.draining = False           # set by `start_draining`: no new requests, the running ones finish
 
     @property
@@ -152,12 +168,64 @@ class GenerationService(RequestBuilder):
             timer.on_event(event)
             yield event
 
+    async def stream_samples(self, request_id: str, samples: Sequence[GenerateRequest]
+                             ) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Run the `samples` of request `request_id` (`samples()`): each one's events with its index, as they
+        come; each sample ends with its own `TextFinal`. An up-front rejection of any sample raises (the others are
+        aborted), as does closing the stream. With the prefix cache on, the first sample runs alone until its
+        first output, so its prompt is cached when the others are admitted: they share its prefill."""
+        if len(samples) == 1:
+            async with contextlib.aclosing(self.stream(samples[0])) as events:
+                async for event in events:
+                    yield 0, event
+            return
+        if request_id in self._sample_ids:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        self._sample_ids[request_id] = tuple(s.request_id for s in samples)
+        queue: asyncio.Queue = asyncio.Queue()
+        first_output = asyncio.Event()
+        if not self.model_info.prefix_caching:
+            first_output.set()
+
+        async def run(index: int, sample: GenerateRequest) -> None:
+            try:
+                if index:
+                    await first_output.wait()
+                async with contextlib.aclosing(self.stream(sample)) as events:
+                    async for event in events:
+                        first_output.set()
+                        await queue.put((index, event, None))
+            except Exception as exc:   # given to the consumer, which raises it
+                await queue.put((index, None, exc))
+            finally:
+                first_output.set()
+                await queue.put((index, None, None))
+
+        tasks = [asyncio.create_task(run(i, s)) for i, s in enumerate(samples)]
+        try:
+            running = len(tasks)
+            while running:
+                index, event, error = await queue.get()
+                if error is not None:
+                    raise error
+                if event is None:
+                    running -= 1
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)   # each sample's stream aborts its request
+            del self._sample_ids[request_id]
+
     async def abort(self, request_ids: Sequence[str]) -> list[str]:
-        """Cancel requests; returns the ids the engine was running. Unknown ids are ignored; more than
-        MAX_ABORT_IDS in one call is an InvalidRequest (each is a round trip to the coordinator)."""
+        """Cancel requests (a request with n > 1: all its samples); returns the ids the engine was running.
+        Unknown ids are ignored; more than MAX_ABORT_IDS in one call is an InvalidRequest (each is a round trip
+        to the coordinator)."""
         if len(request_ids) > MAX_ABORT_IDS:
             raise InvalidRequest("request_ids", f"at most {MAX_ABORT_IDS} ids per Abort, got {len(request_ids)}")
-        return [request_id for request_id in request_ids if await self.engine.abort(request_id)]
+        engine_ids = [i for request_id in request_ids for i in self._sample_ids.get(request_id, (request_id,))]
+        return [request_id for request_id in engine_ids if await self.engine.abort(request_id)]
 
     async def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (an operator's flush; running requests keep theirs)."""

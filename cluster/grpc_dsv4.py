@@ -48,7 +48,12 @@ def request_from_proto(service: GenerationService, message: dsv4_pb2.GenerateReq
         stop=tuple(params.stop),
         stop_token_ids=tuple(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
-        logprobs=params.logprobs if params.HasField("logprobs") else None)
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
+        min_p=params.min_p,
+        logit_bias=tuple(sorted(params.logit_bias.items())))
 
 
 def _logprobs_to_proto(logprobs: tuple[TokenLogprobs, ...] | None) -> list[dsv4_pb2.TokenLogprobs]:
@@ -56,18 +61,18 @@ def _logprobs_to_proto(logprobs: tuple[TokenLogprobs, ...] | None) -> list[dsv4_
             for lp in logprobs or ()]
 
 
-def response_from_event(request_id: str, event: StreamEvent) -> dsv4_pb2.GenerateResponse:
+def response_from_event(request_id: str, event: StreamEvent, index: int = 0) -> dsv4_pb2.GenerateResponse:
     if isinstance(event, TextDelta):
-        return dsv4_pb2.GenerateResponse(request_id=request_id, chunk=dsv4_pb2.GenerateChunk(
+        return dsv4_pb2.GenerateResponse(request_id=request_id, index=index, chunk=dsv4_pb2.GenerateChunk(
             token_ids=event.token_ids, text=event.text, prompt_tokens=event.num_prompt_tokens,
             completion_tokens=event.num_output_tokens, logprobs=_logprobs_to_proto(event.logprobs),
             cached_tokens=event.num_cached_tokens))
-    return _terminal_response(request_id, event)
+    return _terminal_response(request_id, event, index)
 
 
-def _terminal_response(request_id: str, final: TextFinal) -> dsv4_pb2.GenerateResponse:
+def _terminal_response(request_id: str, final: TextFinal, index: int) -> dsv4_pb2.GenerateResponse:
     if final.finish_reason == FinishReason.ERROR:
-        return dsv4_pb2.GenerateResponse(request_id=request_id, error=dsv4_pb2.GenerateError(
+        return dsv4_pb2.GenerateResponse(request_id=request_id, index=index, error=dsv4_pb2.GenerateError(
             message=final.error or "engine error", prompt_tokens=final.num_prompt_tokens,
             completion_tokens=final.num_output_tokens))
     complete = dsv4_pb2.GenerateComplete(
@@ -78,7 +83,7 @@ def _terminal_response(request_id: str, final: TextFinal) -> dsv4_pb2.GenerateRe
         complete.matched_stop_str = final.matched_stop_str
     elif final.matched_stop_token_id is not None:
         complete.matched_token_id = final.matched_stop_token_id
-    return dsv4_pb2.GenerateResponse(request_id=request_id, complete=complete)
+    return dsv4_pb2.GenerateResponse(request_id=request_id, index=index, complete=complete)
 
 
 def model_info_to_proto(info: ModelInfo, tokenizer_path: str) -> dsv4_pb2.GetModelInfoResponse:
@@ -110,9 +115,10 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
         # CancelledError right here, and `aclosing` aborts the engine request at once.
         try:
             gen_request = await self._service.build_off_loop(request_from_proto, request)
-            async with contextlib.aclosing(self._service.stream(gen_request)) as events:
-                async for event in events:
-                    await context.write(response_from_event(gen_request.request_id, event))
+            samples = self._service.samples(gen_request, request.sampling_params.n or 1)
+            async with contextlib.aclosing(self._service.stream_samples(gen_request.request_id, samples)) as events:
+                async for index, event in events:
+                    await context.write(response_from_event(gen_request.request_id, event, index))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:

@@ -42,17 +42,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "ge
 def _reject_unsupported(params: vllm_engine_pb2.SamplingParams, message: vllm_engine_pb2.GenerateRequest) -> None:
     """Refuse what the engine cannot do rather than silently ignore it."""
     checks = (
-        ("sampling_params.n", params.n > 1, "only n=1 is supported"),
-        ("sampling_params.min_p", params.min_p != 0.0, "is not supported"),
-        ("sampling_params.frequency_penalty", params.frequency_penalty != 0.0, "is not supported"),
-        ("sampling_params.presence_penalty", params.presence_penalty != 0.0, "is not supported"),
-        ("sampling_params.repetition_penalty", params.repetition_penalty not in (0.0, 1.0), "is not supported"),
         # vLLM's -1 ("the whole vocabulary") is left to SamplingParams.validate, which names the allowed range.
         # Prompt logprobs would need the logits of every prompt position, which the engine step does not keep;
         # any value (0 too: vLLM then returns the prompt tokens' own logprobs) is refused rather than ignored.
         ("sampling_params.prompt_logprobs", params.HasField("prompt_logprobs"),
          "prompt log-probabilities are not supported (output `logprobs` are)"),
-        ("sampling_params.logit_bias", len(params.logit_bias) > 0, "is not supported"),
         ("sampling_params.truncate_prompt_tokens", params.HasField("truncate_prompt_tokens"), "is not supported"),
         (f"sampling_params.{params.WhichOneof('constraint')}", params.WhichOneof("constraint") is not None,
          "structured output is not supported"),
@@ -83,7 +77,12 @@ def request_from_proto(service: GenerationService, message: vllm_engine_pb2.Gene
         stop=tuple(params.stop),
         stop_token_ids=tuple(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
-        logprobs=params.logprobs if params.HasField("logprobs") else None)
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 0.0 else 1.0,  # 0 = unset
+        min_p=params.min_p,
+        logit_bias=tuple(sorted(params.logit_bias.items())))
 
 
 def _output_logprobs(token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None,
@@ -98,19 +97,19 @@ def _output_logprobs(token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, 
                                           top_logprobs=top)
 
 
-def _chunk(delta: TextDelta, num_logprobs: int | None) -> vllm_engine_pb2.GenerateResponse:
-    return vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk(
+def _chunk(delta: TextDelta, num_logprobs: int | None, index: int) -> vllm_engine_pb2.GenerateResponse:
+    return vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk(index=index,
         token_ids=delta.token_ids, prompt_tokens=delta.num_prompt_tokens,
         completion_tokens=len(delta.token_ids),  # a delta count: the gateway accumulates it
         cached_tokens=delta.num_cached_tokens,
         output_logprobs=_output_logprobs(delta.token_ids, delta.logprobs, num_logprobs)))
 
 
-def _complete(final: TextFinal, num_logprobs: int | None) -> vllm_engine_pb2.GenerateResponse:
+def _complete(final: TextFinal, num_logprobs: int | None, index: int) -> vllm_engine_pb2.GenerateResponse:
     # All output ids and all their logprobs, streaming or not: the gateway reads them from here when not
     # streaming, and takes the chunks' when streaming (vLLM's servicer sends the last delta here then).
     complete = vllm_engine_pb2.GenerateComplete(
-        output_ids=final.output_ids, finish_reason=final.finish_reason.value,
+        index=index, output_ids=final.output_ids, finish_reason=final.finish_reason.value,
         prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_output_tokens,
         cached_tokens=final.num_cached_tokens,
         output_logprobs=_output_logprobs(final.output_ids, final.output_logprobs, num_logprobs))
@@ -146,15 +145,16 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         try:
             gen_request = await self._service.build_off_loop(request_from_proto, request)
             num_logprobs = gen_request.sampling.logprobs
-            async with contextlib.aclosing(self._service.stream(gen_request)) as events:
-                async for event in events:
+            samples = self._service.samples(gen_request, request.sampling_params.n or 1)   # proto 0: unset
+            async with contextlib.aclosing(self._service.stream_samples(gen_request.request_id, samples)) as events:
+                async for index, event in events:
                     if isinstance(event, TextDelta):
                         if request.stream and event.token_ids:
-                            await context.write(_chunk(event, num_logprobs))
+                            await context.write(_chunk(event, num_logprobs, index))
                     elif event.finish_reason == FinishReason.ERROR:
                         await context.abort(grpc.StatusCode.INTERNAL, event.error or "engine error")
                     else:
-                        await context.write(_complete(event, num_logprobs))
+                        await context.write(_complete(event, num_logprobs, index))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineOverloaded as exc:

@@ -23,3 +23,4 @@ class ModelInfo:
     hidden_size: int
     kv_cache_tokens: int = 0        # positions of context all workers' KV caches hold together
     max_running_requests: int = 0   # sequence slots over all workers
+    prefix_caching: bool = False    # the engine reuses cached prompt prefixes (`--enable-prefix-caching`)

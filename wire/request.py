@@ -54,6 +54,16 @@ class SamplingParams:
     min_tokens: int = 0
     # None: no log-probabilities; 0: the sampled token's; n >= 1: also the n most likely tokens (`TokenLogprobs`)
     logprobs: int | None = None
+    # Logit adjustments, in vLLM's order and with its (OpenAI's) definitions, applied before temperature:
+    # repetition (CTRL: a positive logit of a token seen in the prompt or the output is divided by it, a negative
+    # one multiplied; 1 = off), then frequency and presence (logit -= frequency * count in the output + presence *
+    # [count > 0]), then the bias of listed tokens. min_p drops the tokens whose probability after temperature is
+    # below min_p times the most likely token's. They apply to greedy requests too; log-probabilities stay raw.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, added to its logit)
 
     MAX_TEMPERATURE = 100.0
     MAX_LOGPROBS = 20                  # OpenAI's cap on top_logprobs (and vLLM's default max_logprobs)
@@ -62,6 +72,10 @@ class SamplingParams:
     MAX_STOP_STRINGS = 32
     MAX_STOP_CHARS = 1024              # per stop string
     MAX_STOP_TOKEN_IDS = 256
+    MAX_PENALTY = 2.0                  # OpenAI's range for presence and frequency: [-2, 2]
+    MAX_REPETITION_PENALTY = 2.0
+    MAX_LOGIT_BIAS = 100.0             # OpenAI's range for a bias: [-100, 100]
+    MAX_LOGIT_BIAS_TOKENS = 1024
 
     def validate(self, vocab_size: int) -> None:
         if not 1 <= self.max_tokens <= 1 << 24:
@@ -94,6 +108,30 @@ class SamplingParams:
             if len(text) > self.MAX_STOP_CHARS:
                 raise InvalidRequest("sampling_params.stop",
                                      f"stop strings have at most {self.MAX_STOP_CHARS} characters, got {len(text)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -self.MAX_PENALTY <= value <= self.MAX_PENALTY:
+                raise InvalidRequest(f"sampling_params.{name}",
+                                     f"must be in [-{self.MAX_PENALTY}, {self.MAX_PENALTY}], got {value}")
+        if not 0.0 < self.repetition_penalty <= self.MAX_REPETITION_PENALTY:
+            raise InvalidRequest("sampling_params.repetition_penalty",
+                                 f"must be in (0, {self.MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest("sampling_params.min_p", f"must be in [0, 1], got {self.min_p}")
+        if len(self.logit_bias) > self.MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidRequest("sampling_params.logit_bias",
+                                 f"at most {self.MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
+        seen: set[int] = set()
+        for token_id, bias in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequest("sampling_params.logit_bias",
+                                     f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+            if token_id in seen:
+                raise InvalidRequest("sampling_params.logit_bias", f"token id {token_id} is listed twice")
+            seen.add(token_id)
+            if not -self.MAX_LOGIT_BIAS <= bias <= self.MAX_LOGIT_BIAS:
+                raise InvalidRequest("sampling_params.logit_bias", f"the bias of token {token_id} must be in "
+                                     f"[-{self.MAX_LOGIT_BIAS}, {self.MAX_LOGIT_BIAS}], got {bias}")
         max_logprobs = min(self.MAX_LOGPROBS, vocab_size)
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise InvalidRequest("sampling_params.logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs}")
@@ -101,6 +139,15 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalizes_history(self) -> bool:
+        """The logits depend on the tokens seen so far (the sampler needs the request's history)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.penalizes_history or bool(self.logit_bias)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +171,11 @@ class GenerateRequest:
                                      f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
         check_prompt_length(len(self.prompt_token_ids), max_model_len)
         self.sampling.validate(vocab_size)
+        room = max_model_len - len(self.prompt_token_ids)
+        if self.sampling.max_tokens > room:     # vLLM's answer too, rather than a silent cap at the context
+            raise InvalidRequest("sampling_params.max_tokens",
+                                 f"{self.sampling.max_tokens} tokens do not fit after the {len(self.prompt_token_ids)}"
+                                 f"-token prompt in the context of {max_model_len} tokens (at most {room})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,4 +23,5 @@ def model_info(config: ServeConfig, model: ModelConfig, workers: list[WorkerInfo
                      num_hidden_layers=model.num_hidden_layers, num_routed_experts=model.n_routed_experts,
                      num_experts_per_tok=model.num_experts_per_tok, hidden_size=model.hidden_size,
                      kv_cache_tokens=sum(w.num_blocks * w.block_size for w in workers),
-                     max_running_requests=sum(w.num_slots for w in workers))
+                     max_running_requests=sum(w.num_slots for w in workers),
+                     prefix_caching=config.prefix_cache_snapshots > 0)

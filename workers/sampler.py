@@ -1,5 +1,6 @@
 """Next-token sampling on the logits' device, for a whole step at once: greedy, temperature, top-k, top-p;
-reproducible with a seed; log-probabilities for the rows that ask. Only the chosen token ids (int64 [S]) and those
+reproducible with a seed; repetition, frequency and presence penalties, logit bias and min-p; log-probabilities
+for the rows that ask. Only the chosen token ids (int64 [S]) and those
 log-probabilities leave the device, in one copy (`sample_to_host`).
 
 Gumbel-max: the token is argmax over the kept tokens of logits / temperature + g, with g = -log(-log(u)) and u a
@@ -7,7 +8,11 @@ uniform number from a counter-based hash of (request seed, output index, token i
 token therefore depends only on its own logits and (seed, i): the same seed, prompt and parameters give the same
 tokens whichever requests share the batch, whichever worker runs it, and after preemption. Top-k keeps the k
 largest logits; top-p the smallest prefix of the sorted distribution whose mass reaches p (always at least one
-token). Greedy rows (temperature 0) take the argmax, ties to the lowest token id. The same code runs on the CPU.
+token); min-p the tokens at least min_p times as likely as the most likely one. Greedy rows (temperature 0) take
+the argmax, ties to the lowest token id. Penalties and bias adjust the logits first (`SamplingParams` defines
+them); the rows that have none cost nothing, and a step where no row has any runs none of it. The penalties read
+each row's history (prompt and outputs), copied to the device with the step's parameters. The same code runs on
+the CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +33,47 @@ class SampleSpec:
     sampling: SamplingParams
     seed: int
     output_index: int      # which output token of the request this is (0 = the first)
+    # The request's tokens before this one (prompt, then outputs), for the penalties; empty when it has none.
+    history: Sequence[int] = ()
+    num_prompt: int = 0    # how many of `history` are the prompt
+
+
+class LogitAdjustments:
+    """The rows' penalties and biases as device tensors: `apply` turns the raw logits into the adjusted ones."""
+
+    def __init__(self, specs: Sequence[SampleSpec], device: torch.device | str):
+        def put(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        rows = [i for i, s in enumerate(specs) if s.sampling.penalizes_history]
+        self.penalty_rows = put(rows, torch.int64) if rows else None
+        # (penalty row, token) for every output token (a token's count is how often it appears) and for every
+        # prompt token (seen by the repetition penalty only)
+        output_pairs = [(r, t) for r, i in enumerate(rows) for t in specs[i].history[specs[i].num_prompt:]]
+        prompt_pairs = [(r, t) for r, i in enumerate(rows) for t in specs[i].history[:specs[i].num_prompt]]
+        self.output_pairs = put(output_pairs, torch.int64).view(-1, 2).t()
+        self.prompt_pairs = put(prompt_pairs, torch.int64).view(-1, 2).t()
+        self.repetition = put([specs[i].sampling.repetition_penalty for i in rows], torch.float32)[:, None]
+        self.frequency = put([specs[i].sampling.frequency_penalty for i in rows], torch.float32)[:, None]
+        self.presence = put([specs[i].sampling.presence_penalty for i in rows], torch.float32)[:, None]
+        bias = [(i, t, b) for i, s in enumerate(specs) for t, b in s.sampling.logit_bias]
+        self.bias_rows = put([i for i, _, _ in bias], torch.int64)
+        self.bias_tokens = put([t for _, t, _ in bias], torch.int64)
+        self.bias_values = put([b for _, _, b in bias], torch.float32)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [S, V] -> adjusted fp32 copy [S, V]."""
+        out = logits.float().clone()
+        if self.penalty_rows is not None:
+            x = out.index_select(0, self.penalty_rows)                                       # [P, V]
+            counts = torch.zeros_like(x).index_put_(tuple(self.output_pairs), x.new_ones(()), accumulate=True)
+            seen = (counts > 0).index_put_(tuple(self.prompt_pairs), x.new_ones((), dtype=torch.bool))
+            x = torch.where(seen, torch.where(x > 0, x / self.repetition, x * self.repetition), x)
+            x = x - self.frequency * counts - self.presence * (counts > 0).float()
+            out.index_copy_(0, self.penalty_rows, x)
+        if self.bias_rows.numel():
+            out.index_put_((self.bias_rows, self.bias_tokens), self.bias_values, accumulate=True)
+        return out
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -53,7 +99,12 @@ class SamplingBatch:
         self.num_rows = len(specs)
         temps = [s.sampling.temperature for s in specs]
         self.all_greedy = all(t == 0 for t in temps)
-        self.needs_sort = any(s.sampling.top_k > 0 or s.sampling.top_p < 1.0 for s in specs)
+        self.needs_sort = any(s.sampling.top_k > 0 or s.sampling.top_p < 1.0 or s.sampling.min_p > 0
+                              for s in specs)
+        self.adjustments = (LogitAdjustments(specs, device) if any(s.sampling.adjusts_logits for s in specs)
+                            else None)
+        self.min_p = torch.tensor([s.sampling.min_p for s in specs], dtype=torch.float32).to(device,
+                                                                                            non_blocking=True)
         self.temperature = torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True)
         self.top_k = torch.tensor([s.sampling.top_k for s in specs], dtype=torch.int64).to(device, non_blocking=True)
         self.top_p = torch.tensor([s.sampling.top_p for s in specs], dtype=torch.float32).to(device,
@@ -70,7 +121,9 @@ class SamplingBatch:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logits [S, V] (fp32) -> token ids [S] int64, on the logits' device."""
+    """logits [S, V] (fp32, raw) -> token ids [S] int64, on the logits' device."""
+    if batch.adjustments is not None:
+        logits = batch.adjustments.apply(logits)
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy
@@ -82,6 +135,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         keep = (batch.top_k[:, None] == 0) | (rank < batch.top_k[:, None])
         probs = values.softmax(dim=-1)
         keep &= (probs.cumsum(dim=-1) - probs) < batch.top_p[:, None]      # mass before this token < top_p
+        keep &= probs >= batch.min_p[:, None] * probs[:, :1]               # min-p: against the most likely
         keep[:, 0] = True
         noise = -torch.log(-torch.log(_noise_sorted(batch, order)))
         pick = torch.where(keep, values + noise, float("-inf")).argmax(dim=-1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dsv4.wire.request import SamplingParams, TokenLogprobs
+from dsv4.workers.sampler import SampleSpec
 
 
 @dataclass
@@ -22,6 +25,14 @@ class SequenceState:
     def decoding(self) -> bool:
         """Every token has run but the last sampled one."""
         return self.num_computed == len(self.tokens) - 1 and self.num_outputs > 0
+
+    def sample_spec(self, drafts: Sequence[int] = (), logprobs: bool = True) -> SampleSpec:
+        """How to sample the output that follows `tokens` and then `drafts` (guesses of the next outputs): its
+        output index, and the history the penalties count (copied only when the request has penalties)."""
+        sampling = self.sampling if logprobs else dataclasses.replace(self.sampling, logprobs=None)
+        history = (*self.tokens, *drafts) if sampling.penalizes_history else ()
+        return SampleSpec(sampling, self.seed, self.num_outputs + len(drafts), history,
+                          len(self.tokens) - self.num_outputs)
 
 
 @dataclass

@@ -17,7 +17,6 @@ several workers the MTP block's MoE exchanges need every rank.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,7 +27,7 @@ from dsv4.model.transformer import ForwardOutput
 from dsv4.wire.config import ServeConfig
 from dsv4.wire.request import TokenLogprobs
 from dsv4.workers.model_runner import ModelRunner
-from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample_to_host
+from dsv4.workers.sampler import SamplingBatch, sample_to_host
 from dsv4.workers.sequence import SequenceState, StepTokens
 
 MAX_SPECULATIVE_TOKENS = ServeConfig.MAX_SPECULATIVE_TOKENS
@@ -64,7 +63,7 @@ class Speculator:
             chunks.append(Chunk(seq.slot, seq.blocks, start, seq.tokens[start:end] + drafts))
             if reaches_end:             # the target token after the last known one and after each draft
                 rows.extend(range(row + n - 1, row + n + len(drafts)))
-                specs.extend(SampleSpec(seq.sampling, seq.seed, seq.num_outputs + j) for j in range(len(drafts) + 1))
+                specs.extend(seq.sample_spec(drafts[:j]) for j in range(len(drafts) + 1))
             first_rows.append(row)
             drafts_of.append(drafts)
             row += n + len(drafts)
@@ -161,8 +160,7 @@ class Speculator:
                 live, rows = [live[v] for v in keep], list(range(len(keep)))
             if not live:
                 continue
-            specs = [SampleSpec(dataclasses.replace(runs[i][0].sampling, logprobs=None), runs[i][0].seed,
-                                runs[i][0].num_outputs + depth) for i in live]
+            specs = [runs[i][0].sample_spec(runs[i][0].drafts, logprobs=False) for i in live]
             tokens, _ = sample_to_host(out.logits, SamplingBatch(specs, out.logits.device))
             for i, token in zip(live, tokens, strict=True):
                 runs[i][0].drafts.append(token)

@@ -198,7 +198,7 @@ class Worker:
             seq.num_computed += n
             if seq.num_computed == len(seq.tokens):   # the chunk reached the end: sample the next token
                 rows.append(i)
-                specs.append(SampleSpec(seq.sampling, seq.seed, seq.num_outputs))
+                specs.append(seq.sample_spec())
         if rows:
             with torch.inference_mode():
                 picked = logits[torch.tensor(rows, device=logits.device)]

@@ -133,6 +133,26 @@ def test_abort_mid_stream_ends_the_stream_and_frees_the_request(stub, tokenizer)
     assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT_S).active_requests == 0
 
 
+def test_n_samples_carry_their_index_and_abort_together(stub, tokenizer) -> None:  # noqa: F811
+    params = pb.SamplingParams(temperature=0.9, seed=11, max_tokens=5, ignore_eos=True, n=2)
+    responses = generate(stub, request_id="two", text=PROMPT, sampling_params=params)
+    assert {r.request_id for r in responses} == {"two"}
+    outputs = [check_stream([r for r in responses if r.index == i], tokenizer).output_ids for i in (0, 1)]
+    second = generate(stub, text=PROMPT, sampling_params=pb.SamplingParams(temperature=0.9, seed=12, max_tokens=5,
+                                                                           ignore_eos=True))
+    assert check_stream(second, tokenizer).output_ids == outputs[1]            # sample 1 = seed + 1
+    call = stub.Generate(pb.GenerateRequest(request_id="three", text=PROMPT, sampling_params=pb.SamplingParams(
+        ignore_eos=True, n=3)), timeout=TIMEOUT_S)
+    _first_chunk(call)
+    wait_until(lambda: running_requests(stub) == 3, "the three samples to run")
+    assert sorted(stub.Abort(pb.AbortRequest(request_ids=["three"]), timeout=TIMEOUT_S).aborted_ids) == \
+        ["three/0", "three/1", "three/2"]
+    rest = [r for r in call if r.WhichOneof("response") == "complete"]
+    assert sorted(r.index for r in rest) == [0, 1, 2]
+    assert all(r.complete.finish_reason == pb.FINISH_REASON_ABORT for r in rest)
+    wait_until(lambda: running_requests(stub) == 0, "the aborted samples to leave GetLoads")
+
+
 def test_a_full_engine_answers_resource_exhausted(tokenizer) -> None:  # noqa: F811
     """Builds its own stand-in engine that takes one request at a time: the second is refused with
     RESOURCE_EXHAUSTED (retryable), and the first still completes."""

@@ -225,3 +225,23 @@ def test_openai_logprobs_through_smg(gateway, served_model, recorder) -> None:  
     # byte of a split character): what arrives is the engine's in order, possibly with gaps.
     received, remaining = _received_entries(streamed), iter(engine)
     assert received and all(entry in remaining for entry in received)         # a subsequence of the engine's
+
+
+def test_sampling_options_and_n_through_smg(gateway, served_model, tokenizer, recorder) -> None:  # noqa: F811
+    """n, seed, the penalties and min_p travel from the OpenAI body to the engine's requests. (smg 0.4 drops
+    `logit_bias` before it reaches the worker: the README says so; the vLLM-proto test covers it.)"""
+    body = dict(max_tokens=6, temperature=0.8, seed=7, n=2, presence_penalty=0.5, frequency_penalty=-0.25,
+                repetition_penalty=1.1, min_p=0.05, ignore_eos=True)
+    before = set(recorder.requests)
+    with open_chat(gateway, served_model, stream=False, **body) as response:
+        answer = json.load(response)
+    assert sorted(c["index"] for c in answer["choices"]) == [0, 1]
+    new = [recorder.requests[i] for i in recorder.requests if i not in before]
+    assert len(new) == 2
+    for request in new:
+        sampling = request.sampling
+        assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.max_tokens) == (0.5, -0.25, 6)
+        assert abs(sampling.min_p - 0.05) < 1e-6 and abs(sampling.repetition_penalty - 1.1) < 1e-6
+    assert sorted(r.sampling.seed for r in new) == [7, 8]                   # sample i: seed + i
+    assert [c["message"]["content"] for c in sorted(answer["choices"], key=lambda c: c["index"])] == \
+        [tokenizer.decode(recorder.outputs[r.request_id]) for r in sorted(new, key=lambda r: r.request_id)]

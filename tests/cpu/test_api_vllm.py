@@ -131,12 +131,18 @@ def _bad_requests(tokenizer: ModelTokenizer, vocab: int, context: int) -> list[t
         ("sampling_params.top_p", {**ok, "sampling_params": vpb.SamplingParams(top_p=1.5)}),
         ("sampling_params.top_k", {**ok, "sampling_params": vpb.SamplingParams(top_k=vocab + 1)}),
         ("sampling_params.seed", {**ok, "sampling_params": vpb.SamplingParams(seed=-5)}),
-        ("sampling_params.n", {**ok, "sampling_params": vpb.SamplingParams(n=2)}),
+        ("sampling_params.n", {**ok, "sampling_params": vpb.SamplingParams(n=129)}),
+        ("sampling_params.max_tokens", {**ok, "sampling_params": vpb.SamplingParams(max_tokens=context)}),
+        ("sampling_params.min_p", {**ok, "sampling_params": vpb.SamplingParams(min_p=1.5)}),
+        ("sampling_params.presence_penalty", {**ok, "sampling_params": vpb.SamplingParams(presence_penalty=2.5)}),
+        ("sampling_params.frequency_penalty", {**ok, "sampling_params": vpb.SamplingParams(frequency_penalty=-9)}),
+        ("sampling_params.logit_bias", {**ok, "sampling_params": vpb.SamplingParams(logit_bias={vocab: 1.0})}),
+        ("sampling_params.logit_bias", {**ok, "sampling_params": vpb.SamplingParams(logit_bias={3: 200.0})}),
         ("sampling_params.logprobs", {**ok, "sampling_params": vpb.SamplingParams(logprobs=-1)}),  # vLLM: all
         ("sampling_params.logprobs", {**ok, "sampling_params": vpb.SamplingParams(logprobs=21)}),
         ("sampling_params.prompt_logprobs", {**ok, "sampling_params": vpb.SamplingParams(prompt_logprobs=1)}),
         ("sampling_params.prompt_logprobs", {**ok, "sampling_params": vpb.SamplingParams(prompt_logprobs=0)}),
-        ("sampling_params.repetition_penalty", {**ok, "sampling_params": vpb.SamplingParams(repetition_penalty=1.3)}),
+        ("sampling_params.repetition_penalty", {**ok, "sampling_params": vpb.SamplingParams(repetition_penalty=2.5)}),
         ("sampling_params.json_schema", {**ok, "sampling_params": vpb.SamplingParams(json_schema="{}")}),
         ("sampling_params.stop_token_ids", {**ok, "sampling_params": vpb.SamplingParams(stop_token_ids=[vocab])}),
     ]
@@ -185,6 +191,56 @@ def test_logprobs_in_chunks_and_complete(stub, channel, tokenizer) -> None:  # n
     plain = generate(stub, request_id="v-lp4", tokenized=tokenized(tokenizer), sampling_params=greedy(8), stream=True)
     assert not any(r.chunk.HasField("output_logprobs") for r in plain[:-1])
     assert not plain[-1].complete.HasField("output_logprobs")
+
+
+def test_n_samples_stream_with_their_index_each_reproducible(stub, tokenizer) -> None:  # noqa: F811
+    params = vpb.SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, n=3)
+    responses = generate(stub, request_id="v-n", tokenized=tokenized(tokenizer), sampling_params=params, stream=True)
+    outputs = []
+    for index in range(3):
+        mine = [r for r in responses if getattr(r, r.WhichOneof("response")).index == index]
+        outputs.append(list(check_stream(mine).output_ids))
+    for index, output in enumerate(outputs):   # sample i is the request with seed + i
+        alone = generate(stub, request_id=f"v-n{index}", tokenized=tokenized(tokenizer),
+                         sampling_params=vpb.SamplingParams(temperature=1.0, seed=5 + index, max_tokens=6,
+                                                            ignore_eos=True))
+        assert list(alone[-1].complete.output_ids) == output
+    assert len({tuple(o) for o in outputs}) == 3, outputs
+    unstreamed = generate(stub, request_id="v-n2", tokenized=tokenized(tokenizer), sampling_params=params)
+    assert sorted(r.complete.index for r in unstreamed) == [0, 1, 2]
+    assert {r.complete.index: list(r.complete.output_ids) for r in unstreamed} == dict(enumerate(outputs))
+
+
+def test_logit_bias_min_p_and_penalties_reach_the_sampler(stub, tokenizer) -> None:  # noqa: F811
+    def run(request_id, **more):
+        return generate(stub, request_id=request_id, tokenized=tokenized(tokenizer),
+                        sampling_params=greedy(12, ignore_eos=True, logprobs=20, **more))[-1].complete
+
+    plain = run("v-adj0")
+    first = plain.output_ids[0]
+    banned = run("v-adj1", logit_bias={first: -100.0})
+    assert banned.output_ids[0] != first and first not in banned.output_ids
+    forced = run("v-adj2", logit_bias={7: 100.0})
+    assert list(forced.output_ids) == [7] * 12
+    sampled_min_p = generate(stub, request_id="v-adj3", tokenized=tokenized(tokenizer),
+                             sampling_params=vpb.SamplingParams(temperature=1.0, seed=3, max_tokens=12,
+                                                                ignore_eos=True, min_p=1.0))[-1].complete
+    assert sampled_min_p.output_ids == plain.output_ids          # min_p = 1 keeps the most likely token only
+    # frequency + presence under greedy: each choice is the argmax of the raw logprobs (the logits shifted per
+    # position) minus the penalties of the outputs so far, over the top 20 the server returns and the chosen
+    # token's own. Negative penalties: the random model rarely repeats itself, so make it.
+    frequency, presence = -1.0, -0.5
+    penalized = run("v-adj4", frequency_penalty=frequency, presence_penalty=presence)
+    lps = penalized.output_logprobs
+    changed = 0
+    for position, token in enumerate(penalized.output_ids):
+        before = list(penalized.output_ids[:position])
+        top = lps.top_logprobs[position]
+        raw = dict(zip(top.token_ids, top.values, strict=True)) | {token: lps.token_logprobs[position]}
+        scores = {t: v - frequency * before.count(t) - presence * (t in before) for t, v in raw.items()}
+        assert scores[token] >= max(scores.values()) - 1e-4, (position, token, scores)
+        changed += token != top.token_ids[0]
+    assert changed > 0, "the penalties never moved a choice: the check above proved nothing"
 
 
 def test_every_bad_request_is_invalid_argument_naming_the_field(stub, tokenizer, model_info) -> None:  # noqa: F811

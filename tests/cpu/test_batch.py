@@ -52,6 +52,10 @@ def test_a_line_names_its_prompt_and_sampling_fields():
     assert (prompt.line, prompt.id, prompt.text, prompt.token_ids, prompt.max_tokens) == (12, "q1", "Hi", None, 4)
     assert prompt.sampling == {"temperature": 0.0, "top_p": 0.5, "top_k": 3, "seed": 9, "min_tokens": 1,
                                "stop": ("x",), "stop_token_ids": (7,), "ignore_eos": True}
+    adjusted = parse_prompt('{"prompt": "Hi", "min_p": 0.1, "presence_penalty": 1, "frequency_penalty": -0.5, '
+                            '"repetition_penalty": 1.1, "logit_bias": {"50": -100, "7": 2.5}}', 1)
+    assert adjusted.sampling == {"min_p": 0.1, "presence_penalty": 1.0, "frequency_penalty": -0.5,
+                                 "repetition_penalty": 1.1, "logit_bias": ((7, 2.5), (50, -100.0))}
     tokens = parse_prompt('{"prompt_token_ids": [0, 5, 6], "stop": ["a", "b"]}', 3)
     assert (tokens.id, tokens.text, tokens.token_ids, tokens.max_tokens) == (3, None, (0, 5, 6), None)
     assert tokens.sampling == {"stop": ("a", "b")}
@@ -71,6 +75,9 @@ def test_a_line_names_its_prompt_and_sampling_fields():
     ('{"prompt": "a", "stop": [1]}', "stop", "string or a list of strings"),
     ('{"prompt": "a", "ignore_eos": 1}', "ignore_eos", "true or false"),
     ('{"id": 1.5, "prompt": "a"}', "id", "non-empty string or an integer"),
+    ('{"prompt": "a", "logit_bias": [[1, 2]]}', "logit_bias", "object of token id"),
+    ('{"prompt": "a", "logit_bias": {"x": 2}}', "logit_bias", "non-negative integers"),
+    ('{"prompt": "a", "logit_bias": {"1": "2"}}', "logit_bias", "must be a number"),
 ])
 def test_a_bad_line_is_named_by_file_line_and_field(line, field, words):
     with pytest.raises(BatchInputError) as err:
@@ -150,6 +157,8 @@ def test_completions_come_back_in_input_order_and_equal_the_model(ray_service, t
     ({"prompt": ""}, "prompt"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
+    ({"prompt": "a", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"prompt": "a", "max_tokens": 1 << 20}, "max_tokens"),
 ])
 def test_a_line_outside_the_models_limits_stops_the_run_before_it_starts(tokenizer, tmp_path, record, field):  # noqa: F811
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine", "max_tokens": 2}, record])

@@ -1,11 +1,12 @@
-"""The batched sampler: greedy, temperature, top-k, top-p, seeded reproducibility whatever the batch, and the
-log-probabilities of the raw distribution for the rows that ask."""
+"""The batched sampler: greedy, temperature, top-k, top-p, min-p, penalties and logit bias, seeded reproducibility
+whatever the batch, and the log-probabilities of the raw distribution for the rows that ask."""
 
 import collections
 
+import pytest
 import torch
 
-from dsv4.wire.request import SamplingParams
+from dsv4.wire.request import InvalidRequest, SamplingParams
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample, sample_to_host, uniform
 
 
@@ -118,3 +119,94 @@ def test_rows_that_do_not_ask_cost_nothing():
     assert _log_softmax_inputs(logits, plain) == []                  # no row asks: no extra kernel at all
     one = plain[:2] + [spec(seed=9, logprobs=2)] + plain[3:]
     assert _log_softmax_inputs(logits, one) == [[1, 1000]]           # only the asking row is computed
+
+
+# ---------------------------------------------------------------------------------------------- adjustments
+def adjusted(logits, specs):
+    batch = SamplingBatch(specs, logits.device)
+    return batch.adjustments.apply(logits) if batch.adjustments is not None else logits
+
+
+def expected_penalties(row, prompt, outputs, repetition=1.0, frequency=0.0, presence=0.0):
+    """SamplingParams' definitions, token by token."""
+    out = row.clone()
+    for token in range(row.shape[0]):
+        count = outputs.count(token)
+        if token in prompt or count:
+            out[token] = out[token] / repetition if out[token] > 0 else out[token] * repetition
+        out[token] -= frequency * count + presence * (count > 0)
+    return out
+
+
+def test_penalties_follow_their_definitions_per_row():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 40, generator=gen) * 3
+    prompt, outputs = [1, 2, 3, 3], [3, 5, 5, 5, 7]
+    history = tuple(prompt + outputs)
+    specs = [SampleSpec(SamplingParams(temperature=0.0, repetition_penalty=1.3), 0, 5, history, 4),
+             SampleSpec(SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=-0.25), 0, 5,
+                        history, 4),
+             spec(temperature=0.0),                                   # nothing: untouched
+             SampleSpec(SamplingParams(temperature=0.0, repetition_penalty=0.8, frequency_penalty=-1.0,
+                                       presence_penalty=2.0), 0, 5, history, 4)]
+    out = adjusted(logits, specs)
+    torch.testing.assert_close(out[0], expected_penalties(logits[0], prompt, outputs, repetition=1.3))
+    torch.testing.assert_close(out[1], expected_penalties(logits[1], prompt, outputs, frequency=0.5,
+                                                          presence=-0.25))
+    assert torch.equal(out[2], logits[2])
+    torch.testing.assert_close(out[3], expected_penalties(logits[3], prompt, outputs, 0.8, -1.0, 2.0))
+    assert not torch.equal(out[1], logits[1])
+
+
+def test_logit_bias_moves_only_its_tokens_and_minus_100_removes_the_greedy_choice():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [0.0, 5.0, 4.0, 1.0]])
+    banned = spec(temperature=0.0, logit_bias=((1, -100.0),))
+    assert run(logits, [banned, spec(temperature=0.0)]) == [2, 1]
+    out = adjusted(logits, [spec(logit_bias=((0, 2.5), (3, -1.0))), spec()])
+    assert out.tolist() == [[2.5, 5.0, 4.0, 0.0], [0.0, 5.0, 4.0, 1.0]]
+    assert {run(logits, [spec(seed=s, logit_bias=((1, -100.0), (2, -100.0)))])[0] for s in range(100)} <= {0, 3}
+
+
+def test_penalties_steer_greedy_decoding_away_from_repeats():
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0]])
+    history = (0, 1)                                       # the prompt is token 0, the first output token 1
+    assert run(logits, [SampleSpec(SamplingParams(temperature=0.0), 0, 1, history, 1)]) == [1]
+    assert run(logits, [SampleSpec(SamplingParams(temperature=0.0, presence_penalty=0.5), 0, 1, history, 1)]) == [2]
+    assert run(logits, [SampleSpec(SamplingParams(temperature=0.0, repetition_penalty=1.1), 0, 1, history,
+                                   1)]) == [2]
+
+
+def test_min_p_drops_the_tail_relative_to_the_most_likely_token():
+    logits = torch.tensor([[2.0, 1.5, 0.0, -1.0]]).log_softmax(-1)   # probs ~ .52 .31 .07 .03
+    probs = logits.softmax(-1)[0]
+    threshold = float(probs[2] / probs[0]) + 0.01                  # keeps 0 and 1 only
+    seen = collections.Counter(run(logits, [spec(seed=s, min_p=threshold)])[0] for s in range(600))
+    assert set(seen) == {0, 1}
+    ratio = seen[0] / seen[1]                                      # renormalised among the kept: .62 / .38
+    assert abs(ratio - float(probs[0] / probs[1])) < 0.5
+    assert set(collections.Counter(run(logits, [spec(seed=s, min_p=0.0)])[0] for s in range(600))) == {0, 1, 2, 3}
+    assert {run(logits, [spec(seed=s, min_p=1.0)])[0] for s in range(50)} == {0}
+
+
+def test_logprobs_stay_raw_under_penalties_and_bias():
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(4))
+    params = SamplingParams(temperature=0.0, logprobs=3, frequency_penalty=1.0, logit_bias=((5, 9.0),))
+    tokens, lps = sample_to_host(logits, SamplingBatch([SampleSpec(params, 0, 2, (1, 2, 3), 1)], "cpu"))
+    assert tokens == [5]                                   # the bias decided the token ...
+    raw = logits.log_softmax(-1)[0]
+    assert abs(lps[0].logprob - float(raw[5])) < 1e-6      # ... its logprob is the model's
+    assert list(lps[0].top_token_ids) == raw.topk(3).indices.tolist()
+
+
+def test_sampling_params_refuse_out_of_range_adjustments():
+    bad = [("presence_penalty", dict(presence_penalty=2.5)), ("frequency_penalty", dict(frequency_penalty=-3.0)),
+           ("frequency_penalty", dict(frequency_penalty=float("nan"))),
+           ("repetition_penalty", dict(repetition_penalty=0.0)), ("min_p", dict(min_p=1.5)),
+           ("logit_bias", dict(logit_bias=((40, 1.0),))), ("logit_bias", dict(logit_bias=((1, 101.0),))),
+           ("logit_bias", dict(logit_bias=((1, 1.0), (1, 2.0))))]
+    for field, params in bad:
+        with pytest.raises(InvalidRequest) as err:
+            SamplingParams(**params).validate(vocab_size=32)
+        assert err.value.field == f"sampling_params.{field}"
+    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=2.0, min_p=1.0,
+                   logit_bias=((31, -100.0),)).validate(vocab_size=32)
