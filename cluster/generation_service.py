@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.metrics import RequestTimer, ServerMetrics
@@ -26,8 +26,12 @@ from dsv4.wire.request import (
     GenerateRequest,
     InvalidRequest,
     SamplingParams,
+    StructuredOutput,
     check_prompt_length,
 )
+
+if TYPE_CHECKING:
+    from dsv4.workers.grammar import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,20 @@ class ServerDraining(RuntimeError):
     """The server is shutting down: new requests are refused (the servicers answer UNAVAILABLE: retry elsewhere)."""
 
 
+def structured_output(kind: str | None, value: Any) -> StructuredOutput | None:
+    """A proto's constraint oneof (both protos name its members alike) -> StructuredOutput; None when unset."""
+    if kind is None or (kind == "json_object" and not value):
+        return None
+    if kind == "choice":
+        return StructuredOutput("choice", choices=tuple(value.choices))
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind not in StructuredOutput.KINDS:
+        raise InvalidRequest(f"sampling_params.{kind}", "is not supported (json_schema, json_object, regex, "
+                                                        "grammar and choice are)")
+    return StructuredOutput(kind, value)
+
+
 class RequestBuilder:
     """Requests built and checked against one model's limits (vocabulary, context, sampling): what the servicers
     and `dsv4 batch` share; `dsv4 batch` runs one on the checkpoint's config before any worker starts."""
@@ -47,6 +65,7 @@ class RequestBuilder:
     def __init__(self, model_info: ModelInfo, tokenizer: ModelTokenizer):
         self.model_info = model_info
         self.tokenizer = tokenizer
+        self._grammars: Grammars | None = None     # made on the first structured-output request
 
     def prompt_token_ids(self, text: str | None, token_ids: Sequence[int] | None) -> tuple[int, ...]:
         """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given. A text longer
@@ -74,7 +93,15 @@ class RequestBuilder:
         request = GenerateRequest(request_id or f"dsv4-{uuid.uuid4().hex}", prompt_token_ids,
                                   SamplingParams(max_tokens=max_tokens, **sampling))
         request.validate(self.model_info.vocab_size, self.model_info.max_model_len)
+        if request.sampling.structured is not None:   # a schema that does not compile is the client's to fix
+            self.grammars().compile(request.sampling.structured)
         return request
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            from dsv4.workers.grammar import Grammars
+            self._grammars = Grammars(self.tokenizer.path, self.model_info.vocab_size, self.model_info.eos_token_ids)
+        return self._grammars
 
     @staticmethod
     def samples(request: GenerateRequest, n: int) -> list[GenerateRequest]:

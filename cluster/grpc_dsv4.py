@@ -8,7 +8,7 @@ import grpc
 
 from dsv4.cluster import package_version
 from dsv4.cluster.engine_client import LoadReport
-from dsv4.cluster.generation_service import GenerationService, ServerDraining
+from dsv4.cluster.generation_service import GenerationService, ServerDraining, structured_output
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 from dsv4.protos import dsv4_pb2, dsv4_pb2_grpc
 from dsv4.wire.model_info import ModelInfo
@@ -37,6 +37,7 @@ def request_from_proto(service: GenerationService, message: dsv4_pb2.GenerateReq
         message.text if prompt == "text" else None,
         message.tokenized.token_ids if prompt == "tokenized" else None)
     params = message.sampling_params
+    kind = params.WhichOneof("constraint")
     return service.build_request(
         message.request_id, prompt_ids,
         max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
@@ -53,7 +54,8 @@ def request_from_proto(service: GenerationService, message: dsv4_pb2.GenerateReq
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
         min_p=params.min_p,
-        logit_bias=tuple(sorted(params.logit_bias.items())))
+        logit_bias=tuple(sorted(params.logit_bias.items())),
+        structured=structured_output(kind, getattr(params, kind) if kind else None))
 
 
 def _logprobs_to_proto(logprobs: tuple[TokenLogprobs, ...] | None) -> list[dsv4_pb2.TokenLogprobs]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from dsv4.cluster.generation_service import GenerationService, ServerDraining
+from dsv4.cluster.generation_service import GenerationService, ServerDraining, structured_output
 from dsv4.cluster.text_stream import TextDelta, TextFinal
 from dsv4.wire.request import (
     EngineFailed,
@@ -48,8 +48,6 @@ def _reject_unsupported(params: vllm_engine_pb2.SamplingParams, message: vllm_en
         ("sampling_params.prompt_logprobs", params.HasField("prompt_logprobs"),
          "prompt log-probabilities are not supported (output `logprobs` are)"),
         ("sampling_params.truncate_prompt_tokens", params.HasField("truncate_prompt_tokens"), "is not supported"),
-        (f"sampling_params.{params.WhichOneof('constraint')}", params.WhichOneof("constraint") is not None,
-         "structured output is not supported"),
         ("mm_inputs", message.HasField("mm_inputs") or len(message.extra_mm_inputs) > 0
          or message.HasField("media_refs"), "the model takes text only"),
     )
@@ -62,6 +60,7 @@ def request_from_proto(service: GenerationService, message: vllm_engine_pb2.Gene
     """Validated `GenerateRequest`; raises InvalidRequest naming the field."""
     params = message.sampling_params
     _reject_unsupported(params, message)
+    kind = params.WhichOneof("constraint")
     prompt = message.WhichOneof("input")
     prompt_ids = service.prompt_token_ids(
         message.text if prompt == "text" else None,
@@ -82,7 +81,8 @@ def request_from_proto(service: GenerationService, message: vllm_engine_pb2.Gene
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 0.0 else 1.0,  # 0 = unset
         min_p=params.min_p,
-        logit_bias=tuple(sorted(params.logit_bias.items())))
+        logit_bias=tuple(sorted(params.logit_bias.items())),
+        structured=structured_output(kind, getattr(params, kind) if kind else None))
 
 
 def _output_logprobs(token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None,

@@ -40,6 +40,40 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output's text, enforced token by token in the sampler (`workers/grammar.py`): the
+    output is a prefix of a string the constraint accepts, and ends (EOS) only where one is complete."""
+
+    kind: str                          # one of KINDS; the request field that set it is sampling_params.<kind>
+    spec: str = ""                     # the JSON schema (JSON text), regex or EBNF grammar; "" for json_object
+    choices: tuple[str, ...] = ()      # kind "choice": the output is exactly one of them
+
+    KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+    MAX_SPEC_CHARS = 64 * 1024
+    MAX_CHOICES = 1024
+
+    @property
+    def field(self) -> str:
+        return f"sampling_params.{self.kind}"
+
+    def validate(self) -> None:
+        """The shape; whether the schema, regex or grammar compiles is checked where it is compiled."""
+        if self.kind not in self.KINDS:
+            raise InvalidRequest("sampling_params.structured_output",
+                                 f"unknown kind {self.kind!r} (known: {', '.join(self.KINDS)})")
+        size = len(self.spec) + sum(len(c) for c in self.choices)
+        if size > self.MAX_SPEC_CHARS:
+            raise InvalidRequest(self.field, f"at most {self.MAX_SPEC_CHARS} characters, got {size}")
+        if self.kind in ("json_schema", "regex", "grammar") and not self.spec:
+            raise InvalidRequest(self.field, "must not be empty")
+        if self.kind == "choice":
+            if not self.choices or len(self.choices) > self.MAX_CHOICES:
+                raise InvalidRequest(self.field, f"1 to {self.MAX_CHOICES} choices, got {len(self.choices)}")
+            if not all(self.choices):
+                raise InvalidRequest(self.field, "choices must not be empty strings")
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each next token. temperature 0 means greedy; top_k 0 and top_p 1 mean "no cut-off"."""
 
@@ -64,6 +98,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, added to its logit)
+    structured: StructuredOutput | None = None          # JSON schema, regex, grammar or choice
 
     MAX_TEMPERATURE = 100.0
     MAX_LOGPROBS = 20                  # OpenAI's cap on top_logprobs (and vLLM's default max_logprobs)
@@ -132,6 +167,8 @@ class SamplingParams:
             if not -self.MAX_LOGIT_BIAS <= bias <= self.MAX_LOGIT_BIAS:
                 raise InvalidRequest("sampling_params.logit_bias", f"the bias of token {token_id} must be in "
                                      f"[-{self.MAX_LOGIT_BIAS}, {self.MAX_LOGIT_BIAS}], got {bias}")
+        if self.structured is not None:
+            self.structured.validate()
         max_logprobs = min(self.MAX_LOGPROBS, vocab_size)
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise InvalidRequest("sampling_params.logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs}")

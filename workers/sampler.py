@@ -1,7 +1,7 @@
 """Next-token sampling on the logits' device, for a whole step at once: greedy, temperature, top-k, top-p;
-reproducible with a seed; repetition, frequency and presence penalties, logit bias and min-p; log-probabilities
-for the rows that ask. Only the chosen token ids (int64 [S]) and those
-log-probabilities leave the device, in one copy (`sample_to_host`).
+reproducible with a seed; repetition, frequency and presence penalties, logit bias and min-p; structured output
+(each constrained row's allowed tokens, `workers/grammar.py`); log-probabilities for the rows that ask. Only the
+chosen token ids (int64 [S]) and those log-probabilities leave the device, in one copy (`sample_to_host`).
 
 Gumbel-max: the token is argmax over the kept tokens of logits / temperature + g, with g = -log(-log(u)) and u a
 uniform number from a counter-based hash of (request seed, output index, token id). A request's i-th output
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dsv4.wire.request import SamplingParams, TokenLogprobs
+from dsv4.workers.grammar import unpack_bitmask
 
 _MASK32 = 0xFFFFFFFF
 
@@ -36,6 +37,8 @@ class SampleSpec:
     # The request's tokens before this one (prompt, then outputs), for the penalties; empty when it has none.
     history: Sequence[int] = ()
     num_prompt: int = 0    # how many of `history` are the prompt
+    # Structured output: the tokens that may come next, as `GrammarState.allowed`'s bitmask; None: any.
+    allowed: torch.Tensor | None = None
 
 
 class LogitAdjustments:
@@ -105,6 +108,11 @@ class SamplingBatch:
                             else None)
         self.min_p = torch.tensor([s.sampling.min_p for s in specs], dtype=torch.float32).to(device,
                                                                                             non_blocking=True)
+        constrained = [i for i, s in enumerate(specs) if s.allowed is not None]
+        self.constrained_rows = (torch.tensor(constrained, dtype=torch.int64).to(device, non_blocking=True)
+                                 if constrained else None)
+        self.allowed_bits = (torch.stack([specs[i].allowed for i in constrained]).to(device, non_blocking=True)
+                             if constrained else None)
         self.temperature = torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True)
         self.top_k = torch.tensor([s.sampling.top_k for s in specs], dtype=torch.int64).to(device, non_blocking=True)
         self.top_p = torch.tensor([s.sampling.top_p for s in specs], dtype=torch.float32).to(device,
@@ -124,6 +132,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [S, V] (fp32, raw) -> token ids [S] int64, on the logits' device."""
     if batch.adjustments is not None:
         logits = batch.adjustments.apply(logits)
+    if batch.constrained_rows is not None:      # structured output: -inf where the constraint says no
+        rows = logits.index_select(0, batch.constrained_rows).float()
+        allowed = unpack_bitmask(batch.allowed_bits, logits.shape[-1])
+        logits = logits.float().index_copy(0, batch.constrained_rows, rows.masked_fill(~allowed, float("-inf")))
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy

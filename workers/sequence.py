@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dsv4.wire.request import SamplingParams, TokenLogprobs
+from dsv4.workers.grammar import GrammarState
 from dsv4.workers.sampler import SampleSpec
 
 
@@ -20,6 +21,7 @@ class SequenceState:
     num_computed: int = 0             # positions whose cache is written (tokens[:num_computed] have run)
     blocks: list[int] = field(default_factory=list)
     drafts: list[int] = field(default_factory=list)   # speculative guesses of the next tokens (MTP block)
+    grammar: GrammarState | None = None              # structured output: where the request is in its constraint
 
     @property
     def decoding(self) -> bool:
@@ -31,8 +33,18 @@ class SequenceState:
         output index, and the history the penalties count (copied only when the request has penalties)."""
         sampling = self.sampling if logprobs else dataclasses.replace(self.sampling, logprobs=None)
         history = (*self.tokens, *drafts) if sampling.penalizes_history else ()
+        assert self.grammar is None or not drafts, "constrained requests are not drafted for"
         return SampleSpec(sampling, self.seed, self.num_outputs + len(drafts), history,
-                          len(self.tokens) - self.num_outputs)
+                          len(self.tokens) - self.num_outputs,
+                          self.grammar.allowed() if self.grammar is not None else None)
+
+    def add_outputs(self, tokens: Sequence[int]) -> None:
+        """Sampled tokens become the request's next outputs (and move its constraint on)."""
+        self.tokens.extend(tokens)
+        self.num_outputs += len(tokens)
+        if self.grammar is not None:
+            for token in tokens:
+                self.grammar.accept(token)
 
 
 @dataclass

@@ -99,8 +99,7 @@ class Speculator:
             result.num_drafts += len(drafts)
             result.num_accepted += accepted
             seq.num_computed = start + n + accepted
-            seq.tokens.extend(emitted)
-            seq.num_outputs += len(emitted)
+            seq.add_outputs(emitted)
             seq.drafts = []
             result.tokens.append(emitted)
             result.logprobs.append(kept_logprobs)
@@ -119,6 +118,8 @@ class Speculator:
         """How many drafts may follow position end - 1: the blocks this step holds, the context, max_tokens."""
         capacity = min(len(seq.blocks) * self.storage.block_size, self.max_model_len)
         wanted = seq.sampling.max_tokens - seq.num_outputs - 1
+        if seq.grammar is not None:     # constrained output: not drafted for (its mask would need each draft)
+            return 0
         return max(0, min(self.num_tokens, capacity - end, wanted))
 
     # ------------------------------------------------------------------------------------------ drafting

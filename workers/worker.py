@@ -27,6 +27,7 @@ from dsv4.wire.config import ServeConfig
 from dsv4.wire.messages import WorkerInfo, WorkerPlan, WorkerResult
 from dsv4.wire.request import SamplingParams
 from dsv4.workers.expert_parallel import ExpertParallel, FixedCapacityExpertParallel, LocalExperts
+from dsv4.workers.grammar import Grammars
 from dsv4.workers.memory import kv_cache_budget
 from dsv4.workers.model_runner import ModelRunner, RunnerConfig, graph_sizes_up_to
 from dsv4.workers.sampler import SampleSpec, SamplingBatch, sample_to_host
@@ -45,6 +46,7 @@ class Worker:
         self.device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
         self.sequences: dict[str, SequenceState] = {}
         self._injected_faults: list[str] = []     # `inject_step_faults`: messages the next steps raise
+        self._grammar_compiler: Grammars | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def rendezvous_address(self) -> tuple[str, int]:
@@ -132,6 +134,13 @@ class Worker:
             sample_to_host(logits, SamplingBatch([SampleSpec(SamplingParams(), 2, 0)] * len(logits), logits.device))
         print(f"[worker {self.rank}] warm-up steps in {time.perf_counter() - start:.1f} s", flush=True)
 
+    def _grammars(self) -> Grammars:
+        """The structured-output compiler for the served tokenizer, made on the first constrained request."""
+        if self._grammar_compiler is None:
+            config = self.model.config
+            self._grammar_compiler = Grammars(self.config.model_dir, config.vocab_size, (config.eos_token_id,))
+        return self._grammar_compiler
+
     def inject_step_faults(self, messages: list[str]) -> None:
         """Fault drills: each of the next steps that runs tokens raises RuntimeError(message) where the forward
         would, after the plan is applied (as a kernel failure would)."""
@@ -143,9 +152,12 @@ class Worker:
         for request_id in plan.finished_ids:
             self.sequences.pop(request_id, None)
         for new in plan.new_requests:
-            self.sequences[new.request_id] = SequenceState(list(new.token_ids), new.slot, new.sampling, new.seed,
-                                                           new.num_prior_outputs, new.num_cached_tokens,
-                                                           list(new.prefix_block_ids))
+            seq = SequenceState(list(new.token_ids), new.slot, new.sampling, new.seed, new.num_prior_outputs,
+                                new.num_cached_tokens, list(new.prefix_block_ids))
+            if new.sampling.structured is not None:   # past the outputs it has (a preempted request resumes)
+                seq.grammar = self._grammars().matcher(new.sampling.structured,
+                                                       seq.tokens[len(seq.tokens) - seq.num_outputs:])
+            self.sequences[new.request_id] = seq
             if new.snapshot is not None:   # a cached prefix: its blocks are shared, the slot starts from its end
                 with torch.inference_mode():
                     self.runner.storage.load_snapshot(new.snapshot, new.slot)
@@ -206,8 +218,7 @@ class Worker:
                 tokens, logprobs = sample_to_host(picked, SamplingBatch(specs, logits.device))
             for j, (i, token) in enumerate(zip(rows, tokens, strict=True)):
                 seq = runs[i][0]
-                seq.tokens.append(token)
-                seq.num_outputs += 1
+                seq.add_outputs([token])
                 step.tokens[i] = [token]
                 if logprobs and logprobs[j] is not None:
                     step.logprobs[i] = [logprobs[j]]

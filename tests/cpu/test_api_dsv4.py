@@ -153,6 +153,18 @@ def test_n_samples_carry_their_index_and_abort_together(stub, tokenizer) -> None
     wait_until(lambda: running_requests(stub) == 0, "the aborted samples to leave GetLoads")
 
 
+def test_structured_output_choice_and_a_bad_schema(stub, tokenizer) -> None:  # noqa: F811
+    choices = ["alpha", "beta gamma"]
+    for seed in range(3):
+        complete = check_stream(generate(stub, text=PROMPT, sampling_params=pb.SamplingParams(
+            seed=seed, max_tokens=40, choice=pb.ChoiceConstraint(choices=choices))), tokenizer)
+        assert complete.finish_reason == pb.FINISH_REASON_STOP and complete.text in choices
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, text=PROMPT, sampling_params=pb.SamplingParams(json_schema='{"type": "nonsense"}'))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("sampling_params.json_schema: does not compile")
+
+
 def test_a_full_engine_answers_resource_exhausted(tokenizer) -> None:  # noqa: F811
     """Builds its own stand-in engine that takes one request at a time: the second is refused with
     RESOURCE_EXHAUSTED (retryable), and the first still completes."""

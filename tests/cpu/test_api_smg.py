@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 from api_fakes import (  # noqa: F401
     TIMEOUT_S,
@@ -245,3 +246,16 @@ def test_sampling_options_and_n_through_smg(gateway, served_model, tokenizer, re
     assert sorted(r.sampling.seed for r in new) == [7, 8]                   # sample i: seed + i
     assert [c["message"]["content"] for c in sorted(answer["choices"], key=lambda c: c["index"])] == \
         [tokenizer.decode(recorder.outputs[r.request_id]) for r in sorted(new, key=lambda r: r.request_id)]
+
+
+def test_response_format_json_schema_through_smg(gateway, served_model, recorder) -> None:  # noqa: F811
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "size"],
+              "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "XL"]}}}
+    for seed in range(3):
+        body = dict(max_tokens=190, temperature=1.0, seed=seed, stream=False,   # the chat prompt takes 317
+                    response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        with open_chat(gateway, served_model, **body) as response:
+            content = json.load(response)["choices"][0]["message"]["content"]
+        jsonschema.validate(json.loads(content), schema)
+        structured = recorder.requests[list(recorder.requests)[-1]].sampling.structured
+        assert structured.kind == "json_schema" and json.loads(structured.spec) == schema

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
+import json
+import re
 import zipfile
 from collections.abc import Iterator
 
 import grpc
+import jsonschema
 import pytest
 import tokenizers
 from api_fakes import (  # noqa: F401
@@ -143,7 +147,10 @@ def _bad_requests(tokenizer: ModelTokenizer, vocab: int, context: int) -> list[t
         ("sampling_params.prompt_logprobs", {**ok, "sampling_params": vpb.SamplingParams(prompt_logprobs=1)}),
         ("sampling_params.prompt_logprobs", {**ok, "sampling_params": vpb.SamplingParams(prompt_logprobs=0)}),
         ("sampling_params.repetition_penalty", {**ok, "sampling_params": vpb.SamplingParams(repetition_penalty=2.5)}),
-        ("sampling_params.json_schema", {**ok, "sampling_params": vpb.SamplingParams(json_schema="{}")}),
+        ("sampling_params.json_schema", {**ok, "sampling_params": vpb.SamplingParams(json_schema="{not json")}),
+        ("sampling_params.regex", {**ok, "sampling_params": vpb.SamplingParams(regex="([a-")}),
+        ("sampling_params.choice", {**ok, "sampling_params": vpb.SamplingParams(choice=vpb.ChoiceConstraint())}),
+        ("sampling_params.structural_tag", {**ok, "sampling_params": vpb.SamplingParams(structural_tag="{}")}),
         ("sampling_params.stop_token_ids", {**ok, "sampling_params": vpb.SamplingParams(stop_token_ids=[vocab])}),
     ]
 
@@ -241,6 +248,31 @@ def test_logit_bias_min_p_and_penalties_reach_the_sampler(stub, tokenizer) -> No
         assert scores[token] >= max(scores.values()) - 1e-4, (position, token, scores)
         changed += token != top.token_ids[0]
     assert changed > 0, "the penalties never moved a choice: the check above proved nothing"
+
+
+def test_structured_output_json_schema_regex_and_choice(stub, tokenizer) -> None:  # noqa: F811
+    """20 seeds of a JSON-schema-constrained completion on the random-weight model: each ends (EOS, once the
+    object is complete) and parses and validates; a regex and a choice constrain likewise."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "n"],
+              "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "dark blue"]},
+                             "n": {"type": "integer", "minimum": 0, "maximum": 999}}}
+
+    def run(i: int, **constraint) -> str:
+        complete = generate(stub, request_id=f"v-so{i}-{next(iter(constraint))}", tokenized=tokenized(tokenizer),
+                            sampling_params=vpb.SamplingParams(temperature=1.0, seed=i, max_tokens=400,
+                                                               **constraint))[-1].complete
+        assert complete.finish_reason == "stop", (i, complete.finish_reason, tokenizer.decode(complete.output_ids))
+        return tokenizer.decode(complete.output_ids)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        texts = list(pool.map(lambda i: run(i, json_schema=json.dumps(schema)), range(20)))
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+    assert len(set(texts)) > 1
+    for i in range(3):
+        assert re.fullmatch(r"[a-z]{2,6}@[0-9]{1,3}", run(i, regex=r"[a-z]{2,6}@[0-9]{1,3}"))
+        assert run(i, choice=vpb.ChoiceConstraint(choices=["left", "right", "up and down"])) in \
+            ("left", "right", "up and down")
 
 
 def test_every_bad_request_is_invalid_argument_naming_the_field(stub, tokenizer, model_info) -> None:  # noqa: F811

@@ -323,7 +323,7 @@ def test_the_engine_image_is_cuda_13_with_the_kernels_built_at_image_build_time(
     assert dockerfile_args("")["CUDA_IMAGE"].startswith("nvidia/cuda:13.")
     assert stages["engine"][0].value[0] == "${CUDA_IMAGE}"
     runs = [c.value[0] for c in dockerfile_instructions("engine", "RUN")]
-    install = next(i for i, run in enumerate(runs) if run.startswith("pip install . "))
+    install = next(i for i, run in enumerate(runs) if run.startswith('pip install ".[structured]" '))
     prebuild = next(i for i, run in enumerate(runs) if "python -m dsv4.kernels.build --arch" in run)
     assert prebuild > install   # compiled from the installed package, for the architectures named at build time
     assert "torch==${TORCH_VERSION}" in runs[install - 1] and "cu13" in dockerfile_args("engine")["TORCH_INDEX_URL"]
