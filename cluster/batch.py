@@ -38,7 +38,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,7 +47,7 @@ from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.generation_service import GenerationService, RequestBuilder
 from dsv4.cluster.text_stream import TextFinal
 from dsv4.cluster.tokenizer import ModelTokenizer
-from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest
+from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, StructuredOutput
 
 
 class BatchInputError(ValueError):
@@ -299,10 +299,10 @@ async def run_batch(service: GenerationService, prompts: Sequence[BatchPrompt],
 
 
 async def run_batch_file(engine: EngineClient, tokenizer: ModelTokenizer, prompts: Sequence[BatchPrompt],
-                         output: str | Path, max_concurrency: int, input_path: str | Path = "<input>"
-                         ) -> BatchSummary:
+                         output: str | Path, max_concurrency: int, input_path: str | Path = "<input>",
+                         check_constraint: Callable[[StructuredOutput], None] | None = None) -> BatchSummary:
     """Check every prompt against the served model, then run them all and write `output` (atomically)."""
-    service = GenerationService(engine, tokenizer)
+    service = GenerationService(engine, tokenizer, check_constraint=check_constraint)
     requests = build_requests(service, prompts, input_path)
     output = Path(output)
     partial = output.with_name(output.name + ".partial")

@@ -93,6 +93,13 @@ def start_engine(config: ServeConfig) -> Engine:
                              group.placement_group)
 
 
+def constraint_check(tokenizer, info):
+    """The server's structured-output check (workers/grammar.py), wired here: cluster never imports workers."""
+    from dsv4.workers.grammar import ConstraintCheck
+
+    return ConstraintCheck(tokenizer.path, info.vocab_size, info.eos_token_ids)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from dsv4.cluster.engine_ray import RayEngineClient
     from dsv4.cluster.server import serve_forever
@@ -108,7 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
           f"({config.numerics} numerics, max_model_len {engine.info.max_model_len})", file=sys.stderr, flush=True)
     asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port,
                               shutdown_grace_s=args.shutdown_grace, api_key=args.api_key or None,
-                              metrics_port=args.metrics_port, reflection_on=args.enable_reflection))
+                              metrics_port=args.metrics_port, reflection_on=args.enable_reflection,
+                              check_constraint=constraint_check(tokenizer, engine.info)))
     print("dsv4: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -129,7 +137,8 @@ def _batch(args: argparse.Namespace) -> int:
           f"for {config.model_dir}", file=sys.stderr, flush=True)
     engine = start_engine(config)
     summary = asyncio.run(run_batch_file(RayEngineClient(engine.coordinator, engine.info), tokenizer, prompts,
-                                         args.output, args.max_concurrency, args.input))
+                                         args.output, args.max_concurrency, args.input,
+                                         constraint_check(tokenizer, engine.info)))
     print(f"dsv4: wrote {summary.num_requests} completions ({summary.num_output_tokens} tokens) to {args.output}; "
           f"{summary.num_failed} failed", file=sys.stderr, flush=True)
     return 1 if summary.num_failed else 0

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.metrics import RequestTimer, ServerMetrics
@@ -29,9 +29,6 @@ from dsv4.wire.request import (
     StructuredOutput,
     check_prompt_length,
 )
-
-if TYPE_CHECKING:
-    from dsv4.workers.grammar import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +59,14 @@ class RequestBuilder:
     """Requests built and checked against one model's limits (vocabulary, context, sampling): what the servicers
     and `dsv4 batch` share; `dsv4 batch` runs one on the checkpoint's config before any worker starts."""
 
-    def __init__(self, model_info: ModelInfo, tokenizer: ModelTokenizer):
+    def __init__(self, model_info: ModelInfo, tokenizer: ModelTokenizer,
+                 check_constraint: Callable[[StructuredOutput], None] | None = None):
         self.model_info = model_info
         self.tokenizer = tokenizer
-        self._grammars: Grammars | None = None     # made on the first structured-output request
+        # Structured output: compiles a request's constraint, raising InvalidRequest naming its field. Given by
+        # the composition root (`cli.py`: workers/grammar.py's compiler); without it a constraint that does not
+        # compile fails on its worker instead.
+        self.check_constraint = check_constraint
 
     def prompt_token_ids(self, text: str | None, token_ids: Sequence[int] | None) -> tuple[int, ...]:
         """The prompt as token ids: `text` is tokenized (BOS first), `token_ids` are taken as given. A text longer
@@ -93,15 +94,9 @@ class RequestBuilder:
         request = GenerateRequest(request_id or f"dsv4-{uuid.uuid4().hex}", prompt_token_ids,
                                   SamplingParams(max_tokens=max_tokens, **sampling))
         request.validate(self.model_info.vocab_size, self.model_info.max_model_len)
-        if request.sampling.structured is not None:   # a schema that does not compile is the client's to fix
-            self.grammars().compile(request.sampling.structured)
+        if request.sampling.structured is not None and self.check_constraint is not None:
+            self.check_constraint(request.sampling.structured)   # a schema that does not compile: the client's
         return request
-
-    def grammars(self) -> Grammars:
-        if self._grammars is None:
-            from dsv4.workers.grammar import Grammars
-            self._grammars = Grammars(self.tokenizer.path, self.model_info.vocab_size, self.model_info.eos_token_ids)
-        return self._grammars
 
     @staticmethod
     def samples(request: GenerateRequest, n: int) -> list[GenerateRequest]:
@@ -119,8 +114,9 @@ class RequestBuilder:
 class GenerationService(RequestBuilder):
     """Requests checked against the served model and run on its engine, for every servicer."""
 
-    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, metrics: ServerMetrics | None = None):
-        super().__init__(engine.model_info(), tokenizer)
+    def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, metrics: ServerMetrics | None = None,
+                 check_constraint: Callable[[StructuredOutput], None] | None = None):
+        super().__init__(engine.model_info(), tokenizer, check_constraint)
         self.engine = engine
         self.metrics = metrics      # request latencies and token counts, observed on every stream
         self.start_time = time.time()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +26,7 @@ from dsv4.cluster.generation_service import GenerationService
 from dsv4.cluster.metrics import ServerMetrics
 from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.protos import dsv4_pb2_grpc
+from dsv4.wire.request import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,13 @@ def build_server(service: GenerationService, host: str = "127.0.0.1", port: int 
 
 async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1", port: int = 50051,
                         shutdown_grace_s: float = 30.0, api_key: str | None = None, metrics_port: int = 0,
-                        stop: asyncio.Event | None = None, reflection_on: bool = False) -> None:
+                        stop: asyncio.Event | None = None, reflection_on: bool = False,
+                        check_constraint: Callable[[StructuredOutput], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set, or cancellation), then drain: health NOT_SERVING and new
     requests UNAVAILABLE at once, the running streams finish (at most `shutdown_grace_s` more seconds; then they
     are cut), and return. metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
     metrics = ServerMetrics(engine.model_info().served_model_name) if metrics_port else None
-    service = GenerationService(engine, tokenizer, metrics)
+    service = GenerationService(engine, tokenizer, metrics, check_constraint)
     server = build_server(service, host, port, api_key, reflection_on)
     await server.start()
     poller = http = None

@@ -11,7 +11,8 @@ Known upstream quirk (xgrammar 0.2.9): strings with minLength / maxLength admit 
 strict JSON parsers refuse; `pattern` has no such gap.
 
 xgrammar (the `structured` extra) is imported on first use: a server that never sees a constraint never loads it.
-The server compiles each constraint too, to answer a bad schema with INVALID_ARGUMENT naming its field.
+The server compiles each constraint too (`ConstraintCheck`, handed to it by the composition root: `cluster` never
+imports this package), to answer a bad schema with INVALID_ARGUMENT naming its field.
 """
 
 from __future__ import annotations
@@ -83,6 +84,20 @@ class Grammars:
         for token in outputs:
             state.accept(token)
         return state
+
+
+class ConstraintCheck:
+    """The server's check of a request's constraint (`RequestBuilder.check_constraint`): compiles it, raising
+    InvalidRequest naming its field. Loads xgrammar and the tokenizer on the first constrained request."""
+
+    def __init__(self, tokenizer_dir: str | Path, vocab_size: int, stop_token_ids: Sequence[int]):
+        self._args = (tokenizer_dir, vocab_size, tuple(stop_token_ids))
+        self._grammars: Grammars | None = None
+
+    def __call__(self, structured: StructuredOutput) -> None:
+        if self._grammars is None:
+            self._grammars = Grammars(*self._args)
+        self._grammars.compile(structured)
 
 
 class GrammarState:

@@ -35,7 +35,7 @@ from dsv4.kernels.fast import linear
 
 FORMATS = ("fp4", "fp8", "bf16")
 QBLOCK = 128
-DECODE_KERNEL = "mma"           # the CUDA decode kernel (`_moe_cuda.KERNELS`) of the production path
+DECODE_KERNEL = "wgmma"         # the CUDA decode kernel (`_moe_cuda.KERNELS`) of the production path
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,12 @@ def shared_expert_forward(x: torch.Tensor, w13: linear.Fp8Weight, w2: linear.Fp8
 
 
 def decode_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per expert block of the CUDA decode kernels, 0 where the Triton kernels take over: 8 up to 2 expected
-    pairs per expert (on the H200, 1 and 8 tokens of a 64-expert rank: 55 vs 68 us, 230 vs 273 us; at 6 pairs per
-    expert the Triton wgmma path is faster: 445 vs 537 us with 8-row and 673 us with 16-row blocks)."""
+    """Rows per expert block of the CUDA decode kernels, 0 where the Triton kernels take over: 8 up to 3 expected
+    pairs per expert. H100, graph nodes, one 64-expert rank at 1 / 8 / 21 / 32 / 64 tokens: wgmma 53.5 / 236 / 356
+    / 408 / 508 us, mma.sync 60.0 / 252 / 394 / - / -, Triton 71.8 / 300 / - / 460 / 496 (16-row wgmma blocks and
+    the cp.async ring lose everywhere). mma.sync alone stays at 2 (on the H200: 55 vs 68 us, 230 vs 273 us)."""
     per_expert = -(-num_pairs // max(num_experts, 1))
-    return 8 if per_expert <= 2 else 0
+    return 8 if per_expert <= (3 if DECODE_KERNEL != "mma" else 2) else 0
 
 
 def combine_pairs(y: torch.Tensor, k: int) -> torch.Tensor:

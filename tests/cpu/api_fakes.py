@@ -43,6 +43,7 @@ from dsv4.wire.request import (
     RequestOutput,
     TokenLogprobs,
 )
+from dsv4.workers.grammar import ConstraintCheck
 
 VOCAB_SIZE = 512
 MAX_MODEL_LEN = 256
@@ -275,7 +276,9 @@ class ServerThread:
         port = free_port()
 
         async def start() -> None:
-            service = GenerationService(self._engine, self._tokenizer, self._metrics)
+            info = self._engine.model_info()   # the server's structured-output check, as `dsv4 serve` wires it
+            check = ConstraintCheck(self._tokenizer.path, info.vocab_size, info.eos_token_ids)
+            service = GenerationService(self._engine, self._tokenizer, self._metrics, check)
             self._server = build_server(service, "127.0.0.1", port, self._api_key, self._reflection_on)
             await self._server.start()
 

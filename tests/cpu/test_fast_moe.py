@@ -133,9 +133,9 @@ def test_dispatch_pairs(routing, num_pairs, num_experts):
 def test_block_m():
     assert moe.block_m_for(6, 64) == 16 and moe.block_m_for(1536, 64) == 32 and moe.block_m_for(24576, 64) == 64
     assert moe.block_m_for(100, 1) == 64 and moe.block_m_for(0, 64) == 16
-    # the CUDA decode GEMMs: 8-row blocks up to 2 expected pairs per expert (8 tokens x top-6 on 64 experts)
-    assert moe.decode_block_m(6, 64) == 8 and moe.decode_block_m(128, 64) == 8
-    assert moe.decode_block_m(129, 64) == 0 and moe.decode_block_m(384, 64) == 0
+    # the CUDA decode GEMMs (wgmma): 8-row blocks up to 3 expected pairs per expert (32 tokens x top-6 on 64)
+    assert moe.decode_block_m(6, 64) == 8 and moe.decode_block_m(192, 64) == 8
+    assert moe.decode_block_m(193, 64) == 0 and moe.decode_block_m(384, 64) == 0
 
 
 def test_decode_kernel_support():

@@ -140,6 +140,12 @@ def test_the_service_reports_cached_tokens_and_flushes(ray_cluster, tiny_checkpo
             assert extra["prefix_cache_hits"] == 512 and extra["prefix_cache_queries"] == 540 + 570
             stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=TIMEOUT_S)
             assert generate_ids(stub, prompt, 6)[1].cached_tokens == 0
+            # n samples: the first runs alone until its prompt is cached, the others start from it
+            samples = list(stub.Generate(pb.GenerateRequest(
+                tokenized=pb.TokenIds(token_ids=tokens(530, 33)), sampling_params=pb.SamplingParams(
+                    n=3, seed=5, temperature=1.0, max_tokens=4, ignore_eos=True)), timeout=TIMEOUT_S))
+            cached = {r.index: r.complete.cached_tokens for r in samples if r.WhichOneof("response") == "complete"}
+            assert cached == {0: 0, 1: 512, 2: 512}
     finally:
         server.stop()
         engine.shutdown()

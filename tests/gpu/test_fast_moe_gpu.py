@@ -127,17 +127,18 @@ def test_flash_decode(flash_fp4, num_tokens):
     check(y, reference(x, pair_row, pair_expert, pair_weight, flash_fp4), pair_expert, 64)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 8, 21])
+@pytest.mark.parametrize("num_tokens", [1, 8, 21, 32])
 def test_decode_kernel_and_triton_agree_with_the_reference(flash_fp4, num_tokens):
-    """The CUDA decode GEMMs (blocks of 8 rows up to 2 pairs per expert: 21 tokens x 6 on 64 experts) and the Triton
-    grouped GEMMs on the same pairs: both within the tolerances of the float64 reference."""
+    """The CUDA decode GEMMs (blocks of 8 rows up to 3 pairs per expert: 32 tokens x 6 on 64 experts) and the Triton
+    grouped GEMMs on the same pairs: both within the tolerances of the float64 reference (the wgmma bound: see
+    test_wgmma_decode_kernels)."""
     x = rows(num_tokens, 4096, 26)
     pair_row, pair_expert, pair_weight = routed(num_tokens, 64, 27, off_rank=0.2)
     assert moe.decode_block_m(pair_expert.shape[0], 64) == 8
     ref = reference(x, pair_row, pair_expert, pair_weight, flash_fp4)
     for decode_kernel in (True, False):
         y = moe.expert_forward(x, pair_row, pair_expert, pair_weight, flash_fp4, LIMIT, decode_kernel=decode_kernel)
-        check(y, ref, pair_expert, 64)
+        check(y, ref, pair_expert, 64, mean_bound=4e-3)
 
 
 @pytest.mark.parametrize("kernel", ["wgmma", "wgmma-ring"])
@@ -152,7 +153,9 @@ def test_wgmma_decode_kernels(flash_fp4, kernel, num_tokens, block_m):
     assert _moe_cuda.supports(flash_fp4, block_m, kernel)
     y = _moe_cuda.expert_forward(x, pair_row, pair_expert.to(torch.int32), pair_weight, flash_fp4, LIMIT, block_m,
                                  kernel)
-    check(y, reference(x, pair_row, pair_expert, pair_weight, flash_fp4), pair_expert, 64)
+    # The k32 FP8 wgmma sums inside the instruction at the tensor cores' own precision, as the Triton path does
+    # (mma.sync is closer): measured 3.4e-3 mean over the 5 pairs of one token (H100), 1.8-2.3e-3 over many.
+    check(y, reference(x, pair_row, pair_expert, pair_weight, flash_fp4), pair_expert, 64, mean_bound=4e-3)
 
 
 def test_wgmma_decode_pro_widths():
