@@ -26,6 +26,9 @@ plus `matched_stop` (the stop string or stop token id that ended it) and, with `
 when the engine failed that request. The file appears under its name only when every line is written (it is
 written as `NAME.partial` and renamed), so a reader never takes a half-written file for a finished one.
 
+OpenAI's batch format (`{"custom_id", "method", "url", "body"}` lines for /v1/chat/completions and
+/v1/completions) is read too, line by line, and answered in kind (`batch_openai.py`); the two formats may mix.
+
 Every line is checked before the first request runs: the JSON shape before the engine starts, the model-dependent
 limits (vocabulary, context) right after. A bad line stops the run with an error naming the file, the line and
 the field.
@@ -38,11 +41,13 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from dsv4.cluster.batch_input import BatchInputError, BatchPrompt, load_record, parse_record
+from dsv4.cluster.batch_openai import openai_record, parse_openai
 from dsv4.cluster.engine_client import EngineClient
 from dsv4.cluster.generation_service import GenerationService, RequestBuilder
 from dsv4.cluster.text_stream import TextFinal
@@ -50,139 +55,11 @@ from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.wire.request import FinishReason, GenerateRequest, InvalidRequest, StructuredOutput
 
 
-class BatchInputError(ValueError):
-    """A line of the input file a user can fix: `FILE:LINE: FIELD: what is wrong`."""
-
-    def __init__(self, path: str | Path, line: int, field: str, message: str):
-        super().__init__(f"{path}:{line}: {field}: {message}")
-        self.path, self.line, self.field, self.message = str(path), line, field, message
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
-
-
-def _int(value: Any) -> int:
-    if not _is_int(value):
-        raise TypeError(f"must be an integer, got {value!r}")
-    return value
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else _int(value)
-
-
-def _number(value: Any) -> float:
-    if not (_is_int(value) or isinstance(value, float)):
-        raise TypeError(f"must be a number, got {value!r}")
-    return float(value)
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"must be true or false, got {value!r}")
-    return value
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise TypeError(f"must be a string or a list of strings, got {value!r}")
-    return tuple(items)
-
-
-def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
-    """OpenAI's object of token id (a string of digits, in JSON) -> bias."""
-    if not isinstance(value, dict):
-        raise TypeError(f"must be an object of token id -> bias, got {value!r}")
-    out = []
-    for key, bias in value.items():
-        if not (isinstance(key, str) and key.isdigit()):
-            raise TypeError(f"token ids are non-negative integers, got {key!r}")
-        out.append((int(key), _number(bias)))
-    return tuple(sorted(out))
-
-
-def _ints(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(_is_int(item) for item in value):
-        raise TypeError(f"must be a list of integers, got {value!r}")
-    return tuple(value)
-
-
-# Optional per-line fields: name -> converter (raises TypeError). All but max_tokens are SamplingParams fields.
-_SAMPLING_FIELDS = {
-    "max_tokens": _optional_int,
-    "temperature": _number,
-    "top_p": _number,
-    "top_k": _int,
-    "seed": _optional_int,
-    "min_tokens": _int,
-    "stop": _strings,
-    "stop_token_ids": _ints,
-    "ignore_eos": _bool,
-    "min_p": _number,
-    "presence_penalty": _number,
-    "frequency_penalty": _number,
-    "repetition_penalty": _number,
-    "logit_bias": _logit_bias,
-}
-_PROMPT_FIELDS = ("prompt", "prompt_token_ids")
-_KNOWN_FIELDS = ("id", *_PROMPT_FIELDS, *_SAMPLING_FIELDS)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPrompt:
-    """One input line, with its JSON shape checked (the model-dependent limits are checked later)."""
-
-    line: int                               # 1-based line number in the input file
-    id: str | int
-    text: str | None                        # exactly one of text and token_ids is set
-    token_ids: tuple[int, ...] | None
-    max_tokens: int | None                  # None: the rest of the context
-    sampling: Mapping[str, Any]             # the other SamplingParams fields the line sets
-
-
 @dataclass(frozen=True, slots=True)
 class BatchSummary:
     num_requests: int
     num_failed: int                         # lines whose finish_reason is "error"
     num_output_tokens: int
-
-
-def parse_prompt(raw: str, line: int, path: str | Path = "<input>") -> BatchPrompt:
-    """One input line -> BatchPrompt. Raises BatchInputError naming the line and the field."""
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BatchInputError(path, line, "line", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise BatchInputError(path, line, "line", f"must be a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(_KNOWN_FIELDS))
-    if unknown:  # a misspelt sampling field must not be ignored silently
-        raise BatchInputError(path, line, unknown[0], f"unknown field (known: {', '.join(_KNOWN_FIELDS)})")
-    prompt_id = record.get("id", line)
-    if not (_is_int(prompt_id) or (isinstance(prompt_id, str) and prompt_id)):
-        raise BatchInputError(path, line, "id", f"must be a non-empty string or an integer, got {prompt_id!r}")
-    given = [name for name in _PROMPT_FIELDS if name in record]
-    if len(given) != 1:
-        raise BatchInputError(path, line, "prompt", "set exactly one of prompt and prompt_token_ids")
-    text, token_ids = record.get("prompt"), None
-    if "prompt" in record and not isinstance(text, str):
-        raise BatchInputError(path, line, "prompt", f"must be a string, got {text!r}")
-    if "prompt_token_ids" in record:
-        try:
-            token_ids = _ints(record["prompt_token_ids"])
-        except TypeError as exc:
-            raise BatchInputError(path, line, "prompt_token_ids", str(exc)) from None
-    sampling: dict[str, Any] = {}
-    for name, convert in _SAMPLING_FIELDS.items():
-        if name in record:
-            try:
-                sampling[name] = convert(record[name])
-            except TypeError as exc:
-                raise BatchInputError(path, line, name, str(exc)) from None
-    max_tokens = sampling.pop("max_tokens", None)
-    return BatchPrompt(line, prompt_id, text, token_ids, max_tokens, sampling)
 
 
 def read_prompts(path: str | Path) -> list[BatchPrompt]:
@@ -193,7 +70,8 @@ def read_prompts(path: str | Path) -> list[BatchPrompt]:
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
-            prompt = parse_prompt(raw, number, path)
+            record = load_record(raw, number, path)
+            prompt = (parse_openai if "custom_id" in record else parse_record)(record, number, path)
             if prompt.id in first_line_of:
                 raise BatchInputError(path, number, "id",
                                       f"{prompt.id!r} is already used on line {first_line_of[prompt.id]}")
@@ -206,9 +84,16 @@ def read_prompts(path: str | Path) -> list[BatchPrompt]:
 
 def _input_field(prompt: BatchPrompt, request_field: str) -> str:
     """The input file's name for a request field that InvalidRequest names as the gRPC API spells it."""
+    body = "body." if prompt.endpoint is not None else ""
     if request_field.split(".")[0] == "prompt":
+        if prompt.endpoint is not None:
+            return "body.messages" if prompt.messages is not None else "body.prompt"
         return "prompt" if prompt.text is not None else "prompt_token_ids"
-    return request_field.removeprefix("sampling_params.")
+    field = request_field.removeprefix("sampling_params.")
+    if prompt.endpoint is not None and prompt.sampling.get("structured") is not None \
+            and field == prompt.sampling["structured"].kind:
+        field = "response_format"
+    return body + field
 
 
 def build_requests(service: RequestBuilder, prompts: Sequence[BatchPrompt],
@@ -219,9 +104,13 @@ def build_requests(service: RequestBuilder, prompts: Sequence[BatchPrompt],
     requests = []
     for prompt in prompts:
         try:
-            prompt_ids = service.prompt_token_ids(prompt.text, prompt.token_ids)
-            requests.append(service.build_request(f"batch-{run}-{prompt.line}", prompt_ids, prompt.max_tokens,
-                                                  **prompt.sampling))
+            text = (service.tokenizer.apply_chat_template(prompt.messages) if prompt.messages is not None
+                    else prompt.text)
+            prompt_ids = service.prompt_token_ids(text, prompt.token_ids)
+            request = service.build_request(f"batch-{run}-{prompt.line}", prompt_ids, prompt.max_tokens,
+                                            **prompt.sampling)
+            service.samples(request, prompt.n)          # n in range
+            requests.append(request)
         except InvalidRequest as exc:
             raise BatchInputError(path, prompt.line, _input_field(prompt, exc.field), exc.message) from None
     return requests
@@ -241,17 +130,22 @@ def completion_record(prompt: BatchPrompt, final: TextFinal) -> dict[str, Any]:
     return record
 
 
-async def _final(service: GenerationService, request: GenerateRequest) -> TextFinal:
-    """The request's final result; an engine that rejects it (e.g. its prompt fits no worker's KV cache) makes an
-    error result for this line rather than ending the whole batch."""
+async def _finals(service: GenerationService, request: GenerateRequest, n: int) -> list[TextFinal]:
+    """The final result of each of the request's n samples; an engine that rejects it (e.g. its prompt fits no
+    worker's KV cache) makes error results for this line rather than ending the whole batch."""
+    def failed(error: str) -> list[TextFinal]:
+        return [TextFinal(FinishReason.ERROR, (), "", len(request.prompt_token_ids), error=error)] * n
+
+    finals: dict[int, TextFinal] = {}
     try:
-        async with contextlib.aclosing(service.stream(request)) as events:
-            async for event in events:
+        async with contextlib.aclosing(service.stream_samples(request.request_id,
+                                                              service.samples(request, n))) as events:
+            async for index, event in events:
                 if isinstance(event, TextFinal):
-                    return event
+                    finals[index] = event
     except InvalidRequest as exc:
-        return TextFinal(FinishReason.ERROR, (), "", len(request.prompt_token_ids), error=str(exc))
-    return TextFinal(FinishReason.ERROR, (), "", len(request.prompt_token_ids), error="the stream ended early")
+        return failed(str(exc))
+    return [finals[i] for i in range(n)] if len(finals) == n else failed("the stream ended early")
 
 
 class _OrderedWriter:
@@ -281,13 +175,15 @@ async def run_batch(service: GenerationService, prompts: Sequence[BatchPrompt],
 
     async def one(index: int) -> None:
         nonlocal num_failed, num_output_tokens
+        prompt = prompts[index]
         try:
-            final = await _final(service, requests[index])
+            finals = await _finals(service, requests[index], prompt.n)
         finally:
             gate.release()
-        num_failed += final.finish_reason == FinishReason.ERROR
-        num_output_tokens += final.num_output_tokens
-        writer.put(index, completion_record(prompts[index], final))
+        num_failed += any(f.finish_reason == FinishReason.ERROR for f in finals)
+        num_output_tokens += sum(f.num_output_tokens for f in finals)
+        writer.put(index, completion_record(prompt, finals[0]) if prompt.endpoint is None else
+                   openai_record(prompt, finals, service.model_info.served_model_name))
 
     for index in range(len(requests)):
         await gate.acquire()  # tasks start as slots free up: a million lines never make a million tasks

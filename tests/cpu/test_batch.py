@@ -1,5 +1,6 @@
-"""Batch generation (`dsv4 batch`, dsv4.cluster.batch): the input format and its errors, the run on the real engine
-(two CPU workers with expert parallelism) against the single-process model, and what one failed request does.
+"""Batch generation (`dsv4 batch`, dsv4.cluster.batch): both input formats (dsv4's and OpenAI's) and their errors,
+the run on the real engine (two CPU workers with expert parallelism) against the single-process model, and what one
+failed request does.
 
 The same command submitted as a Ray job to a `ray start` cluster is tested in test_deploy_job.py.
 """
@@ -19,7 +20,8 @@ import pytest
 import torch
 from api_fakes import FakeEngine, tokenizer, tokenizer_dir  # noqa: F401
 
-from dsv4.cluster.batch import BatchInputError, parse_prompt, read_prompts, run_batch, run_batch_file
+from dsv4.cluster.batch import read_prompts, run_batch, run_batch_file
+from dsv4.cluster.batch_input import BatchInputError, parse_prompt
 from dsv4.cluster.cli import build_parser, serve_config
 from dsv4.cluster.engine_ray import RayEngineClient
 from dsv4.cluster.generation_service import GenerationService
@@ -27,7 +29,7 @@ from dsv4.cluster.tokenizer import ModelTokenizer
 from dsv4.model.generate import greedy_generate
 from dsv4.model.numerics import Numerics
 from dsv4.wire.config import DEFAULT_PORT, ServeConfig
-from dsv4.wire.request import GenerateRequest, InvalidRequest, RequestOutput
+from dsv4.wire.request import GenerateRequest, InvalidRequest, RequestOutput, StructuredOutput
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_PROMPTS = ROOT / "deploy" / "jobs" / "batch" / "prompts.jsonl"
@@ -122,6 +124,70 @@ def test_batch_takes_the_engine_options_of_serve():
     assert batch_cfg == dataclasses.replace(serve_cfg, host=ServeConfig.__dataclass_fields__["host"].default)
 
 
+# --- OpenAI's batch format --------------------------------------------------------------------------------------
+
+def openai_line(url="/v1/chat/completions", **body) -> dict:
+    return {"custom_id": "r1", "method": "POST", "url": url, "body": body}
+
+
+def test_an_openai_line_maps_its_body_to_the_request():
+    chat = parse_prompt_any(openai_line(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, n=2,
+                                        temperature=0.5, stop="x", logit_bias={"9": -100}, seed=3,
+                                        response_format={"type": "json_object"}))
+    assert (chat.id, chat.messages, chat.text, chat.max_tokens, chat.n, chat.endpoint, chat.model) == \
+        ("r1", ({"role": "user", "content": "Hi"},), None, 5, 2, "chat.completion", "m")
+    assert chat.sampling == {"temperature": 0.5, "stop": ("x",), "logit_bias": ((9, -100.0),), "seed": 3,
+                             "structured": StructuredOutput("json_object")}
+    text = parse_prompt_any(openai_line("/v1/completions", prompt=[0, 5, 6], max_completion_tokens=4,
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "x", "schema": {"type": "object"}}}))
+    assert (text.token_ids, text.max_tokens, text.endpoint, text.n) == ((0, 5, 6), 4, "text_completion", 1)
+    assert text.sampling["structured"] == StructuredOutput("json_schema", '{"type": "object"}')
+
+
+def parse_prompt_any(record: dict, line: int = 4):
+    from dsv4.cluster.batch_openai import parse_openai
+    return parse_openai(record, line, "batch.jsonl")
+
+
+@pytest.mark.parametrize("record, field, words", [
+    ({**openai_line(), "url": "/v1/embeddings"}, "url", "must be one of"),
+    ({**openai_line(), "method": "GET"}, "method", "must be POST"),
+    ({**openai_line(), "custom_id": ""}, "custom_id", "non-empty string"),
+    ({**openai_line(), "extra": 1}, "extra", "unknown field"),
+    (openai_line(max_tokens=3), "body.messages", "is required"),
+    (openai_line(messages=[{"role": "user"}]), "body.messages", "list of {role, content}"),
+    (openai_line(messages=[{"role": "user", "content": "a"}], logprobs=True), "body.logprobs", "not supported"),
+    (openai_line(messages=[{"role": "user", "content": "a"}], stream=True), "body.stream", "do not stream"),
+    (openai_line(messages=[{"role": "user", "content": "a"}], response_format={"type": "yaml"}),
+     "body.response_format", "text, json_object or json_schema"),
+    (openai_line(messages=[{"role": "user", "content": "a"}], temperature="hot"), "body.temperature",
+     "must be a number"),
+    (openai_line("/v1/completions", prompt=[1, "2"]), "body.prompt", "list of integers"),
+])
+def test_a_bad_openai_line_is_named_by_line_and_field(record, field, words):
+    with pytest.raises(BatchInputError) as err:
+        parse_prompt_any(record)
+    assert (err.value.line, err.value.field) == (4, field) and words in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"n": 500}, "body.n"),
+    ({"max_tokens": 1 << 20}, "body.max_tokens"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+     "body.response_format"),
+])
+def test_an_openai_line_outside_the_models_limits_names_its_body_field(tokenizer, tmp_path, body, field):  # noqa: F811
+    from dsv4.workers.grammar import ConstraintCheck
+    path = write_jsonl(tmp_path / "p.jsonl", [openai_line(messages=[{"role": "user", "content": "a"}], **body)])
+    engine = FakeEngine(tokenizer)
+    info = engine.model_info()
+    with pytest.raises(BatchInputError) as err:
+        asyncio.run(run_batch_file(engine, tokenizer, read_prompts(path), tmp_path / "out.jsonl", 4, path,
+                                   ConstraintCheck(tokenizer.path, info.vocab_size, info.eos_token_ids)))
+    assert (err.value.line, err.value.field) == (1, field), err.value
+
+
 # --- on the real engine -------------------------------------------------------------------------------------------
 
 def test_completions_come_back_in_input_order_and_equal_the_model(ray_service, tiny_model, tiny_checkpoint,
@@ -148,6 +214,44 @@ def test_completions_come_back_in_input_order_and_equal_the_model(ray_service, t
         assert (completion["finish_reason"], completion["num_prompt_tokens"], completion["num_output_tokens"]) == \
             ("length", len(prompt_ids), len(expected))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["completions.jsonl", "prompts.jsonl"]   # no .partial
+
+
+def test_openai_batch_lines_run_on_the_engine_and_answer_in_openai_objects(ray_service, tiny_model, tiny_checkpoint,
+                                                                             tmp_path):
+    from dsv4.workers.grammar import ConstraintCheck
+
+    tok = ModelTokenizer.from_dir(tiny_checkpoint)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok"],
+              "properties": {"ok": {"type": "boolean"}}}
+    records = [openai_line(model="tiny", messages=messages, max_tokens=6, **GREEDY),
+               {**openai_line("/v1/completions", prompt=[0, 17, 4, 99], max_tokens=4, n=2, seed=8,
+                              temperature=1.0, ignore_eos=True), "custom_id": "r2"},
+               {**openai_line(messages=messages, max_tokens=60, seed=1,
+                              response_format={"type": "json_schema", "json_schema": {"schema": schema}}),
+                "custom_id": "r3"}]
+    path = write_jsonl(tmp_path / "openai.jsonl", records)
+    out = tmp_path / "results.jsonl"
+    engine = RayEngineClient(ray_service.coordinator, ray_service.info)
+    check = ConstraintCheck(tok.path, ray_service.info.vocab_size, ray_service.info.eos_token_ids)
+    summary = asyncio.run(run_batch_file(engine, tok, read_prompts(path), out, 3, path, check))
+    got = read_jsonl(out)
+    assert [r["custom_id"] for r in got] == ["r1", "r2", "r3"] and summary.num_failed == 0
+    assert all(r["error"] is None and r["response"]["status_code"] == 200 for r in got)
+    chat = got[0]["response"]["body"]
+    prompt_ids = tok.encode(tok.apply_chat_template(messages))
+    expected = greedy_generate(tiny_model, prompt_ids, 6, Numerics.parse("reference"))
+    assert (chat["object"], chat["model"]) == ("chat.completion", "tiny")
+    assert chat["choices"] == [{"index": 0, "finish_reason": "length", "logprobs": None,
+                                "message": {"role": "assistant", "content": tok.decode(expected)}}]
+    assert chat["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 6,
+                             "total_tokens": len(prompt_ids) + 6}
+    text = got[1]["response"]["body"]
+    assert text["object"] == "text_completion" and [c["index"] for c in text["choices"]] == [0, 1]
+    assert text["usage"]["completion_tokens"] == 8 and text["model"] == ray_service.info.served_model_name
+    answer = got[2]["response"]["body"]["choices"][0]
+    assert answer["finish_reason"] == "stop" and json.loads(answer["message"]["content"]) in ({"ok": True},
+                                                                                             {"ok": False})
 
 
 # --- limits of the served model, and failures (stand-in engine: see api_fakes) -----------------------------------
