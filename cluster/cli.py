@@ -102,10 +102,11 @@ def constraint_check(tokenizer, info):
 
 def _serve(args: argparse.Namespace) -> int:
     from dsv4.cluster.engine_ray import RayEngineClient
-    from dsv4.cluster.server import serve_forever
+    from dsv4.cluster.server import serve_forever, tls_files
     from dsv4.cluster.tokenizer import ModelTokenizer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tls = tls_files(args.ssl_certfile, args.ssl_keyfile)      # a bad file fails before anything starts
     config = serve_config(args)
     tokenizer = ModelTokenizer.from_dir(config.model_dir)     # before the workers: a bad file fails at once
     print(f"dsv4: starting {config.num_workers} {config.device} workers for {config.model_dir}", file=sys.stderr,
@@ -116,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     asyncio.run(serve_forever(RayEngineClient(engine.coordinator, engine.info), tokenizer, config.host, config.port,
                               shutdown_grace_s=args.shutdown_grace, api_key=args.api_key or None,
                               metrics_port=args.metrics_port, reflection_on=args.enable_reflection,
-                              check_constraint=constraint_check(tokenizer, engine.info)))
+                              check_constraint=constraint_check(tokenizer, engine.info), tls=tls))
     print("dsv4: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -212,6 +213,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
                    help="require 'authorization: Bearer <key>' on every call but health checks "
                         "(default: $DSV4_API_KEY; unset: no key)")
+    p.add_argument("--ssl-certfile", help="serve gRPC over TLS with this PEM certificate (chain); needs "
+                                          "--ssl-keyfile")
+    p.add_argument("--ssl-keyfile", help="the PEM private key of --ssl-certfile")
     p.set_defaults(handler=_serve)
 
 

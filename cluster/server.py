@@ -74,19 +74,40 @@ class EngineHealthServicer(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
 
 
+def tls_files(certfile: str | None, keyfile: str | None) -> tuple[bytes, bytes] | None:
+    """`--ssl-certfile` / `--ssl-keyfile` -> (key, certificate chain) PEM for `build_server`, or None when neither
+    is given. Raises ValueError / FileNotFoundError naming the flag."""
+    if not certfile and not keyfile:
+        return None
+    if not (certfile and keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together: give both or neither")
+    pems = []
+    for flag, path, marker in (("--ssl-keyfile", keyfile, b"PRIVATE KEY-----"),
+                               ("--ssl-certfile", certfile, b"-----BEGIN CERTIFICATE-----")):
+        try:
+            data = open(path, "rb").read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{flag} {path}: no such file") from None
+        if marker not in data:
+            raise ValueError(f"{flag} {path}: not a PEM {'private key' if 'key' in flag else 'certificate'}")
+        pems.append(data)
+    return pems[0], pems[1]
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 50051,
-                 api_key: str | None = None, reflection_on: bool = False) -> grpc.aio.Server:
+                 api_key: str | None = None, reflection_on: bool = False,
+                 tls: tuple[bytes, bytes] | None = None) -> grpc.aio.Server:
     """A server with every service registered over `service` and `host:port` bound; `await server.start()` to
     serve.
 
     Port 0 binds a free port (logged). Must be called inside the event loop the engine runs on. With `api_key`,
     every call but health checks needs `authorization: Bearer <api_key>` metadata (`auth.ApiKeyInterceptor`).
     reflection_on: gRPC server reflection (for grpcurl; off by default: it lists every method to anyone who can
-    connect).
+    connect). tls: (private key, certificate chain), PEM: the port speaks TLS only (`tls_files`).
     """
     names = (grpc_dsv4.SERVICE_NAME, grpc_vllm.SERVICE_NAME, HEALTH_SERVICE_NAME) \
         + ((reflection.SERVICE_NAME,) if reflection_on else ())
@@ -99,22 +120,25 @@ def build_server(service: GenerationService, host: str = "127.0.0.1", port: int 
     health_pb2_grpc.add_HealthServicer_to_server(EngineHealthServicer(service, names[:2]), server)
     if reflection_on:
         reflection.enable_server_reflection(names, server)
-    bound_port = server.add_insecure_port(_address(host, port))
-    logger.info("dsv4 gRPC server bound to %s (%s)%s", _address(host, bound_port), ", ".join(names),
-                "" if api_key is None else ", API key required")
+    address = _address(host, port)
+    bound_port = (server.add_secure_port(address, grpc.ssl_server_credentials([tls])) if tls is not None
+                  else server.add_insecure_port(address))
+    logger.info("dsv4 gRPC server bound to %s (%s)%s%s", _address(host, bound_port), ", ".join(names),
+                "" if tls is None else ", TLS", "" if api_key is None else ", API key required")
     return server
 
 
 async def serve_forever(engine: EngineClient, tokenizer: ModelTokenizer, host: str = "127.0.0.1", port: int = 50051,
                         shutdown_grace_s: float = 30.0, api_key: str | None = None, metrics_port: int = 0,
                         stop: asyncio.Event | None = None, reflection_on: bool = False,
-                        check_constraint: Callable[[StructuredOutput], None] | None = None) -> None:
+                        check_constraint: Callable[[StructuredOutput], None] | None = None,
+                        tls: tuple[bytes, bytes] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set, or cancellation), then drain: health NOT_SERVING and new
     requests UNAVAILABLE at once, the running streams finish (at most `shutdown_grace_s` more seconds; then they
     are cut), and return. metrics_port > 0: Prometheus `/metrics` there (`dsv4.cluster.metrics`)."""
     metrics = ServerMetrics(engine.model_info().served_model_name) if metrics_port else None
     service = GenerationService(engine, tokenizer, metrics, check_constraint)
-    server = build_server(service, host, port, api_key, reflection_on)
+    server = build_server(service, host, port, api_key, reflection_on, tls)
     await server.start()
     poller = http = None
     if metrics is not None:

@@ -265,9 +265,9 @@ class ServerThread:
     """`build_server` on its own event loop, so tests can use plain blocking gRPC clients."""
 
     def __init__(self, engine: EngineClient, tokenizer: ModelTokenizer, api_key: str | None = None,
-                 metrics=None, reflection_on: bool = False):
+                 metrics=None, reflection_on: bool = False, tls: tuple[bytes, bytes] | None = None):
         self._engine, self._tokenizer, self._api_key, self._metrics = engine, tokenizer, api_key, metrics
-        self._reflection_on = reflection_on
+        self._reflection_on, self._tls = reflection_on, tls
         self._loop: EventLoopThread | None = None
         self._server: grpc.aio.Server | None = None
         self.address = ""
@@ -279,7 +279,7 @@ class ServerThread:
             info = self._engine.model_info()   # the server's structured-output check, as `dsv4 serve` wires it
             check = ConstraintCheck(self._tokenizer.path, info.vocab_size, info.eos_token_ids)
             service = GenerationService(self._engine, self._tokenizer, self._metrics, check)
-            self._server = build_server(service, "127.0.0.1", port, self._api_key, self._reflection_on)
+            self._server = build_server(service, "127.0.0.1", port, self._api_key, self._reflection_on, self._tls)
             await self._server.start()
 
         self._loop = EventLoopThread()
