@@ -183,7 +183,7 @@ async def run_batch(service: GenerationService, prompts: Sequence[BatchPrompt],
         num_failed += any(f.finish_reason == FinishReason.ERROR for f in finals)
         num_output_tokens += sum(f.num_output_tokens for f in finals)
         writer.put(index, completion_record(prompt, finals[0]) if prompt.endpoint is None else
-                   openai_record(prompt, finals, service.model_info.served_model_name))
+                   openai_record(prompt, finals, service.model_info.served_model_name, service.tokenizer.decode))
 
     for index in range(len(requests)):
         await gate.acquire()  # tasks start as slots free up: a million lines never make a million tasks

@@ -8,9 +8,11 @@ Input: one request per line,
 with `url` /v1/chat/completions (`messages`, rendered with the model's chat template) or /v1/completions
 (`prompt`: a string or a list of token ids). Body fields: `model`, `max_tokens` / `max_completion_tokens`,
 `temperature`, `top_p`, `n`, `seed`, `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-`response_format` (text, json_object, json_schema), `user`, `stream` (false only); and vLLM's extras `top_k`,
-`min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`. Anything else (logprobs, tools, echo,
-...) stops the run naming `body.<field>`: never silently ignored.
+`response_format` (text, json_object, json_schema), `logprobs` (chat: true with `top_logprobs` 0-20; completions:
+0-20), `user`, `stream` (false only); and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`. Anything else (tools, echo, suffix, ...) stops the run naming `body.<field>`:
+never silently ignored. Log-probabilities come back in OpenAI's shapes (chat: `content` entries with `token`,
+`logprob`, `bytes`, `top_logprobs`; completions: `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
 
 Output: one line per input line, in input order,
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,9 @@ def parse_openai(record: dict[str, Any], line: int, path: str | Path = "<input>"
         raise fail("body", "must be a JSON object")
     chat = endpoint == "chat.completion"
     prompt_field = "messages" if chat else "prompt"
-    known = {prompt_field, "max_tokens", "max_completion_tokens", "n", "response_format", *_SAMPLING, *_IGNORED}
+    logprob_fields = ("logprobs", "top_logprobs") if chat else ("logprobs",)
+    known = {prompt_field, "max_tokens", "max_completion_tokens", "n", "response_format", *logprob_fields,
+             *_SAMPLING, *_IGNORED}
     unknown = sorted(set(body) - known)
     if unknown:
         raise fail(f"body.{unknown[0]}", f"is not supported in batch requests (supported: {', '.join(sorted(known))})")
@@ -118,6 +122,14 @@ def parse_openai(record: dict[str, Any], line: int, path: str | Path = "<input>"
                 n = as_int(value)
             elif name == "response_format":
                 sampling["structured"] = _response_format(value)
+            elif name == "logprobs" and chat:
+                if as_bool(value):
+                    sampling["logprobs"] = as_int(body.get("top_logprobs") or 0)
+            elif name == "logprobs":
+                if value is not None:
+                    sampling["logprobs"] = as_int(value)
+            elif name == "top_logprobs" and not as_bool(body.get("logprobs", False)):
+                raise TypeError("needs logprobs: true")
             elif name in _SAMPLING:
                 sampling[name] = SAMPLING_FIELDS[name](value)
             elif name == "stream" and as_bool(value):
@@ -130,8 +142,32 @@ def parse_openai(record: dict[str, Any], line: int, path: str | Path = "<input>"
                        endpoint=endpoint, model=model)
 
 
-def openai_record(prompt: BatchPrompt, finals: Sequence[TextFinal], served_model: str) -> dict[str, Any]:
-    """The output line of an OpenAI batch request: its samples as choices, or the engine's error."""
+def _chat_logprobs(final: TextFinal, decode: Callable[[Sequence[int]], str]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for token_id, lp in zip(final.output_ids, final.output_logprobs or (), strict=True):
+        top = [entry(i, v) for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)]
+        content.append(entry(token_id, lp.logprob) | {"top_logprobs": top})
+    return {"content": content}
+
+
+def _completion_logprobs(final: TextFinal, decode: Callable[[Sequence[int]], str]) -> dict[str, Any]:
+    tokens = [decode([t]) for t in final.output_ids]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    logprobs = final.output_logprobs or ()
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{decode([i]): v for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)}
+                             for lp in logprobs],
+            "text_offset": offsets}
+
+
+def openai_record(prompt: BatchPrompt, finals: Sequence[TextFinal], served_model: str,
+                  decode: Callable[[Sequence[int]], str]) -> dict[str, Any]:
+    """The output line of an OpenAI batch request: its samples as choices, or the engine's error. `decode`: token
+    ids -> text (the log-probabilities' token strings)."""
     line: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": prompt.id}
     failed = [f for f in finals if f.finish_reason == FinishReason.ERROR]
     if failed:
@@ -139,7 +175,10 @@ def openai_record(prompt: BatchPrompt, finals: Sequence[TextFinal], served_model
     chat = prompt.endpoint == "chat.completion"
     choices = []
     for index, final in enumerate(finals):
-        choice: dict[str, Any] = {"index": index, "finish_reason": final.finish_reason.value, "logprobs": None}
+        logprobs = None
+        if final.output_logprobs is not None:
+            logprobs = (_chat_logprobs if chat else _completion_logprobs)(final, decode)
+        choice: dict[str, Any] = {"index": index, "finish_reason": final.finish_reason.value, "logprobs": logprobs}
         choice |= {"message": {"role": "assistant", "content": final.text}} if chat else {"text": final.text}
         choices.append(choice)
     prompt_tokens = finals[0].num_prompt_tokens

@@ -143,6 +143,11 @@ def test_an_openai_line_maps_its_body_to_the_request():
                                                          "json_schema": {"name": "x", "schema": {"type": "object"}}}))
     assert (text.token_ids, text.max_tokens, text.endpoint, text.n) == ((0, 5, 6), 4, "text_completion", 1)
     assert text.sampling["structured"] == StructuredOutput("json_schema", '{"type": "object"}')
+    chat_lp = parse_prompt_any(openai_line(messages=[{"role": "user", "content": "a"}], logprobs=True,
+                                           top_logprobs=3))
+    assert chat_lp.sampling == {"logprobs": 3}
+    assert parse_prompt_any(openai_line(messages=[{"role": "user", "content": "a"}], logprobs=False)).sampling == {}
+    assert parse_prompt_any(openai_line("/v1/completions", prompt="a", logprobs=2)).sampling == {"logprobs": 2}
 
 
 def parse_prompt_any(record: dict, line: int = 4):
@@ -157,13 +162,16 @@ def parse_prompt_any(record: dict, line: int = 4):
     ({**openai_line(), "extra": 1}, "extra", "unknown field"),
     (openai_line(max_tokens=3), "body.messages", "is required"),
     (openai_line(messages=[{"role": "user"}]), "body.messages", "list of {role, content}"),
-    (openai_line(messages=[{"role": "user", "content": "a"}], logprobs=True), "body.logprobs", "not supported"),
+    (openai_line(messages=[{"role": "user", "content": "a"}], tools=[]), "body.tools", "not supported"),
     (openai_line(messages=[{"role": "user", "content": "a"}], stream=True), "body.stream", "do not stream"),
     (openai_line(messages=[{"role": "user", "content": "a"}], response_format={"type": "yaml"}),
      "body.response_format", "text, json_object or json_schema"),
     (openai_line(messages=[{"role": "user", "content": "a"}], temperature="hot"), "body.temperature",
      "must be a number"),
     (openai_line("/v1/completions", prompt=[1, "2"]), "body.prompt", "list of integers"),
+    (openai_line(messages=[{"role": "user", "content": "a"}], top_logprobs=2), "body.top_logprobs",
+     "needs logprobs: true"),
+    (openai_line("/v1/completions", prompt="a", top_logprobs=2), "body.top_logprobs", "not supported"),
 ])
 def test_a_bad_openai_line_is_named_by_line_and_field(record, field, words):
     with pytest.raises(BatchInputError) as err:
@@ -226,7 +234,9 @@ def test_openai_batch_lines_run_on_the_engine_and_answer_in_openai_objects(ray_s
               "properties": {"ok": {"type": "boolean"}}}
     records = [openai_line(model="tiny", messages=messages, max_tokens=6, **GREEDY),
                {**openai_line("/v1/completions", prompt=[0, 17, 4, 99], max_tokens=4, n=2, seed=8,
-                              temperature=1.0, ignore_eos=True), "custom_id": "r2"},
+                              temperature=1.0, ignore_eos=True, logprobs=2), "custom_id": "r2"},
+               {**openai_line(messages=messages, max_tokens=3, logprobs=True, top_logprobs=2, **GREEDY),
+                "custom_id": "r4"},
                {**openai_line(messages=messages, max_tokens=60, seed=1,
                               response_format={"type": "json_schema", "json_schema": {"schema": schema}}),
                 "custom_id": "r3"}]
@@ -236,7 +246,7 @@ def test_openai_batch_lines_run_on_the_engine_and_answer_in_openai_objects(ray_s
     check = ConstraintCheck(tok.path, ray_service.info.vocab_size, ray_service.info.eos_token_ids)
     summary = asyncio.run(run_batch_file(engine, tok, read_prompts(path), out, 3, path, check))
     got = read_jsonl(out)
-    assert [r["custom_id"] for r in got] == ["r1", "r2", "r3"] and summary.num_failed == 0
+    assert [r["custom_id"] for r in got] == ["r1", "r2", "r4", "r3"] and summary.num_failed == 0
     assert all(r["error"] is None and r["response"]["status_code"] == 200 for r in got)
     chat = got[0]["response"]["body"]
     prompt_ids = tok.encode(tok.apply_chat_template(messages))
@@ -249,7 +259,16 @@ def test_openai_batch_lines_run_on_the_engine_and_answer_in_openai_objects(ray_s
     text = got[1]["response"]["body"]
     assert text["object"] == "text_completion" and [c["index"] for c in text["choices"]] == [0, 1]
     assert text["usage"]["completion_tokens"] == 8 and text["model"] == ray_service.info.served_model_name
-    answer = got[2]["response"]["body"]["choices"][0]
+    for choice in text["choices"]:            # completions' logprobs: tokens, their logprobs, top 2, offsets
+        lps = choice["logprobs"]
+        assert "".join(lps["tokens"]) == choice["text"] and len(lps["token_logprobs"]) == 4
+        assert all(len(top) <= 2 for top in lps["top_logprobs"]) and lps["text_offset"][0] == 0
+    chat_lp = got[2]["response"]["body"]["choices"][0]
+    content = chat_lp["logprobs"]["content"]              # greedy: the chosen token tops its own alternatives
+    assert "".join(c["token"] for c in content) == chat_lp["message"]["content"] == tok.decode(expected[:3])
+    assert all(c["top_logprobs"][0]["token"] == c["token"] and len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["bytes"] == list(c["token"].encode()) and c["logprob"] <= 0 for c in content)
+    answer = got[3]["response"]["body"]["choices"][0]
     assert answer["finish_reason"] == "stop" and json.loads(answer["message"]["content"]) in ({"ok": True},
                                                                                              {"ok": False})
 
