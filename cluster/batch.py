@@ -138,8 +138,7 @@ async def _finals(service: GenerationService, request: GenerateRequest, n: int) 
 
     finals: dict[int, TextFinal] = {}
     try:
-        async with contextlib.aclosing(service.stream_samples(request.request_id,
-                                                              service.samples(request, n))) as events:
+        async with contextlib.aclosing(service.stream_samples(request, n)) as events:
             async for index, event in events:
                 if isinstance(event, TextFinal):
                     finals[index] = event

@@ -57,8 +57,8 @@ def _response_format(value: Any) -> StructuredOutput | None:
     if kind == "json_object":
         return StructuredOutput("json_object")
     if kind == "json_schema":
-        schema = (value.get("json_schema") or {}).get("schema") if isinstance(value.get("json_schema"), dict) \
-            else None
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise TypeError("json_schema.schema must be an object")
         return StructuredOutput("json_schema", json.dumps(schema))

@@ -41,18 +41,25 @@ class ServerDraining(RuntimeError):
     """The server is shutting down: new requests are refused (the servicers answer UNAVAILABLE: retry elsewhere)."""
 
 
-def structured_output(kind: str | None, value: Any) -> StructuredOutput | None:
-    """A proto's constraint oneof (both protos name its members alike) -> StructuredOutput; None when unset."""
+def proto_adjustments(params: Any) -> dict[str, Any]:
+    """The SamplingParams fields both protos' sampling messages spell alike: the penalties but repetition (whose
+    unset value differs), min-p, logit bias and the constraint oneof (None when unset)."""
+    return dict(presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                min_p=params.min_p, logit_bias=tuple(sorted(params.logit_bias.items())),
+                structured=_structured_output(params))
+
+
+def _structured_output(params: Any) -> StructuredOutput | None:
+    kind = params.WhichOneof("constraint")
+    value = getattr(params, kind) if kind else None
     if kind is None or (kind == "json_object" and not value):
         return None
-    if kind == "choice":
-        return StructuredOutput("choice", choices=tuple(value.choices))
-    if kind == "json_object":
-        return StructuredOutput("json_object")
     if kind not in StructuredOutput.KINDS:
         raise InvalidRequest(f"sampling_params.{kind}", "is not supported (json_schema, json_object, regex, "
                                                         "grammar and choice are)")
-    return StructuredOutput(kind, value)
+    if kind == "choice":
+        return StructuredOutput("choice", choices=tuple(value.choices))
+    return StructuredOutput(kind, "" if kind == "json_object" else value)
 
 
 class RequestBuilder:
@@ -191,12 +198,12 @@ class GenerationService(RequestBuilder):
             timer.on_event(event)
             yield event
 
-    async def stream_samples(self, request_id: str, samples: Sequence[GenerateRequest]
-                             ) -> AsyncIterator[tuple[int, StreamEvent]]:
-        """Run the `samples` of request `request_id` (`samples()`): each one's events with its index, as they
-        come; each sample ends with its own `TextFinal`. An up-front rejection of any sample raises (the others are
-        aborted), as does closing the stream. With the prefix cache on, the first sample runs alone until its
-        first output, so its prompt is cached when the others are admitted: they share its prefill."""
+    async def stream_samples(self, request: GenerateRequest, n: int) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Run `n` samples of `request` (`samples()`): each one's events with its index, as they come; each
+        sample ends with its own `TextFinal`. An up-front rejection of any sample raises (the others are aborted),
+        as does closing the stream. With the prefix cache on, the first sample runs alone until its first output,
+        so its prompt is cached when the others are admitted: they share its prefill."""
+        samples, request_id = self.samples(request, n), request.request_id
         if len(samples) == 1:
             async with contextlib.aclosing(self.stream(samples[0])) as events:
                 async for event in events:

@@ -8,7 +8,7 @@ import grpc
 
 from dsv4.cluster import package_version
 from dsv4.cluster.engine_client import LoadReport
-from dsv4.cluster.generation_service import GenerationService, ServerDraining, structured_output
+from dsv4.cluster.generation_service import GenerationService, ServerDraining, proto_adjustments
 from dsv4.cluster.text_stream import StreamEvent, TextDelta, TextFinal
 from dsv4.protos import dsv4_pb2, dsv4_pb2_grpc
 from dsv4.wire.model_info import ModelInfo
@@ -37,7 +37,6 @@ def request_from_proto(service: GenerationService, message: dsv4_pb2.GenerateReq
         message.text if prompt == "text" else None,
         message.tokenized.token_ids if prompt == "tokenized" else None)
     params = message.sampling_params
-    kind = params.WhichOneof("constraint")
     return service.build_request(
         message.request_id, prompt_ids,
         max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
@@ -50,12 +49,8 @@ def request_from_proto(service: GenerationService, message: dsv4_pb2.GenerateReq
         stop_token_ids=tuple(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs if params.HasField("logprobs") else None,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
-        min_p=params.min_p,
-        logit_bias=tuple(sorted(params.logit_bias.items())),
-        structured=structured_output(kind, getattr(params, kind) if kind else None))
+        **proto_adjustments(params))
 
 
 def _logprobs_to_proto(logprobs: tuple[TokenLogprobs, ...] | None) -> list[dsv4_pb2.TokenLogprobs]:
@@ -117,8 +112,8 @@ class Dsv4EngineServicer(dsv4_pb2_grpc.Dsv4EngineServicer):
         # CancelledError right here, and `aclosing` aborts the engine request at once.
         try:
             gen_request = await self._service.build_off_loop(request_from_proto, request)
-            samples = self._service.samples(gen_request, request.sampling_params.n or 1)
-            async with contextlib.aclosing(self._service.stream_samples(gen_request.request_id, samples)) as events:
+            samples = self._service.stream_samples(gen_request, request.sampling_params.n or 1)
+            async with contextlib.aclosing(samples) as events:
                 async for index, event in events:
                     await context.write(response_from_event(gen_request.request_id, event, index))
         except InvalidRequest as exc:

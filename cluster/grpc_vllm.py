@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from dsv4.cluster.generation_service import GenerationService, ServerDraining, structured_output
+from dsv4.cluster.generation_service import GenerationService, ServerDraining, proto_adjustments
 from dsv4.cluster.text_stream import TextDelta, TextFinal
 from dsv4.wire.request import (
     EngineFailed,
@@ -60,7 +60,6 @@ def request_from_proto(service: GenerationService, message: vllm_engine_pb2.Gene
     """Validated `GenerateRequest`; raises InvalidRequest naming the field."""
     params = message.sampling_params
     _reject_unsupported(params, message)
-    kind = params.WhichOneof("constraint")
     prompt = message.WhichOneof("input")
     prompt_ids = service.prompt_token_ids(
         message.text if prompt == "text" else None,
@@ -77,12 +76,8 @@ def request_from_proto(service: GenerationService, message: vllm_engine_pb2.Gene
         stop_token_ids=tuple(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs if params.HasField("logprobs") else None,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 0.0 else 1.0,  # 0 = unset
-        min_p=params.min_p,
-        logit_bias=tuple(sorted(params.logit_bias.items())),
-        structured=structured_output(kind, getattr(params, kind) if kind else None))
+        **proto_adjustments(params))
 
 
 def _output_logprobs(token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None,
@@ -145,8 +140,8 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         try:
             gen_request = await self._service.build_off_loop(request_from_proto, request)
             num_logprobs = gen_request.sampling.logprobs
-            samples = self._service.samples(gen_request, request.sampling_params.n or 1)   # proto 0: unset
-            async with contextlib.aclosing(self._service.stream_samples(gen_request.request_id, samples)) as events:
+            samples = self._service.stream_samples(gen_request, request.sampling_params.n or 1)   # proto 0: unset
+            async with contextlib.aclosing(samples) as events:
                 async for index, event in events:
                     if isinstance(event, TextDelta):
                         if request.stream and event.token_ids:

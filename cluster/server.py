@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,7 +86,7 @@ def tls_files(certfile: str | None, keyfile: str | None) -> tuple[bytes, bytes] 
     for flag, path, marker in (("--ssl-keyfile", keyfile, b"PRIVATE KEY-----"),
                                ("--ssl-certfile", certfile, b"-----BEGIN CERTIFICATE-----")):
         try:
-            data = open(path, "rb").read()
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"{flag} {path}: no such file") from None
         if marker not in data:

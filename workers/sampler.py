@@ -60,9 +60,8 @@ class LogitAdjustments:
         self.frequency = put([specs[i].sampling.frequency_penalty for i in rows], torch.float32)[:, None]
         self.presence = put([specs[i].sampling.presence_penalty for i in rows], torch.float32)[:, None]
         bias = [(i, t, b) for i, s in enumerate(specs) for t, b in s.sampling.logit_bias]
-        self.bias_rows = put([i for i, _, _ in bias], torch.int64)
-        self.bias_tokens = put([t for _, t, _ in bias], torch.int64)
-        self.bias_values = put([b for _, _, b in bias], torch.float32)
+        self.bias = ((put([i for i, _, _ in bias], torch.int64), put([t for _, t, _ in bias], torch.int64),
+                      put([b for _, _, b in bias], torch.float32)) if bias else None)   # (rows, tokens, values)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [S, V] -> adjusted fp32 copy [S, V]."""
@@ -74,8 +73,9 @@ class LogitAdjustments:
             x = torch.where(seen, torch.where(x > 0, x / self.repetition, x * self.repetition), x)
             x = x - self.frequency * counts - self.presence * (counts > 0).float()
             out.index_copy_(0, self.penalty_rows, x)
-        if self.bias_rows.numel():
-            out.index_put_((self.bias_rows, self.bias_tokens), self.bias_values, accumulate=True)
+        if self.bias is not None:
+            rows, tokens, values = self.bias
+            out.index_put_((rows, tokens), values, accumulate=True)
         return out
 
 
@@ -106,8 +106,8 @@ class SamplingBatch:
                               for s in specs)
         self.adjustments = (LogitAdjustments(specs, device) if any(s.sampling.adjusts_logits for s in specs)
                             else None)
-        self.min_p = torch.tensor([s.sampling.min_p for s in specs], dtype=torch.float32).to(device,
-                                                                                            non_blocking=True)
+        self.min_p = (torch.tensor([s.sampling.min_p for s in specs], dtype=torch.float32).to(device, non_blocking=True)
+                      if any(s.sampling.min_p > 0 for s in specs) else None)
         constrained = [i for i, s in enumerate(specs) if s.allowed is not None]
         self.constrained_rows = (torch.tensor(constrained, dtype=torch.int64).to(device, non_blocking=True)
                                  if constrained else None)
@@ -147,7 +147,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         keep = (batch.top_k[:, None] == 0) | (rank < batch.top_k[:, None])
         probs = values.softmax(dim=-1)
         keep &= (probs.cumsum(dim=-1) - probs) < batch.top_p[:, None]      # mass before this token < top_p
-        keep &= probs >= batch.min_p[:, None] * probs[:, :1]               # min-p: against the most likely
+        if batch.min_p is not None:                                        # min-p: against the most likely
+            keep &= probs >= batch.min_p[:, None] * probs[:, :1]
         keep[:, 0] = True
         noise = -torch.log(-torch.log(_noise_sorted(batch, order)))
         pick = torch.where(keep, values + noise, float("-inf")).argmax(dim=-1)

@@ -36,6 +36,8 @@ from dsv4.kernels.fast import linear
 FORMATS = ("fp4", "fp8", "bf16")
 QBLOCK = 128
 DECODE_KERNEL = "wgmma"         # the CUDA decode kernel (`_moe_cuda.KERNELS`) of the production path
+# Up to how many expected pairs per expert each CUDA decode kernel beats the Triton path (`decode_block_m`).
+DECODE_MAX_PAIRS_PER_EXPERT = {"mma": 2, "wgmma": 3, "wgmma-ring": 3}
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ def decode_block_m(num_pairs: int, num_experts: int) -> int:
     / 408 / 508 us, mma.sync 60.0 / 252 / 394 / - / -, Triton 71.8 / 300 / - / 460 / 496 (16-row wgmma blocks and
     the cp.async ring lose everywhere). mma.sync alone stays at 2 (on the H200: 55 vs 68 us, 230 vs 273 us)."""
     per_expert = -(-num_pairs // max(num_experts, 1))
-    return 8 if per_expert <= (3 if DECODE_KERNEL != "mma" else 2) else 0
+    return 8 if per_expert <= DECODE_MAX_PAIRS_PER_EXPERT[DECODE_KERNEL] else 0
 
 
 def combine_pairs(y: torch.Tensor, k: int) -> torch.Tensor:
